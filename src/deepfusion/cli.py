@@ -1,0 +1,121 @@
+"""`deepfusion run | eval | generate`: the command-line contract other tools depend on.
+
+User errors (config, data, model paths) end in one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from deepfusion.config import METHODS, ConfigError, load_config
+
+ENGINES = ("local",)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose if hasattr(args, "verbose") else False)
+    from deepfusion.data import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError) as e:  # user errors: one line, no traceback
+        print(f"deepfusion: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, method=args.method, rounds=args.rounds, seed=args.seed)
+    if args.engine == "local":
+        from deepfusion.engines.local import run
+    result = run(cfg, Path(args.out), data_dir=args.data_dir, progress=not args.no_progress)
+    brief = {k: result[k] for k in ("method", "global_family", "rounds", "ppl", "wall_seconds")}
+    brief["comm_bytes"] = {k: result["comm_bytes"][k] for k in ("up", "down")}
+    print(json.dumps(brief))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from deepfusion.federation import prepare_data
+    from deepfusion.models import load_model, resolve_device
+    from deepfusion.server import evaluate
+
+    device = resolve_device(args.device)
+    cfg = load_config(args.config)
+    cfg.data.tokenizer = args.model  # evaluate with the model's own tokenizer
+    data = prepare_data(cfg, args.data_dir)
+    model = load_model(args.model, device)
+    with torch.no_grad():
+        print(json.dumps(evaluate(model, data.test_sets, device)))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from deepfusion.data import load_tokenizer
+    from deepfusion.models import load_model, resolve_device
+
+    device = resolve_device(args.device)
+    model = load_model(args.model, device)
+    tokenizer = load_tokenizer(Path(args.model))
+    torch.manual_seed(args.seed)
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
+    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                         temperature=args.temperature if args.temperature > 0 else None, top_k=50 if args.temperature > 0 else None,
+                         pad_token_id=tokenizer.pad_token_id)
+    print(tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deepfusion", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a federation and export the global MoE")
+    run.add_argument("--config", help="federation TOML (default: configs/default.toml)")
+    run.add_argument("--method", choices=METHODS, help="override the config's method")
+    run.add_argument("--engine", choices=ENGINES, default="local")
+    run.add_argument("--rounds", type=int, help="override the number of rounds")
+    run.add_argument("--seed", type=int, help="override the training seed")
+    run.add_argument("--data-dir", help="data directory (else $DEEPFUSION_DATA, ../shared/data, user cache)")
+    run.add_argument("--out", required=True, help="output directory: summary.json, metrics.jsonl, model/")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    run.add_argument("-v", "--verbose", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser("eval", help="per-domain perplexity of an exported model, as JSON")
+    ev.add_argument("--model", required=True, help="an exported model directory (DIR/model)")
+    ev.add_argument("--config", help="federation TOML naming the sources and splits (default: configs/default.toml)")
+    ev.add_argument("--data-dir")
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", help="continue a prompt with an exported model")
+    gen.add_argument("--model", required=True)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=48)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="auto")
+    gen.set_defaults(func=cmd_generate)
+    return p
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+    for noisy in ("transformers", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The federation's one typed config: TOML files and CLI flags all become these validated dataclasses.
+
+A config error names the key, the value it got and what is allowed, e.g.
+    config error: [server] lam = -1.0: must be >= 0 (weight of the distillation term)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+METHODS = ("deepfusion", "plain-fkd", "device-kd", "proxy-only")
+GLOBAL_FAMILIES = ("qwen_moe", "deepseek_moe")
+DEVICE_FAMILIES = ("qwen2", "llama")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key, the value and what is allowed."""
+
+
+def _fail(section: str, key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"config error: [{section}] {key} = {value!r}: {why}")
+
+
+@dataclass
+class DataConfig:
+    dir: str | None = None  # data directory; None: --data-dir, $DEEPFUSION_DATA, ../shared/data, user cache
+    seed: int = 0  # split seed (kept apart from the training seed so every method sees the same splits)
+    proxy_frac: float = 0.2  # share of each source's documents that goes to the public proxy set
+    test_frac: float = 0.1  # share held out for perplexity
+    seq_len: int = 128  # tokens per training / proxy block
+    proxy_blocks: int = 256  # proxy blocks, drawn equally from each domain (balanced: see DESIGN §2)
+    test_blocks: int = 48  # held-out blocks per source for evaluation (fixed, so rounds are comparable)
+    tokenizer: str | None = None  # local pretrained tokenizer dir; None: train BPE on the proxy corpus
+    vocab_size: int = 8192  # BPE vocabulary size when training one
+
+    def validate(self) -> None:
+        for key in ("proxy_frac", "test_frac"):
+            v = getattr(self, key)
+            if not 0.0 < v < 0.5:
+                _fail("data", key, v, "must be in (0, 0.5)")
+        if self.proxy_frac + self.test_frac >= 0.8:
+            _fail("data", "proxy_frac", self.proxy_frac, "proxy_frac + test_frac must leave devices >= 20% private data")
+        for key, lo in (("seq_len", 8), ("proxy_blocks", 2), ("test_blocks", 1), ("vocab_size", 300)):
+            if getattr(self, key) < lo:
+                _fail("data", key, getattr(self, key), f"must be >= {lo}")
+
+
+@dataclass
+class DeviceConfig:
+    id: str  # unique device name, e.g. "gard"
+    source: str  # private data: "medquad:gard", "tatqa:0/2", "jsonl:path", "text:dir"
+    family: str = "qwen2"  # on-device LLM family: qwen2 | llama
+    size: str = "small"  # preset name in models.DEVICE_PRESETS[family]; "auto" picks by memory_mb
+    memory_mb: int | None = None  # device memory budget, for size = "auto"
+    domain: str | None = None  # domain label for jsonl/text sources (medquad/tatqa know theirs)
+    local_steps: int = 20  # local optimiser steps per round
+    batch_size: int = 8
+    lr: float = 1e-3
+
+    def validate(self, where: str) -> None:
+        if not self.id or not self.id.replace("_", "").replace("-", "").isalnum():
+            _fail(where, "id", self.id, "must be a non-empty name of letters, digits, '-' and '_'")
+        if self.family not in DEVICE_FAMILIES:
+            _fail(where, "family", self.family, f"allowed: {', '.join(DEVICE_FAMILIES)}")
+        from deepfusion.models import DEVICE_PRESETS  # late: models imports torch
+
+        sizes = (*DEVICE_PRESETS[self.family], "auto")
+        if self.size not in sizes:
+            _fail(where, "size", self.size, f"allowed for {self.family}: {', '.join(sizes)}")
+        if self.size == "auto" and not self.memory_mb:
+            _fail(where, "memory_mb", self.memory_mb, "size = 'auto' needs a memory budget in MB")
+        for key in ("local_steps", "batch_size"):
+            if getattr(self, key) < 1:
+                _fail(where, key, getattr(self, key), "must be >= 1")
+        if not self.lr > 0:
+            _fail(where, "lr", self.lr, "must be > 0")
+
+
+@dataclass
+class ServerConfig:
+    family: str = "qwen_moe"  # global MoE family: qwen_moe | deepseek_moe
+    size: str = "small"  # preset name in models.MOE_PRESETS[family]
+    pretrained: str | None = None  # local pretrained MoE directory (overrides family/size)
+    steps: int = 40  # distillation steps per round
+    batch_size: int = 8  # proxy blocks per step
+    lr: float = 2e-3
+    lam: float = 1.0  # λ: weight of the distillation term against the proxy cross-entropy
+    topk: int = 8  # k of the devices' top-k predictions
+    temperature: float = 1.0  # T at which devices soften their predictions
+    vaa_stages: int = 4  # MoE depths VAA attends over (evenly spaced, the last included)
+    vaa_heads: int = 2  # attention heads over stages
+    vaa_dim: int = 16  # key/query width per head: small, so a view can express little but its view
+    vaa_mix: float = 0.5  # share of each device's KD weight on its VAA view (the rest on the final head)
+    reliability: bool = True  # weight devices by their agreement with the proxy's next tokens
+    min_devices: int = 1  # a round needs at least this many valid packets to distil
+
+    def validate(self) -> None:
+        from deepfusion.models import MOE_PRESETS
+
+        if self.family not in GLOBAL_FAMILIES:
+            _fail("server", "family", self.family, f"allowed: {', '.join(GLOBAL_FAMILIES)}")
+        if self.pretrained is None and self.size not in MOE_PRESETS[self.family]:
+            _fail("server", "size", self.size, f"allowed for {self.family}: {', '.join(MOE_PRESETS[self.family])}")
+        for key, lo in (("steps", 0), ("batch_size", 1), ("topk", 1), ("vaa_stages", 1), ("vaa_heads", 1),
+                        ("vaa_dim", 1), ("min_devices", 1)):
+            if getattr(self, key) < lo:
+                _fail("server", key, getattr(self, key), f"must be >= {lo}")
+        if not self.lr > 0:
+            _fail("server", "lr", self.lr, "must be > 0")
+        if not self.lam >= 0:
+            _fail("server", "lam", self.lam, "must be >= 0 (weight of the distillation term)")
+        if not self.temperature > 0:
+            _fail("server", "temperature", self.temperature, "must be > 0")
+        if not 0.0 <= self.vaa_mix <= 1.0:
+            _fail("server", "vaa_mix", self.vaa_mix, "must be in [0, 1]")
+
+
+@dataclass
+class FederationConfig:
+    name: str = "federation"
+    method: str = "deepfusion"  # deepfusion | plain-fkd | device-kd | proxy-only
+    rounds: int = 3
+    seed: int = 0  # training seed (model init, batches)
+    device: str = "auto"  # torch device for server and devices: auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    devices: list[DeviceConfig] = field(default_factory=list)
+
+    def validate(self) -> FederationConfig:
+        if self.method not in METHODS:
+            _fail("federation", "method", self.method, f"allowed: {', '.join(METHODS)}")
+        if self.rounds < 1:
+            _fail("federation", "rounds", self.rounds, "must be >= 1")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            _fail("federation", "device", self.device, "allowed: auto, cpu, cuda, cuda:N")
+        self.data.validate()
+        self.server.validate()
+        if not self.devices:
+            _fail("devices", "devices", [], "a federation needs at least one [[devices]] entry")
+        seen: set[str] = set()
+        for i, d in enumerate(self.devices):
+            d.validate(f"devices.{i}")
+            if d.id in seen:
+                _fail(f"devices.{i}", "id", d.id, "device ids must be unique")
+            seen.add(d.id)
+        if self.server.min_devices > len(self.devices):
+            _fail("server", "min_devices", self.server.min_devices, f"only {len(self.devices)} devices are configured")
+        return self
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass `cls` from a TOML table, rejecting unknown keys and wrong types by name."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config error: [{where}] must be a table, got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"config error: [{where}] unknown key {unknown[0]!r}; allowed: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in raw.items():
+        kwargs[key] = _coerce(hints[key], value, where, key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required key is missing
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw]
+        raise ConfigError(f"config error: [{where}] missing required key {missing[0]!r}" if missing else str(e)) from None
+
+
+def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
+    if hint is DataConfig or hint is ServerConfig:
+        return _build(hint, value, key)
+    if hint == list[DeviceConfig]:
+        if not isinstance(value, list):
+            _fail(where, key, value, "must be an array of tables [[devices]]")
+        return [_build(DeviceConfig, v, f"devices.{i}") for i, v in enumerate(value)]
+    allowed = _allowed_types(hint)
+    if isinstance(value, bool) and bool not in allowed:
+        _fail(where, key, value, f"must be {' or '.join(t.__name__ for t in allowed)}")
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tuple(allowed)):
+        _fail(where, key, value, f"must be {' or '.join(t.__name__ for t in allowed)}")
+    return value
+
+
+def _allowed_types(hint: Any) -> list[type]:
+    args = getattr(hint, "__args__", None)
+    return [a for a in args if a is not type(None)] if args else [hint]
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> FederationConfig:
+    """Read a TOML federation config (the shipped default when path is None), apply CLI overrides, validate."""
+    path = Path(path) if path else default_config_path("default")
+    if not path.is_file():
+        raise ConfigError(f"config error: file {path} not found; pass --config PATH to an existing TOML file")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config error: {path} is not valid TOML: {e}") from None
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return _build(FederationConfig, raw, "federation").validate()
+
+
+def default_config_path(name: str) -> Path:
+    """Shipped configs live in <repo>/configs (checkout) or deepfusion/configs (installed wheel)."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[2] / "configs" / f"{name}.toml", here.parent / "configs" / f"{name}.toml"):
+        if candidate.is_file():
+            return candidate
+    return here.parents[2] / "configs" / f"{name}.toml"
+
+
+def to_dict(cfg: FederationConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

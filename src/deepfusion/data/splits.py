@@ -1,0 +1,99 @@
+"""Split documents into private / proxy / test parts and pack them into fixed-length token blocks."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from deepfusion.data.corpora import DataError, Document
+
+
+@dataclass(frozen=True)
+class Split:
+    private: list[Document]  # stays on the device
+    proxy: list[Document]  # public-ish text the devices and the server distil on
+    test: list[Document]  # held out for perplexity
+
+
+def _unit_hash(seed: int, doc: Document) -> float:
+    """A number in [0, 1) fixed by (seed, source, doc_id), whatever the input order."""
+    digest = hashlib.sha256(f"{seed}:{doc.source}:{doc.doc_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_documents(docs: list[Document], seed: int, proxy_frac: float, test_frac: float) -> Split:
+    """Assign each document by its hash: [0, test) → test, [test, test+proxy) → proxy, rest → private."""
+    if len(docs) < 3:
+        raise DataError(f"got {len(docs)} documents; a private, a proxy and a test part need at least 3; "
+                        "add documents to this source or merge it with another")
+    if not (0 < proxy_frac and 0 < test_frac and proxy_frac + test_frac < 1):
+        raise DataError(f"got proxy_frac={proxy_frac}, test_frac={test_frac}; both must be > 0 "
+                        "and sum to < 1 so every part gets documents; fix the config")
+    ranked = sorted(docs, key=lambda d: (_unit_hash(seed, d), d.source, d.doc_id))
+    units = [_unit_hash(seed, d) for d in ranked]
+    n = len(ranked)
+    b1 = sum(u < test_frac for u in units)
+    b2 = sum(u < test_frac + proxy_frac for u in units)
+    # A small source (CDC has 59 files) can hash no document into a part, and an empty test or
+    # proxy set breaks perplexity and distillation. The parts are intervals of the hash, so we
+    # move the boundary by one: the document whose hash lies nearest the empty part joins it.
+    b1 = min(max(b1, 1), n - 2)
+    b2 = min(max(b2, b1 + 1), n - 1)
+    return Split(private=ranked[b2:], proxy=ranked[b1:b2], test=ranked[:b1])
+
+
+def pack_blocks(tokenizer, docs: list[Document], seq_len: int) -> torch.Tensor:
+    """Encode docs, end each with eos, concatenate and cut into (N, seq_len) blocks; drop the tail."""
+    if seq_len < 1:
+        raise DataError(f"got seq_len={seq_len}; blocks need at least one token; fix the config")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("got a tokenizer without an eos token; documents are separated by eos; "
+                        "load it with deepfusion.data.load_tokenizer, which sets one")
+    if not docs:
+        return torch.empty(0, seq_len, dtype=torch.long)
+    # One batched call: the Rust tokenizer encodes the documents in parallel.
+    ids = tokenizer([d.text for d in docs], add_special_tokens=False, verbose=False)["input_ids"]
+    flat = np.concatenate([np.asarray(x + [eos], dtype=np.int64) for x in ids])
+    n = len(flat) // seq_len
+    return torch.from_numpy(flat[: n * seq_len].reshape(n, seq_len).copy())
+
+
+def _domain_generator(seed: int, domain: str) -> torch.Generator:
+    # Per-domain seeds: adding a domain must not change which blocks the others draw.
+    digest = hashlib.sha256(f"{seed}:{domain}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+
+
+def balanced_proxy(blocks_by_domain: dict[str, torch.Tensor], max_blocks: int,
+                   seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Draw the same number of blocks from every domain; return them shuffled with each row's domain.
+
+    An unbalanced proxy (finance was 5% of proxy tokens) left finance perplexity far behind.
+    """
+    if not blocks_by_domain:
+        raise DataError("got no domains for the proxy set; it needs blocks from at least one domain; "
+                        "check the devices' sources")
+    domains = sorted(blocks_by_domain)  # sorted: the result must not depend on dict order
+    widths = {blocks_by_domain[d].shape[1:] for d in domains}
+    if len(widths) != 1 or any(blocks_by_domain[d].dim() != 2 for d in domains):
+        raise DataError(f"got proxy blocks of shapes {[tuple(blocks_by_domain[d].shape) for d in domains]}; "
+                        "domains are mixed row by row so all must be (N, seq_len) with one seq_len; "
+                        "pack them with the same seq_len")
+    n = min(max_blocks // len(domains), *(len(blocks_by_domain[d]) for d in domains))
+    if n < 1:
+        counts = {d: len(blocks_by_domain[d]) for d in domains}
+        raise DataError(f"got proxy blocks per domain {counts} with max_blocks={max_blocks}; a balanced "
+                        "proxy needs at least one block per domain; raise max_blocks or proxy_frac, "
+                        "or lower seq_len")
+    picks = []
+    for d in domains:
+        rows = blocks_by_domain[d]
+        picks.append(rows[torch.randperm(len(rows), generator=_domain_generator(seed, d))[:n]])
+    labels = [d for d in domains for _ in range(n)]
+    # Shuffle rows so that consumers reading in order still see every domain in each batch.
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    return torch.cat(picks)[order], [labels[i] for i in order.tolist()]

@@ -1,0 +1,85 @@
+"""Train (once, cached) and load the byte-level BPE tokenizer that every model in a run shares."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from deepfusion.data.corpora import DataError
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+_FORMAT = "bytelevel-bpe-v1"  # bump when training changes, so old caches are not reused
+
+
+def _cache_key(texts: list[str], vocab_size: int) -> str:
+    h = hashlib.sha256(f"{_FORMAT}:{vocab_size}".encode())
+    for t in texts:
+        b = t.encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(8, "big") + b)  # length prefix: ["ab","c"] ≠ ["a","bc"]
+    return h.hexdigest()[:16]
+
+
+def _train(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: no unknown tokens ever
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on texts, or load it from cache_dir/<hash of inputs>/ if trained before."""
+    if vocab_size < 256 + 2:
+        raise DataError(f"got vocab_size={vocab_size}; byte-level BPE needs 256 byte tokens plus "
+                        f"{EOS} and {PAD}; use at least 258")
+    if not any(texts):
+        raise DataError("got no text to train the tokenizer on; check the sources feeding it")
+    target = Path(cache_dir) / _cache_key(texts, vocab_size)
+    if not (target / "tokenizer.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Save into a temp dir and rename, so a killed run never leaves a half-written cache.
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+        try:
+            _train(texts, vocab_size).save_pretrained(str(tmp))
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "tokenizer.json").is_file():  # not just a concurrent run that won
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    # Load even after training, so the first and every later call return the same thing.
+    return load_tokenizer(target)
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    """Load a tokenizer from a local directory; eos is set and pad falls back to eos."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such tokenizer folder; it must hold a save_pretrained tokenizer; "
+                        "train one with deepfusion.data.train_tokenizer or fix the path")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot load a tokenizer from it ({e}); "
+                        "it must hold tokenizer.json from save_pretrained; retrain or fix the path") from None
+    if tok.eos_token is None:
+        if EOS not in tok.get_vocab():
+            raise DataError(f"{path}: tokenizer has no eos token and no {EOS}; documents are "
+                            "separated by eos; set eos_token in its tokenizer_config.json")
+        tok.eos_token = EOS
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

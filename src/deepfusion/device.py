@@ -1,0 +1,215 @@
+"""One edge device: its own small LLM, trained on private data, answering the server with top-k knowledge.
+
+A device round is a plain recipe: read the server's instruction, train locally for a few steps, label
+the requested public proxy blocks, upload a knowledge packet. The device's model and optimiser persist
+across rounds; the private data never leaves this module (only `KnowledgePacket`s do).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from deepfusion.config import ConfigError, DeviceConfig
+from deepfusion.knowledge import KnowledgePacket, encode_knowledge
+from deepfusion.models import autocast, build_device_model, n_params
+
+LABEL_BATCH = 16  # proxy blocks per labelling forward pass: bounds the (B, T, V) logits in memory
+
+
+@dataclass
+class Instruction:
+    """Server -> device, each round. No model weights: only what to do and which proxy blocks to label."""
+
+    round: int
+    proxy_indices: list[int]
+    local_steps: int
+    batch_size: int
+    lr: float
+    topk: int
+    temperature: float
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Instruction:
+        try:
+            return cls(**json.loads(data.decode()))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"malformed instruction from the server: {e}") from None
+
+
+@dataclass
+class Device:
+    """A device's persistent state: config, model, optimiser, data, counters."""
+
+    cfg: DeviceConfig
+    arch: str
+    model: PreTrainedModel
+    optimizer: torch.optim.Optimizer
+    private: torch.Tensor  # (N_private, T) token blocks, never leave the device
+    proxy: torch.Tensor  # (N_proxy, T) the public proxy blocks, same on every device
+    generator: torch.Generator
+    torch_device: torch.device
+    tokens_trained: int = 0
+    peak_mem_bytes: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def build_device(cfg: DeviceConfig, size: str, vocab_size: int, private: torch.Tensor, proxy: torch.Tensor,
+                 seed: int, torch_device: torch.device) -> Device:
+    """Create a device's model from its preset (seeded per device so runs are reproducible)."""
+    torch.manual_seed(seed)
+    model = build_device_model(cfg.family, size, vocab_size).to(torch_device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(seed)
+    return Device(cfg, f"{cfg.family}/{size}", model, optimizer, private, proxy, generator, torch_device)
+
+
+def lm_loss(model: PreTrainedModel, blocks: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over (B, T) blocks."""
+    logits = model(input_ids=blocks).logits[:, :-1]  # (B, T-1, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), blocks[:, 1:].flatten())
+
+
+def local_train(device: Device, steps: int, batch_size: int, lr: float) -> float:
+    """`steps` AdamW steps on random private blocks; returns the mean loss."""
+    device.model.train()
+    for group in device.optimizer.param_groups:
+        group["lr"] = lr
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(len(device.private), (batch_size,), generator=device.generator)
+        batch = device.private[idx].to(device.torch_device)
+        with autocast(device.torch_device):
+            loss = lm_loss(device.model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(device.model.parameters(), 1.0)
+        device.optimizer.step()
+        device.optimizer.zero_grad(set_to_none=True)
+        device.tokens_trained += batch.numel()
+        losses.append(loss.item())
+    return sum(losses) / max(len(losses), 1)
+
+
+@torch.no_grad()
+def label_proxy(device: Device, indices: list[int], topk: int, temperature: float, round: int,
+                local_loss: float) -> KnowledgePacket:
+    """Top-k next-token knowledge on the requested proxy blocks: positions 0..T-2 of each block."""
+    device.model.eval()
+    chunks = []
+    for start in range(0, len(indices), LABEL_BATCH):
+        batch = device.proxy[indices[start:start + LABEL_BATCH]].to(device.torch_device)
+        with autocast(device.torch_device):
+            logits = device.model(input_ids=batch).logits[:, :-1]  # (B, T-1, V)
+        chunks.append(logits.float().flatten(0, 1).cpu())  # (B*(T-1), V)
+    logits = torch.cat(chunks)  # (N, V), N = len(indices) * (T-1)
+    return encode_knowledge(logits, topk, temperature, device_id=device.cfg.id, round=round, arch=device.arch,
+                            tokens_trained=device.tokens_trained, local_loss=local_loss)
+
+
+def run_round(device: Device, instruction: Instruction) -> KnowledgePacket:
+    """One device round: local training, then knowledge on the proxy set."""
+    start = time.perf_counter()
+    if device.peak_mem_bytes == 0:  # measured once: the step's shape does not change across rounds
+        device.peak_mem_bytes = measure_train_peak(device, instruction.batch_size)
+    loss = local_train(device, instruction.local_steps, instruction.batch_size, instruction.lr)
+    packet = label_proxy(device, instruction.proxy_indices, instruction.topk, instruction.temperature,
+                         instruction.round, loss)
+    device.history.append({"round": instruction.round, "local_loss": loss, "seconds": time.perf_counter() - start})
+    return packet
+
+
+@torch.no_grad()
+def evaluate_device(device: Device, blocks: torch.Tensor, batch: int = 16) -> float:
+    """The device model's own perplexity on held-out blocks (the local-only reference)."""
+    device.model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch):
+        b = blocks[start:start + batch].to(device.torch_device)
+        with autocast(device.torch_device):
+            loss = lm_loss(device.model, b)
+        total += loss.item() * b[:, 1:].numel()
+        count += b[:, 1:].numel()
+    return math.exp(total / max(count, 1))
+
+
+def measure_train_peak(device: Device, batch_size: int) -> int:
+    """Peak bytes of one training step: weights + optimiser state + gradients + activations.
+
+    On CUDA the allocator's own peak counter. PyTorch keeps no CPU peak counter (and the profiler
+    costs seconds a step), so on CPU the activations are measured as the distinct storages autograd
+    saves for backward, plus the logits: the tensors that are alive together at the step's peak.
+    The step runs on a throw-away copy so training is not perturbed.
+    """
+    model = build_device_model(device.cfg.family, device.arch.split("/")[1], device.model.config.vocab_size)
+    model.load_state_dict(device.model.state_dict())
+    model.to(device.torch_device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=device.cfg.lr)
+    batch = device.private[:batch_size].to(device.torch_device)
+    _train_step(model, optimizer, batch)  # materialise AdamW state, so it counts as resident below
+    resident = sum(t.numel() * t.element_size() for t in _state_tensors(model, optimizer))
+    if device.torch_device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device.torch_device)
+        base = torch.cuda.memory_allocated(device.torch_device)
+        _train_step(model, optimizer, batch)
+        return resident + torch.cuda.max_memory_allocated(device.torch_device) - base
+    return resident + _train_step(model, optimizer, batch)
+
+
+def _train_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer, batch: torch.Tensor) -> int:
+    """One step; returns the bytes of activations saved for backward plus gradients."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(batch.device):
+        loss = lm_loss(model, batch)
+    loss.backward()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sum(saved.values()) + grads
+
+
+def _state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    yield from model.parameters()
+    for state in optimizer.state.values():
+        yield from (v for v in state.values() if torch.is_tensor(v))
+
+
+def describe(device: Device) -> dict:
+    return {"id": device.cfg.id, "arch": device.arch, "params": n_params(device.model),
+            "private_blocks": len(device.private), "source": device.cfg.source}
+
+
+def choose_size(cfg: DeviceConfig, vocab_size: int, seq_len: int, torch_device: torch.device) -> str:
+    """The largest preset of the device's family whose measured training peak fits its memory budget."""
+    from deepfusion.models import DEVICE_PRESETS
+
+    budget = cfg.memory_mb * 2**20
+    dummy = torch.randint(vocab_size, (cfg.batch_size, seq_len))
+    fits = []
+    for size in DEVICE_PRESETS[cfg.family]:
+        probe = build_device(cfg, size, vocab_size, dummy, dummy[:1], 0, torch_device)
+        peak = measure_train_peak(probe, cfg.batch_size)
+        if peak <= budget:
+            fits.append((peak, size))
+    if not fits:
+        raise ConfigError(f"config error: device {cfg.id!r}: memory_mb = {cfg.memory_mb} fits no {cfg.family} preset "
+                         f"(the smallest needs more to train with batch_size {cfg.batch_size}); raise memory_mb "
+                         "or lower batch_size")
+    return max(fits)[1]

@@ -1,0 +1,112 @@
+"""The in-process engine (the default): the whole federation in one Python process.
+
+A recipe: set up data, devices and server, then per round: send instructions, device steps, server
+step, evaluate, checkpoint, log. Every message still goes through the same bytes as on a network
+(`Instruction.to_bytes`, `KnowledgePacket.to_bytes`), so communication is measured, not estimated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from deepfusion.config import FederationConfig
+from deepfusion.device import Device, Instruction, build_device, describe, evaluate_device, run_round
+from deepfusion.federation import FederationData, append_metrics, prepare_data, summary, write_json_atomic
+from deepfusion.models import export_model, n_params, resolve_device
+from deepfusion.server import build_server, evaluate, save_checkpoint, server_round
+
+log = logging.getLogger("deepfusion")
+
+
+def setup_devices(cfg: FederationConfig, data: FederationData, torch_device: torch.device) -> dict[str, Device]:
+    from deepfusion.device import choose_size
+
+    devices = {}
+    vocab = len(data.tokenizer)
+    for i, dc in enumerate(cfg.devices):
+        size = dc.size if dc.size != "auto" else choose_size(dc, vocab, cfg.data.seq_len, torch_device)
+        devices[dc.id] = build_device(dc, size, vocab, data.private[dc.id], data.proxy, cfg.seed * 1000 + i + 1,
+                                      torch_device)
+    return devices
+
+
+def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progress: bool = True) -> dict:
+    start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    torch.manual_seed(cfg.seed)
+    torch_device = resolve_device(cfg.device)
+    data = prepare_data(cfg, data_dir)
+    vocab = len(data.tokenizer)
+    federated = cfg.method != "proxy-only"
+    devices = setup_devices(cfg, data, torch_device) if federated else {}
+    server = build_server(cfg.server, cfg.method, vocab, data.proxy, [d.id for d in cfg.devices], cfg.seed,
+                          torch_device)
+    log.info("global %s/%s: %.2fM params on %s; devices: %s", cfg.server.family, cfg.server.size,
+             n_params(server.model) / 1e6, torch_device, [describe(d) for d in devices.values()])
+
+    per_device = {d: {"up": 0, "down": 0, "rounds": []} for d in devices}
+    last = {}
+    with _progress(progress) as bar:
+        task = bar.add_task(f"{cfg.method}: devices + server", total=cfg.rounds * (len(devices) + 1))
+        for r in range(1, cfg.rounds + 1):
+            t_round = time.perf_counter()
+            payloads = _device_steps(cfg, server.proxy, devices, r, per_device, lambda: bar.advance(task))
+            t_devices = time.perf_counter() - t_round
+            result = server_round(server, payloads, r)
+            last = evaluate(server.model, data.test_sets, torch_device)
+            save_checkpoint(server, out_dir / "checkpoint", r)
+            record = {"round": r, **last, **result, "bytes_up": sum(len(p) for p in payloads.values()),
+                      "seconds_devices": round(t_devices, 2),
+                      "seconds_round": round(time.perf_counter() - t_round, 2)}
+            append_metrics(out_dir, record)
+            log.info("[ROUND %d/%d] ppl %s | accepted %d rejected %d | %.1fs", r, cfg.rounds, last["ppl"],
+                     len(result["accepted"]), len(result["rejected"]), record["seconds_round"])
+            bar.advance(task)
+
+    export_model(server.model, data.tokenizer, out_dir / "model")
+    comm = {"up": sum(v["up"] for v in per_device.values()), "down": sum(v["down"] for v in per_device.values()),
+            "per_device": per_device}
+    peaks = {d: dev.peak_mem_bytes for d, dev in devices.items()}
+    extra = {"global_params": n_params(server.model), "vocab_size": vocab,
+             "devices": {d: {**describe(dev), "ppl_own_source": round(evaluate_device(
+                 dev, data.test_sets[dev.cfg.source][1]), 2)} for d, dev in devices.items()}}
+    result = summary(cfg, last, comm, peaks, time.perf_counter() - start, extra)
+    write_json_atomic(out_dir / "summary.json", result)
+    return result
+
+
+def _device_steps(cfg: FederationConfig, proxy: torch.Tensor, devices: dict[str, Device], r: int,
+                  per_device: dict, tick) -> dict[str, bytes]:
+    """Every device gets its instruction as bytes and answers with packet bytes; a failing device is skipped."""
+    payloads = {}
+    for dc in cfg.devices:
+        if dc.id not in devices:
+            continue
+        down = Instruction(round=r, proxy_indices=list(range(len(proxy))), local_steps=dc.local_steps,
+                           batch_size=dc.batch_size, lr=dc.lr, topk=cfg.server.topk,
+                           temperature=cfg.server.temperature).to_bytes()
+        try:
+            packet = run_round(devices[dc.id], Instruction.from_bytes(down)).to_bytes()
+        except Exception as e:  # a dead device must not stop the federation
+            log.warning("[ROUND %d] device %r failed (%s: %s); the round goes on without it",
+                        r, dc.id, type(e).__name__, e)
+            per_device[dc.id]["rounds"].append({"round": r, "down": len(down), "up": 0, "failed": str(e)})
+            per_device[dc.id]["down"] += len(down)
+            continue
+        tick()
+        payloads[dc.id] = packet
+        per_device[dc.id]["up"] += len(packet)
+        per_device[dc.id]["down"] += len(down)
+        per_device[dc.id]["rounds"].append({"round": r, "down": len(down), "up": len(packet)})
+    return payloads
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    disable=not enabled, transient=False)

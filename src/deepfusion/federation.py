@@ -1,0 +1,110 @@
+"""What every engine shares: the federation's data, laid out per device, and the run's output files.
+
+Engines call these functions; they do not subclass anything (duplicate before abstracting).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deepfusion.config import FederationConfig, to_dict
+from deepfusion.data import (DataError, balanced_proxy, load_source, load_tokenizer, pack_blocks, resolve_data_dir,
+                             split_documents, train_tokenizer)
+
+log = logging.getLogger("deepfusion")
+
+
+@dataclass
+class FederationData:
+    tokenizer: object  # PreTrainedTokenizerFast shared by every device and the server (the wire contract)
+    private: dict[str, torch.Tensor]  # device id -> (N, T) private blocks; only that device reads them
+    proxy: torch.Tensor  # (P, T) public proxy blocks, balanced across domains
+    proxy_domains: list[str]  # domain of every proxy row
+    test_sets: dict[str, tuple[str, torch.Tensor]]  # source -> (domain, (N, T) held-out blocks)
+    device_source: dict[str, str]  # device id -> its source spec
+    data_dir: Path
+
+
+def prepare_data(cfg: FederationConfig, data_dir: str | None = None) -> FederationData:
+    """Load every device's source, split it, train (or load) the tokenizer, pack token blocks."""
+    root = resolve_data_dir(data_dir or cfg.data.dir)
+    d = cfg.data
+    splits, domains = {}, {}
+    for dev in cfg.devices:
+        if dev.source not in splits:
+            docs = load_source(dev.source, root, dev.domain)
+            splits[dev.source] = split_documents(docs, d.seed, d.proxy_frac, d.test_frac)
+            domains[dev.source] = docs[0].domain
+    proxy_docs = [doc for s in splits.values() for doc in s.proxy]
+    if d.tokenizer:
+        tokenizer = load_tokenizer(Path(d.tokenizer))
+    else:
+        tokenizer = train_tokenizer([doc.text for doc in proxy_docs], d.vocab_size, cache_dir() / "tokenizers")
+
+    private = {}
+    for dev in cfg.devices:
+        sharing = [x.id for x in cfg.devices if x.source == dev.source]
+        mine = splits[dev.source].private[sharing.index(dev.id)::len(sharing)]  # devices on one source split it
+        private[dev.id] = pack_blocks(tokenizer, mine, d.seq_len)
+        if len(private[dev.id]) == 0:
+            raise DataError(f"device {dev.id!r}: source {dev.source!r} gives no private block of {d.seq_len} "
+                             "tokens; give it more data or lower data.seq_len")
+
+    by_domain: dict[str, list[torch.Tensor]] = {}
+    for source, split in splits.items():
+        by_domain.setdefault(domains[source], []).append(pack_blocks(tokenizer, split.proxy, d.seq_len))
+    proxy, proxy_domains = balanced_proxy({k: torch.cat(v) for k, v in by_domain.items()}, d.proxy_blocks, d.seed)
+
+    test_sets = {}
+    for source, split in splits.items():
+        blocks = pack_blocks(tokenizer, split.test, d.seq_len)
+        keep = torch.linspace(0, len(blocks) - 1, min(d.test_blocks, len(blocks))).long()  # spread over the split
+        test_sets[source] = (domains[source], blocks[keep])
+    log.info("data: %d devices, proxy %d blocks %s, test %s", len(private), len(proxy),
+             {k: proxy_domains.count(k) for k in sorted(set(proxy_domains))},
+             {s: len(b) for s, (_, b) in test_sets.items()})
+    return FederationData(tokenizer, private, proxy, proxy_domains, test_sets,
+                          {dev.id: dev.source for dev in cfg.devices}, root)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deepfusion"
+
+
+# ---- outputs ------------------------------------------------------------------------------------
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    """Write then rename, so a killed run never leaves a half-written file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def append_metrics(out_dir: Path, record: dict) -> None:
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def summary(cfg: FederationConfig, last: dict, comm: dict, peaks: dict, wall: float, extra: dict) -> dict:
+    """The run's contract file: other tools read these keys."""
+    return {
+        "method": cfg.method,
+        "global_family": cfg.server.family,
+        "rounds": cfg.rounds,
+        "seed": cfg.seed,
+        "ppl": last["ppl"],
+        "ppl_by_source": last["ppl_by_source"],
+        "comm_bytes": comm,
+        "device_peak_mem_bytes": peaks,
+        "wall_seconds": round(wall, 2),
+        **extra,
+        "config": to_dict(cfg),
+    }

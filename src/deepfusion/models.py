@@ -1,0 +1,186 @@
+"""Model presets over real `transformers` classes: the global MoE families and the on-device dense LLMs.
+
+Every preset is a literal function with every number written out (torchtune's builders), so a reader
+sees exactly what "small" means. Nothing here reaches a model hub: models are built from config or
+loaded from a local directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from deepfusion.config import ConfigError
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
+
+# Measured on the 2-core CPU (benchmarks/experts_impl.md, `python -m deepfusion.bench experts`):
+# grouped_mm was the fastest kernel for a training step of both MoE families (batched_mm ~20x slower).
+DEFAULT_EXPERTS_IMPL = "grouped_mm"
+
+
+# ---- global MoE presets -------------------------------------------------------------------------
+
+def qwen_moe_tiny(vocab_size: int) -> Qwen2MoeConfig:
+    """Tests only: 2 layers, 4 routed experts (top-2) + a shared expert."""
+    return Qwen2MoeConfig(
+        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, moe_intermediate_size=64,
+        shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=512, router_aux_loss_coef=0.01, tie_word_embeddings=False,
+    )
+
+
+def qwen_moe_small(vocab_size: int) -> Qwen2MoeConfig:
+    """The default run's global model: 4 layers, 8 routed experts (top-2) + a shared expert."""
+    return Qwen2MoeConfig(
+        vocab_size=vocab_size, hidden_size=192, num_hidden_layers=4, num_attention_heads=6,
+        num_key_value_heads=2, intermediate_size=384, moe_intermediate_size=192,
+        shared_expert_intermediate_size=384, num_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=512, router_aux_loss_coef=0.01, tie_word_embeddings=False,
+    )
+
+
+def deepseek_moe_tiny(vocab_size: int) -> DeepseekV2Config:
+    """Tests only: DeepSeek-MoE layout (first layer dense, then fine-grained routed + shared experts)."""
+    return DeepseekV2Config(
+        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=32,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+        kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+    )
+
+
+def deepseek_moe_small(vocab_size: int) -> DeepseekV2Config:
+    """DeepSeek-MoE at CPU scale: 4 layers (1 dense), 16 fine-grained experts (top-4) + 2 shared."""
+    return DeepseekV2Config(
+        vocab_size=vocab_size, hidden_size=192, num_hidden_layers=4, num_attention_heads=6,
+        num_key_value_heads=6, intermediate_size=384, moe_intermediate_size=96,
+        n_routed_experts=16, n_shared_experts=2, num_experts_per_tok=4, first_k_dense_replace=1,
+        kv_lora_rank=64, q_lora_rank=None, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+    )
+
+
+MOE_PRESETS: dict[str, dict[str, Callable[[int], PreTrainedConfig]]] = {
+    "qwen_moe": {"tiny": qwen_moe_tiny, "small": qwen_moe_small},
+    "deepseek_moe": {"tiny": deepseek_moe_tiny, "small": deepseek_moe_small},
+}
+_MOE_CLASSES = {"qwen_moe": Qwen2MoeForCausalLM, "deepseek_moe": DeepseekV2ForCausalLM}
+
+
+# ---- on-device dense presets --------------------------------------------------------------------
+
+def qwen2_tiny(vocab_size: int) -> Qwen2Config:
+    return Qwen2Config(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, intermediate_size=64, max_position_embeddings=512,
+                       tie_word_embeddings=True)
+
+
+def qwen2_small(vocab_size: int) -> Qwen2Config:
+    return Qwen2Config(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=384, max_position_embeddings=512,
+                       tie_word_embeddings=True)
+
+
+def qwen2_base(vocab_size: int) -> Qwen2Config:
+    return Qwen2Config(vocab_size=vocab_size, hidden_size=192, num_hidden_layers=3, num_attention_heads=6,
+                       num_key_value_heads=2, intermediate_size=512, max_position_embeddings=512,
+                       tie_word_embeddings=True)
+
+
+def llama_tiny(vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
+                       tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+
+
+def llama_small(vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=96, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=4, intermediate_size=256, max_position_embeddings=512,
+                       tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+
+
+def llama_base(vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=192, num_hidden_layers=4, num_attention_heads=6,
+                       num_key_value_heads=6, intermediate_size=512, max_position_embeddings=512,
+                       tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+
+
+DEVICE_PRESETS: dict[str, dict[str, Callable[[int], PreTrainedConfig]]] = {
+    "qwen2": {"tiny": qwen2_tiny, "small": qwen2_small, "base": qwen2_base},
+    "llama": {"tiny": llama_tiny, "small": llama_small, "base": llama_base},
+}
+_DEVICE_CLASSES = {"qwen2": Qwen2ForCausalLM, "llama": LlamaForCausalLM}
+
+
+# ---- building, loading, exporting ---------------------------------------------------------------
+
+def build_global_moe(family: str, size: str, vocab_size: int, pretrained: str | None = None,
+                     experts_impl: str = DEFAULT_EXPERTS_IMPL) -> PreTrainedModel:
+    """The global MoE: from a local pretrained directory, else a preset with random init (seeded by caller)."""
+    if pretrained:
+        path = Path(pretrained)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"config error: [server] pretrained = {pretrained!r}: no config.json there; "
+                                    "point it at a local directory written by save_pretrained")
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, experts_implementation=experts_impl)
+        if model.config.vocab_size < vocab_size:
+            raise ConfigError(f"config error: [server] pretrained MoE vocab {model.config.vocab_size} < federation vocab {vocab_size}; "
+                             "use the model's own tokenizer (data.tokenizer = the model directory)")
+        return model
+    config = MOE_PRESETS[family][size](vocab_size)
+    config._experts_implementation = experts_impl
+    return _MOE_CLASSES[family](config)
+
+
+def build_device_model(family: str, size: str, vocab_size: int) -> PreTrainedModel:
+    return _DEVICE_CLASSES[family](DEVICE_PRESETS[family][size](vocab_size))
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def export_model(model: PreTrainedModel, tokenizer, out_dir: Path) -> Path:
+    """Write a plain MoE checkpoint + tokenizer that AutoModelForCausalLM/AutoTokenizer load."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model {path}: no exported model there (expected config.json from "
+                                "`deepfusion run --out DIR`, i.e. DIR/model)")
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present, else CPU; nothing else in the package assumes a CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device = {name!r} but torch sees no CUDA GPU; use device = 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (halves activation memory, tensor cores); full precision on CPU."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

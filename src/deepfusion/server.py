@@ -1,0 +1,285 @@
+"""The server: receive knowledge packets, distil them into the global MoE through VAA, evaluate.
+
+One server round is a plain recipe:
+    packets  = receive(payloads)                 validate every upload, reject bad ones with a reason
+    targets  = stack_targets(packets)            (K, B, T-1, k) top-k knowledge per device
+    weights  = reliability_weights(targets)      (K, B) how much each device is trusted on each block
+    distill(server, targets, weights, steps)     L = CE + λ T² KD + router aux
+The distillation term depends on the method:
+    deepfusion   per device, (1 - mix) KL(p_k || final head) + mix KL(p_k || VAA_k(H))
+    device-kd    per device, KL(p_k || final head)
+    plain-fkd    KL(weighted average of the p_k || final head)
+    proxy-only   none (the floor: the proxy set's cross-entropy alone)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
+
+from deepfusion.config import ServerConfig
+from deepfusion.knowledge import KnowledgePacket, PacketError, to_targets, topk_kl, validate_packet
+from deepfusion.models import autocast, build_global_moe
+from deepfusion.vaa import ViewAlignedAttention, stage_layers, stage_logits
+
+log = logging.getLogger("deepfusion.server")
+
+MAX_PACKET_BYTES = 256 << 20  # a packet larger than this is rejected before parsing
+
+
+@dataclass
+class Server:
+    cfg: ServerConfig
+    method: str
+    model: PreTrainedModel
+    vaa: ViewAlignedAttention | None
+    layers: list[int]  # MoE depths VAA attends over
+    optimizer: torch.optim.Optimizer
+    proxy: torch.Tensor  # (P, T) public proxy blocks
+    device_ids: list[str]  # view k belongs to device_ids[k]
+    generator: torch.Generator
+    torch_device: torch.device
+    step: int = 0
+
+
+@dataclass
+class Targets:
+    """The round's knowledge, stacked over the K devices that delivered a valid packet."""
+
+    views: torch.Tensor  # (K,) view index of each device
+    ids: torch.Tensor  # (K, P, T-1, k) long
+    probs: torch.Tensor  # (K, P, T-1, k) float
+    tail: torch.Tensor  # (K, P, T-1) float
+
+
+def build_server(cfg: ServerConfig, method: str, vocab_size: int, proxy: torch.Tensor, device_ids: list[str],
+                 seed: int, torch_device: torch.device) -> Server:
+    torch.manual_seed(seed)
+    model = build_global_moe(cfg.family, cfg.size, vocab_size, cfg.pretrained).to(torch_device)
+    layers = stage_layers(model.config.num_hidden_layers, cfg.vaa_stages)
+    vaa = None
+    if method == "deepfusion":
+        vaa = ViewAlignedAttention(model.config.hidden_size, len(device_ids), len(layers), cfg.vaa_heads,
+                                   cfg.vaa_dim).to(torch_device)
+    params = list(model.parameters()) + (list(vaa.parameters()) if vaa else [])
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(seed)
+    return Server(cfg, method, model, vaa, layers, optimizer, proxy, device_ids, generator, torch_device)
+
+
+# ---- receiving ----------------------------------------------------------------------------------
+
+def receive(server: Server, payloads: dict[str, bytes], round: int) -> tuple[dict[str, KnowledgePacket], dict[str, str]]:
+    """Parse and validate every upload; returns (accepted packets, {device: rejection reason})."""
+    accepted, rejected = {}, {}
+    n_positions = server.proxy.shape[0] * (server.proxy.shape[1] - 1)
+    for device_id, payload in payloads.items():
+        try:
+            packet = KnowledgePacket.from_bytes(payload, max_bytes=MAX_PACKET_BYTES)
+            if packet.device_id != device_id:
+                raise PacketError(f"packet claims device {packet.device_id!r} but came from {device_id!r}")
+            validate_packet(packet, round=round, known_devices=set(server.device_ids), n_positions=n_positions,
+                            vocab_size=server.model.config.vocab_size, k_max=max(server.cfg.topk, 1))
+        except PacketError as e:
+            rejected[device_id] = str(e)
+            log.warning("[ROUND %d] rejected upload of device %r: %s; the round goes on without it", round, device_id, e)
+            continue
+        accepted[device_id] = packet
+    return accepted, rejected
+
+
+def stack_targets(server: Server, packets: dict[str, KnowledgePacket]) -> Targets:
+    P, T = server.proxy.shape
+    k = server.cfg.topk
+    ids, probs, tails, views = [], [], [], []
+    for device_id, packet in packets.items():
+        i, p, t = to_targets(packet)
+        if i.shape[1] < k:  # a device may send fewer than k ids: pad with zero-probability entries
+            pad = k - i.shape[1]
+            i, p = F.pad(i, (0, pad)), F.pad(p, (0, pad))
+        ids.append(i.view(P, T - 1, k))  # (P, T-1, k)
+        probs.append(p.view(P, T - 1, k))
+        tails.append(t.view(P, T - 1))
+        views.append(server.device_ids.index(device_id))
+    return Targets(torch.tensor(views), torch.stack(ids), torch.stack(probs), torch.stack(tails))
+
+
+def reliability_weights(server: Server, targets: Targets, enabled: bool = True) -> torch.Tensor:
+    """(K, P) per-block device weights summing to 1 over devices.
+
+    A device is trusted on a proxy block as much as its predictions explain the block's real next tokens
+    (the proxy text is public): softmax over devices of the mean log-probability each assigns to the
+    truth. Finance blocks lean on finance devices, and a device uploading garbage earns ~0 weight.
+    Disabled: uniform.
+    """
+    K, P = targets.ids.shape[:2]
+    if not enabled:
+        return torch.full((K, P), 1.0 / K)
+    truth = server.proxy[:, 1:].unsqueeze(0).unsqueeze(-1)  # (1, P, T-1, 1)
+    hit = targets.ids == truth  # (K, P, T-1, k)
+    p_truth = (targets.probs * hit).sum(-1)  # (K, P, T-1)
+    # a miss: the tail mass spread evenly over the ids outside the top-k
+    vocab_rest = server.model.config.vocab_size - targets.ids.shape[-1]
+    p_truth = torch.where(hit.any(-1), p_truth, targets.tail / max(vocab_rest, 1))
+    score = p_truth.clamp_min(1e-12).log().mean(-1)  # (K, P)
+    return score.softmax(dim=0)
+
+
+def aggregate(targets: Targets, weights: torch.Tensor, vocab_size: int, k: int, chunk: int = 4096) -> Targets:
+    """plain-fkd's single teacher: the weighted average of the devices' distributions, re-sparsified to top-k.
+
+    Each device's tail mass is spread evenly over its non-top-k ids (the maximum-entropy reading of
+    "the rest"), the K dense rows are averaged, and the average is cut back to top-k + tail.
+    """
+    K, P, T1, _ = targets.ids.shape
+    ids, probs = targets.ids.flatten(1, 2), targets.probs.flatten(1, 2)  # (K, N, k)
+    tail = targets.tail.flatten(1, 2)  # (K, N)
+    w = weights.unsqueeze(-1).expand(K, P, T1).flatten(1, 2)  # (K, N)
+    out_ids, out_probs, out_tail = [], [], []
+    for s in range(0, ids.shape[1], chunk):
+        sl = slice(s, s + chunk)
+        fill = tail[:, sl] / (vocab_size - ids.shape[-1])  # (K, n)
+        dense = fill.unsqueeze(-1).expand(-1, -1, vocab_size).clone()  # (K, n, V)
+        dense.scatter_(-1, ids[:, sl], probs[:, sl])
+        avg = (w[:, sl].unsqueeze(-1) * dense).sum(0)  # (n, V)
+        top_p, top_i = avg.topk(k, dim=-1)  # (n, k)
+        out_ids.append(top_i)
+        out_probs.append(top_p)
+        out_tail.append((1.0 - top_p.sum(-1)).clamp_min(0.0))
+    shape = (1, P, T1)
+    return Targets(torch.tensor([0]), torch.cat(out_ids).view(*shape, k), torch.cat(out_probs).view(*shape, k),
+                   torch.cat(out_tail).view(*shape))
+
+
+# ---- distilling ---------------------------------------------------------------------------------
+
+def router_aux_loss(model: PreTrainedModel, router_logits) -> torch.Tensor:
+    cfg = model.config
+    num_experts = getattr(cfg, "num_experts", None) or cfg.n_routed_experts
+    coef = getattr(cfg, "router_aux_loss_coef", 0.01)
+    return coef * load_balancing_loss_func(router_logits, num_experts, cfg.num_experts_per_tok)
+
+
+def kd_loss(server: Server, out, blocks_idx: torch.Tensor, targets: Targets, weights: torch.Tensor) -> torch.Tensor:
+    """λ-free distillation term for one batch; T² keeps gradients comparable across temperatures."""
+    T = server.cfg.temperature
+    K = targets.ids.shape[0]
+    final = out.logits[:, :-1].flatten(0, 1).float()  # (N, V)
+    N, V = final.shape
+    ids = targets.ids[:, blocks_idx].flatten(1, 2).to(final.device)  # (K, N, k)
+    probs = targets.probs[:, blocks_idx].flatten(1, 2).to(final.device)  # (K, N, k)
+    tail = targets.tail[:, blocks_idx].flatten(1, 2).to(final.device)  # (K, N)
+    w = weights[:, blocks_idx].unsqueeze(-1).expand(-1, -1, out.logits.shape[1] - 1).flatten(1, 2)  # (K, N)
+    w = w.to(final.device)
+
+    def kl(student):  # student (K, N, V); per-position weights sum to 1 over devices
+        return topk_kl(student.flatten(0, 1) / T, ids.flatten(0, 1), probs.flatten(0, 1), tail.flatten(0, 1),
+                       weight=w.flatten())
+
+    loss = kl(final.unsqueeze(0).expand(K, N, V))
+    if server.vaa is not None:
+        hidden = tuple(h[:, :-1] for h in out.hidden_states)  # positions 0..T-2, like the packets
+        feats, logits = stage_logits(hidden, out.logits[:, :-1], server.layers,
+                                     server.model.model.norm, server.model.lm_head)  # (S, N, d), (S, N, V)
+        views = server.vaa(feats.float(), logits.float(), targets.views.to(final.device))  # (K, N, V)
+        loss = (1 - server.cfg.vaa_mix) * loss + server.cfg.vaa_mix * kl(views)
+    return loss * T * T
+
+
+def distill(server: Server, targets: Targets | None, weights: torch.Tensor | None, steps: int) -> dict[str, float]:
+    """`steps` optimiser steps over random proxy batches; targets None means proxy cross-entropy only."""
+    model = server.model
+    model.train()
+    sums = {"ce": 0.0, "kd": 0.0, "aux": 0.0}
+    for _ in range(steps):
+        idx = torch.randint(len(server.proxy), (server.cfg.batch_size,), generator=server.generator)
+        blocks = server.proxy[idx].to(server.torch_device)  # (B, T)
+        with autocast(server.torch_device):
+            out = model(input_ids=blocks, output_hidden_states=server.vaa is not None, output_router_logits=True)
+            ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), blocks[:, 1:].flatten())
+            aux = router_aux_loss(model, out.router_logits)
+            kd = kd_loss(server, out, idx, targets, weights) if targets is not None else torch.zeros((), device=ce.device)
+            loss = ce + server.cfg.lam * kd + aux
+        loss.backward()
+        params = [p for group in server.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        server.optimizer.step()
+        server.optimizer.zero_grad(set_to_none=True)
+        server.step += 1
+        for key, value in (("ce", ce), ("kd", kd), ("aux", aux)):
+            sums[key] += value.item()
+    return {key: value / max(steps, 1) for key, value in sums.items()}
+
+
+def server_round(server: Server, payloads: dict[str, bytes], round: int) -> dict:
+    """Receive, weight and distil one round's uploads. Returns the round's server-side log."""
+    if server.method == "proxy-only":
+        return {"accepted": [], "rejected": {}, "losses": distill(server, None, None, server.cfg.steps)}
+    packets, rejected = receive(server, payloads, round)
+    if len(packets) < server.cfg.min_devices:
+        log.warning("[ROUND %d] expected at least %d valid packets, got %d: distillation skipped this round",
+                    round, server.cfg.min_devices, len(packets))
+        return {"accepted": sorted(packets), "rejected": rejected, "skipped": True, "losses": {}}
+    targets = stack_targets(server, packets)
+    weights = reliability_weights(server, targets, server.cfg.reliability)
+    if server.method == "plain-fkd":
+        targets = aggregate(targets, weights, server.model.config.vocab_size, server.cfg.topk)
+        weights = torch.ones(1, weights.shape[1])
+    losses = distill(server, targets, weights, server.cfg.steps)
+    result = {"accepted": sorted(packets), "rejected": rejected, "losses": losses,
+              "device_weight": {server.device_ids[v]: round_(float(weights[i].mean()))
+                                for i, v in enumerate(targets.views.tolist())} if server.method != "plain-fkd" else {}}
+    if server.vaa is not None:
+        result["views"] = {server.device_ids[v]: server.vaa.describe()[v] for v in targets.views.tolist()}
+    return result
+
+
+def round_(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+# ---- evaluating ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: PreTrainedModel, test_sets: dict[str, tuple[str, torch.Tensor]], torch_device: torch.device,
+             batch: int = 16) -> dict:
+    """Token perplexity exp(mean next-token NLL) per source and per domain (token-weighted)."""
+    model.eval()
+    by_source, domain_nll, domain_count = {}, {}, {}
+    for source, (domain, blocks) in test_sets.items():
+        nll, count = 0.0, 0
+        for s in range(0, len(blocks), batch):
+            b = blocks[s:s + batch].to(torch_device)
+            with autocast(torch_device):
+                logits = model(input_ids=b).logits[:, :-1]
+            nll += F.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten(), reduction="sum").item()
+            count += b[:, 1:].numel()
+        by_source[source] = round_(math.exp(nll / count))
+        domain_nll[domain] = domain_nll.get(domain, 0.0) + nll
+        domain_count[domain] = domain_count.get(domain, 0) + count
+    by_domain = {d: round_(math.exp(domain_nll[d] / domain_count[d])) for d in domain_nll}
+    return {"ppl": by_domain, "ppl_by_source": by_source}
+
+
+# ---- checkpointing ------------------------------------------------------------------------------
+
+def save_checkpoint(server: Server, path: Path, round: int) -> None:
+    """Server state after `round`, written to a temp file then renamed: a kill never leaves half a checkpoint."""
+    path.mkdir(parents=True, exist_ok=True)
+    state = {
+        "round": round, "step": server.step, "model": server.model.state_dict(),
+        "vaa": server.vaa.state_dict() if server.vaa is not None else None,
+        "optimizer": server.optimizer.state_dict(), "generator": server.generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    tmp = path / "server.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path / "server.pt")

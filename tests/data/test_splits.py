@@ -1,0 +1,95 @@
+"""Splits are deterministic and complete; blocks end documents with eos; the proxy is balanced."""
+
+import random
+
+import pytest
+import torch
+
+from deepfusion.data import DataError, Document, balanced_proxy, pack_blocks, split_documents
+
+
+def docs(n, source="s"):
+    return [Document(source, "d", str(i), f"text {i}") for i in range(n)]
+
+
+def ids(part):
+    return [d.doc_id for d in part]
+
+
+def test_split_is_deterministic_disjoint_covering_and_order_independent():
+    corpus = docs(500)
+    a = split_documents(corpus, seed=1, proxy_frac=0.2, test_frac=0.1)
+    shuffled = corpus[:]
+    random.Random(0).shuffle(shuffled)
+    b = split_documents(shuffled, seed=1, proxy_frac=0.2, test_frac=0.1)
+    assert (ids(a.private), ids(a.proxy), ids(a.test)) == (ids(b.private), ids(b.proxy), ids(b.test))
+    parts = [set(ids(p)) for p in (a.private, a.proxy, a.test)]
+    assert sum(map(len, parts)) == 500 and set().union(*parts) == set(ids(corpus))
+    assert 30 < len(a.test) < 75 and 70 < len(a.proxy) < 130  # roughly the fractions
+    c = split_documents(corpus, seed=2, proxy_frac=0.2, test_frac=0.1)
+    assert ids(c.test) != ids(a.test)
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 10])
+@pytest.mark.parametrize("seed", range(5))
+def test_split_parts_never_empty(n, seed):
+    s = split_documents(docs(n), seed=seed, proxy_frac=0.01, test_frac=0.01)
+    assert s.private and s.proxy and s.test
+    assert sorted(ids(s.private) + ids(s.proxy) + ids(s.test)) == sorted(ids(docs(n)))
+    s = split_documents(docs(n), seed=seed, proxy_frac=0.49, test_frac=0.5)
+    assert s.private and s.proxy and s.test
+
+
+def test_split_errors():
+    with pytest.raises(DataError, match="got 2 documents"):
+        split_documents(docs(2), 0, 0.1, 0.1)
+    with pytest.raises(DataError, match="proxy_frac=0.6"):
+        split_documents(docs(10), 0, 0.6, 0.5)
+
+
+class CharTokenizer:
+    """A stand-in with the PreTrainedTokenizerFast call signature: one id per character."""
+    eos_token_id = 0
+
+    def __call__(self, texts, add_special_tokens=False, verbose=False):
+        return {"input_ids": [[ord(c) for c in t] for t in texts]}
+
+
+def test_pack_blocks_shape_and_eos():
+    blocks = pack_blocks(CharTokenizer(), [Document("s", "d", "0", "abc"), Document("s", "d", "1", "defgh")], 4)
+    # "abc" eos "defgh" eos = 10 tokens → 2 full blocks, 2 dropped
+    assert blocks.dtype == torch.long and blocks.tolist() == [[97, 98, 99, 0], [100, 101, 102, 103]]
+    assert pack_blocks(CharTokenizer(), [Document("s", "d", "0", "ab")], 4).shape == (0, 4)
+    assert pack_blocks(CharTokenizer(), [], 4).shape == (0, 4)
+
+
+def test_pack_blocks_with_real_tokenizer(tmp_path):
+    from deepfusion.data import train_tokenizer
+    tok = train_tokenizer(["hello world, hello there"] * 20, 300, tmp_path)
+    blocks = pack_blocks(tok, [Document("s", "d", str(i), "hello world") for i in range(10)], 8)
+    flat = blocks.flatten().tolist()
+    assert blocks.shape[1] == 8 and flat.count(tok.eos_token_id) >= 5
+    assert tok.decode(flat[: flat.index(tok.eos_token_id)]) == "hello world"
+
+
+def test_balanced_proxy_balance_and_determinism():
+    blocks = {"medical": torch.arange(400).view(100, 4), "finance": torch.arange(1000, 1020).view(5, 4)}
+    rows, domains = balanced_proxy(blocks, max_blocks=64, seed=3)
+    assert rows.shape == (10, 4) and domains.count("medical") == domains.count("finance") == 5
+    for row, d in zip(rows.tolist(), domains):
+        assert (row[0] >= 1000) == (d == "finance")
+    assert len({tuple(r) for r in rows.tolist()}) == 10  # without replacement
+    again = balanced_proxy(dict(reversed(blocks.items())), max_blocks=64, seed=3)
+    assert torch.equal(again[0], rows) and again[1] == domains
+    assert not torch.equal(balanced_proxy(blocks, 64, seed=4)[0], rows)
+    rows, domains = balanced_proxy(blocks, max_blocks=6, seed=3)
+    assert len(rows) == 6 and domains.count("finance") == 3
+
+
+def test_balanced_proxy_errors():
+    with pytest.raises(DataError, match="finance"):
+        balanced_proxy({"medical": torch.zeros(4, 2), "finance": torch.zeros(0, 2)}, 10, 0)
+    with pytest.raises(DataError, match="one seq_len"):
+        balanced_proxy({"medical": torch.zeros(4, 2), "finance": torch.zeros(4, 3)}, 10, 0)
+    with pytest.raises(DataError, match="no domains"):
+        balanced_proxy({}, 10, 0)

@@ -1,0 +1,116 @@
+"""End to end on the smoke federation: the CLI contract, the exported model, every method."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from deepfusion.cli import main
+from deepfusion.engines.local import run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    from deepfusion.config import default_config_path, load_config
+    from tests.conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "medquad").is_dir():
+        pytest.skip("real corpora not found")
+    out = tmp_path_factory.mktemp("smoke")
+    rc = main(["run", "--config", str(default_config_path("smoke")), "--data-dir", str(SHARED_DATA),
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    return out
+
+
+def test_outputs_follow_the_contract(smoke_run):
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    for key in ("method", "global_family", "rounds", "ppl", "ppl_by_source", "comm_bytes",
+                "device_peak_mem_bytes", "wall_seconds"):
+        assert key in summary
+    assert summary["method"] == "deepfusion" and summary["global_family"] == "qwen_moe"
+    assert set(summary["ppl"]) == {"medical", "finance"}
+    assert set(summary["ppl_by_source"]) == {"medquad:cdc", "medquad:nhlbi", "tatqa:0/2"}
+    devices = {"cdc", "nhlbi", "finance"}
+    assert set(summary["comm_bytes"]["per_device"]) == devices == set(summary["device_peak_mem_bytes"])
+    per = summary["comm_bytes"]["per_device"]
+    assert summary["comm_bytes"]["up"] == sum(v["up"] for v in per.values()) > 0
+    assert all(len(v["rounds"]) == summary["rounds"] for v in per.values())
+    lines = [json.loads(x) for x in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2]
+    assert lines[-1]["ppl"] == summary["ppl"]
+
+
+def test_bytes_up_are_the_serialised_packets(smoke_run):
+    """24 proxy blocks of 32 tokens = 744 positions; k = 4 with a 512 vocab: uint16 ids, fp16 probs + tail."""
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    for r in summary["comm_bytes"]["per_device"]["cdc"]["rounds"]:
+        payload = 744 * (4 * 2 + 4 * 2 + 2)
+        assert payload < r["up"] < payload + 2048  # + header and metadata
+
+
+def test_exported_model_loads_with_auto_classes_and_generates(smoke_run, capsys):
+    model = AutoModelForCausalLM.from_pretrained(smoke_run / "model")
+    tok = AutoTokenizer.from_pretrained(smoke_run / "model")
+    assert model.config.model_type == "qwen2_moe"
+    assert not any("vaa" in k for k in model.state_dict())  # VAA is training-only
+    ids = tok("The heart", return_tensors="pt")
+    assert model(**ids).logits.shape[-1] == len(tok)
+    assert main(["generate", "--model", str(smoke_run / "model"), "--prompt", "The heart", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_eval_command_reproduces_the_summary(smoke_run, capsys):
+    from deepfusion.config import default_config_path
+    from tests.conftest import SHARED_DATA
+
+    assert main(["eval", "--model", str(smoke_run / "model"), "--config", str(default_config_path("smoke")),
+                 "--data-dir", str(SHARED_DATA)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    for domain, ppl in summary["ppl"].items():
+        assert printed["ppl"][domain] == pytest.approx(ppl, rel=1e-3)
+
+
+@pytest.mark.parametrize("method", ["plain-fkd", "device-kd", "proxy-only"])
+def test_every_method_runs(smoke_config, tmp_path, method):
+    smoke_config.method = method
+    summary = run(smoke_config, tmp_path, progress=False)
+    assert summary["method"] == method
+    assert all(torch.isfinite(torch.tensor(v)) for v in summary["ppl"].values())
+    if method == "proxy-only":
+        assert summary["comm_bytes"]["up"] == 0
+    else:
+        assert summary["comm_bytes"]["up"] > 0
+
+
+def test_a_dead_device_does_not_stop_the_federation(smoke_config, tmp_path, monkeypatch):
+    import deepfusion.engines.local as local
+
+    real = local.run_round
+
+    def flaky(device, instruction):
+        if device.cfg.id == "nhlbi" and instruction.round == 1:
+            raise RuntimeError("battery died")
+        return real(device, instruction)
+
+    monkeypatch.setattr(local, "run_round", flaky)
+    summary = run(smoke_config, tmp_path, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["accepted"] == ["cdc", "finance"] and lines[1]["accepted"] == ["cdc", "finance", "nhlbi"]
+    assert "battery died" in summary["comm_bytes"]["per_device"]["nhlbi"]["rounds"][0]["failed"]
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('rounds = "many"\n')
+    assert main(["run", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "rounds" in err and "Traceback" not in err
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[devices]]\nid = "a"\nsource = "medquad:cdc"\n')
+    assert main(["run", "--config", str(cfg), "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert "nowhere" in capsys.readouterr().err

@@ -1,0 +1,70 @@
+import pytest
+
+from deepfusion.config import ConfigError, default_config_path, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+DEVICE = '[[devices]]\nid = "a"\nsource = "medquad:cdc"\n'
+
+
+def test_shipped_configs_parse():
+    for name in ("default", "smoke"):
+        cfg = load_config(default_config_path(name))
+        assert cfg.devices
+
+
+def test_default_config_is_a_real_federation():
+    cfg = load_config()
+    families = {d.family for d in cfg.devices}
+    sizes = {d.size for d in cfg.devices}
+    sources = [d.source for d in cfg.devices]
+    assert len(cfg.devices) >= 6 and len(families) >= 2 and len(sizes) >= 2
+    assert sum(s.startswith("medquad:") for s in sources) >= 2 and sum(s.startswith("tatqa:") for s in sources) >= 2
+    assert (cfg.server.family, cfg.server.size) == ("qwen_moe", "small")
+
+
+def test_cli_overrides_apply(tmp_path):
+    cfg = load_config(write(tmp_path, DEVICE), method="device-kd", rounds=7, seed=3)
+    assert (cfg.method, cfg.rounds, cfg.seed) == ("device-kd", 7, 3)
+
+
+@pytest.mark.parametrize("text, names", [
+    ('bogus = 1\n' + DEVICE, ["bogus", "allowed"]),
+    ('[server]\nlam = -1.0\n' + DEVICE, ["[server]", "lam", "-1.0"]),
+    ('[server]\nfamily = "gpt"\n' + DEVICE, ["family", "'gpt'", "qwen_moe"]),
+    ('[server]\ntopk = "8"\n' + DEVICE, ["topk", "'8'", "int"]),
+    ('[data]\nproxy_frac = 0.9\n' + DEVICE, ["proxy_frac", "0.9"]),
+    ('method = "fedprox"\n' + DEVICE, ["method", "fedprox", "deepfusion"]),
+    ('rounds = 0\n' + DEVICE, ["rounds", "0"]),
+    (DEVICE + 'family = "mamba"\n', ["devices.0", "family", "mamba"]),
+    (DEVICE + 'size = "huge"\n', ["devices.0", "size", "huge"]),
+    (DEVICE + 'size = "auto"\n', ["memory_mb"]),
+    (DEVICE + DEVICE, ["id", "unique"]),
+    ('[[devices]]\nid = "a"\n', ["missing", "source"]),
+    ('name = "x"\n', ["at least one"]),
+    ('[server]\nmin_devices = 5\n' + DEVICE, ["min_devices", "5"]),
+    ('device = "tpu"\n' + DEVICE, ["device", "tpu"]),
+])
+def test_bad_configs_name_the_key_and_value(tmp_path, text, names):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "rounds = = 2"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_int_is_accepted_for_float_but_bool_is_not(tmp_path):
+    assert load_config(write(tmp_path, '[server]\nlr = 1\n' + DEVICE)).server.lr == 1.0
+    with pytest.raises(ConfigError, match="reliability"):
+        load_config(write(tmp_path, '[server]\nreliability = 1\n' + DEVICE))
