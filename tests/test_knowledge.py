@@ -616,3 +616,27 @@ def test_equal_packets_serialise_to_equal_bytes():
                               local_loss=0.5).to_bytes() for _ in range(20)}
     assert len(blobs) == 1
     assert KnowledgePacket.from_bytes(blobs.pop()).k == 4
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_shared_student_kl_equals_the_sum_of_per_teacher_kls(k):
+    """K teachers against one student: the same value and gradient as topk_kl on the repeated student."""
+    from deepfusion.knowledge import topk_kl_shared
+
+    g = torch.Generator().manual_seed(k)
+    K, N, V = 3, 5, 11
+    z = torch.randn(N, V, generator=g, requires_grad=True)
+    ids = torch.stack([torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(N)]) for _ in range(K)])
+    raw = torch.rand(K, N, k + 1, generator=g)
+    raw = raw / raw.sum(-1, keepdim=True)
+    probs, tail = raw[..., :k], raw[..., k]
+    w = torch.rand(K, N, generator=g)
+    shared = topk_kl_shared(z, ids, probs, tail, w)
+    (grad_shared,) = torch.autograd.grad(shared, z)
+    z2 = z.detach().clone().requires_grad_(True)
+    ref = topk_kl(z2.unsqueeze(0).expand(K, N, V).reshape(K * N, V), ids.reshape(K * N, k),
+                  probs.reshape(K * N, k), tail.reshape(K * N), weight=w.reshape(K * N))
+    ref.backward()
+    torch.testing.assert_close(shared, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_shared, z2.grad, atol=1e-5, rtol=1e-4)
+    assert topk_kl_shared(z, ids, probs, tail, torch.zeros(K, N)).item() == 0.0

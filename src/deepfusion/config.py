@@ -95,6 +95,7 @@ class ServerConfig:
     vaa_heads: int = 2  # attention heads over stages
     vaa_dim: int = 16  # key/query width per head: small, so a view can express little but its view
     vaa_mix: float = 0.5  # share of each device's KD weight on its VAA view (the rest on the final head)
+    vaa_positions: float = 0.25  # share of each batch's positions the views are trained on (they are few numbers)
     reliability: bool = True  # weight devices by their agreement with the proxy's next tokens
     min_devices: int = 1  # a round needs at least this many valid packets to distil
 
@@ -117,6 +118,8 @@ class ServerConfig:
             _fail("server", "temperature", self.temperature, "must be > 0")
         if not 0.0 <= self.vaa_mix <= 1.0:
             _fail("server", "vaa_mix", self.vaa_mix, "must be in [0, 1]")
+        if not 0.0 < self.vaa_positions <= 1.0:
+            _fail("server", "vaa_positions", self.vaa_positions, "must be in (0, 1]")
 
 
 @dataclass

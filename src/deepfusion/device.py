@@ -7,11 +7,13 @@ across rounds; the private data never leaves this module (only `KnowledgePacket`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
@@ -102,17 +104,22 @@ def local_train(device: Device, steps: int, batch_size: int, lr: float) -> float
 @torch.no_grad()
 def label_proxy(device: Device, indices: list[int], topk: int, temperature: float, round: int,
                 local_loss: float) -> KnowledgePacket:
-    """Top-k next-token knowledge on the requested proxy blocks: positions 0..T-2 of each block."""
+    """Top-k next-token knowledge on the requested proxy blocks: positions 0..T-2 of each block.
+
+    Encoded batch by batch, so only LABEL_BATCH blocks of full-vocabulary logits are ever in memory.
+    """
     device.model.eval()
-    chunks = []
+    meta = dict(device_id=device.cfg.id, round=round, arch=device.arch, tokens_trained=device.tokens_trained,
+                local_loss=local_loss)
+    parts = []
     for start in range(0, len(indices), LABEL_BATCH):
         batch = device.proxy[indices[start:start + LABEL_BATCH]].to(device.torch_device)
         with autocast(device.torch_device):
             logits = device.model(input_ids=batch).logits[:, :-1]  # (B, T-1, V)
-        chunks.append(logits.float().flatten(0, 1).cpu())  # (B*(T-1), V)
-    logits = torch.cat(chunks)  # (N, V), N = len(indices) * (T-1)
-    return encode_knowledge(logits, topk, temperature, device_id=device.cfg.id, round=round, arch=device.arch,
-                            tokens_trained=device.tokens_trained, local_loss=local_loss)
+        parts.append(encode_knowledge(logits.flatten(0, 1), topk, temperature, **meta))  # B*(T-1) positions
+    return dataclasses.replace(parts[0], ids=np.concatenate([p.ids for p in parts]),
+                               probs=np.concatenate([p.probs for p in parts]),
+                               tail=np.concatenate([p.tail for p in parts]))
 
 
 def run_round(device: Device, instruction: Instruction) -> KnowledgePacket:

@@ -496,3 +496,26 @@ def topk_kl(student_logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor
         raise ValueError(f"weight must be finite, >= 0 and of shape ({N},); got shape {tuple(weight.shape)}")
     scale = weight / weight.sum().clamp_min(torch.finfo(cdt).tiny)  # (N,) sums to 1, or all 0
     return _TopkKL.apply(z, ids, probs, tail, scale, chunk_size)
+
+
+def topk_kl_shared(student_logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor,
+                   weight: torch.Tensor) -> torch.Tensor:
+    """Σ_k Σ_n w_kn KL(teacher_kn || student_n) / Σ w: K teachers against ONE student row per position.
+
+    The per-device KD term compares every device with the same final head. Calling `topk_kl` on the
+    student repeated K times costs K softmaxes over the vocabulary; here the log-normaliser is computed
+    once and each teacher only gathers its k logits, so K teachers cost about one cross-entropy.
+    student_logits (N, V); ids (K, N, k) long; probs (K, N, k); tail (K, N); weight (K, N) >= 0.
+    log q_tail = log(1 - Σ q_i) is clamped at 1e-12: exact unless a device's top-k covers the student's
+    mass to within float32 rounding, where the term is bounded instead of infinite.
+    """
+    z = student_logits.float()
+    K, N, k = ids.shape
+    lse = torch.logsumexp(z, dim=-1)  # (N,)
+    gathered = z.gather(1, ids.permute(1, 0, 2).reshape(N, K * k))  # (N, K*k): one gather for all teachers
+    log_q = (gathered - lse.unsqueeze(1)).view(N, K, k).permute(1, 0, 2)  # (K, N, k)
+    q_tail = (1.0 - log_q.exp().sum(-1)).clamp_min(1e-12)  # (K, N)
+    p, p_tail = probs.float(), tail.float()
+    kl = (torch.xlogy(p, p) - p * log_q).sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * q_tail.log()  # (K, N)
+    w = weight.float()
+    return (w * kl).sum() / w.sum().clamp_min(1e-12)

@@ -26,7 +26,8 @@ from transformers import PreTrainedModel
 from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
 from deepfusion.config import ServerConfig
-from deepfusion.knowledge import KnowledgePacket, PacketError, to_targets, topk_kl, validate_packet
+from deepfusion.knowledge import (KnowledgePacket, PacketError, to_targets, topk_kl, topk_kl_shared,
+                                  validate_packet)
 from deepfusion.models import autocast, build_global_moe
 from deepfusion.vaa import ViewAlignedAttention, stage_layers, stage_logits
 
@@ -171,26 +172,24 @@ def router_aux_loss(model: PreTrainedModel, router_logits) -> torch.Tensor:
 def kd_loss(server: Server, out, blocks_idx: torch.Tensor, targets: Targets, weights: torch.Tensor) -> torch.Tensor:
     """λ-free distillation term for one batch; T² keeps gradients comparable across temperatures."""
     T = server.cfg.temperature
-    K = targets.ids.shape[0]
-    final = out.logits[:, :-1].flatten(0, 1).float()  # (N, V)
-    N, V = final.shape
+    B, L = out.logits.shape[:2]
+    final = out.logits[:, :-1].flatten(0, 1)  # (N, V), N = B*(T-1)
     ids = targets.ids[:, blocks_idx].flatten(1, 2).to(final.device)  # (K, N, k)
     probs = targets.probs[:, blocks_idx].flatten(1, 2).to(final.device)  # (K, N, k)
     tail = targets.tail[:, blocks_idx].flatten(1, 2).to(final.device)  # (K, N)
-    w = weights[:, blocks_idx].unsqueeze(-1).expand(-1, -1, out.logits.shape[1] - 1).flatten(1, 2)  # (K, N)
-    w = w.to(final.device)
-
-    def kl(student):  # student (K, N, V); per-position weights sum to 1 over devices
-        return topk_kl(student.flatten(0, 1) / T, ids.flatten(0, 1), probs.flatten(0, 1), tail.flatten(0, 1),
-                       weight=w.flatten())
-
-    loss = kl(final.unsqueeze(0).expand(K, N, V))
+    w = weights[:, blocks_idx].unsqueeze(-1).expand(-1, -1, L - 1).flatten(1, 2).to(final.device)  # (K, N)
+    loss = topk_kl_shared(final.float() / T, ids, probs, tail, w)  # every device vs the final head
     if server.vaa is not None:
-        hidden = tuple(h[:, :-1] for h in out.hidden_states)  # positions 0..T-2, like the packets
-        feats, logits = stage_logits(hidden, out.logits[:, :-1], server.layers,
-                                     server.model.model.norm, server.model.lm_head)  # (S, N, d), (S, N, V)
-        views = server.vaa(feats.float(), logits.float(), targets.views.to(final.device))  # (K, N, V)
-        loss = (1 - server.cfg.vaa_mix) * loss + server.cfg.vaa_mix * kl(views)
+        # A view is a few numbers: a sample of positions trains it, at a fraction of K vocab-wide KLs.
+        n = max(1, int(server.cfg.vaa_positions * final.shape[0]))
+        pos = torch.randperm(final.shape[0], generator=server.generator)[:n].to(final.device)  # (n,)
+        hidden = tuple(h[:, :-1].flatten(0, 1)[pos] for h in out.hidden_states)  # (n, d) each
+        feats, logits = stage_logits(hidden, final[pos], server.layers, server.model.model.norm,
+                                     server.model.lm_head)  # (S, n, d), (S, n, V)
+        views = server.vaa(feats.float(), logits.float(), targets.views.to(final.device))  # (K, n, V)
+        view_kl = topk_kl(views.flatten(0, 1) / T, ids[:, pos].flatten(0, 1), probs[:, pos].flatten(0, 1),
+                          tail[:, pos].flatten(0, 1), weight=w[:, pos].flatten())  # over (K*n) rows
+        loss = (1 - server.cfg.vaa_mix) * loss + server.cfg.vaa_mix * view_kl
     return loss * T * T
 
 

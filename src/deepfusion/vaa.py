@@ -87,13 +87,15 @@ class ViewAlignedAttention(nn.Module):
         `views` (K',) selects a subset of views (e.g. the devices that answered this round).
         """
         weights = self.attention(feats)  # (K, N, S)
-        gate, log_temp = torch.tanh(self.gate), self.log_temp
+        gate, temp = torch.tanh(self.gate), self.log_temp.exp()
         if views is not None:
-            weights, gate, log_temp = weights[views], gate[views], log_temp[views]
-        mixed = torch.einsum("kns,snv->knv", weights, logits)  # (K, N, V)
-        final = logits[-1].unsqueeze(0)  # (1, N, V)
-        view = final + gate.view(-1, 1, 1) * (mixed - final)  # (K, N, V)
-        return view / log_temp.exp().view(-1, 1, 1)
+            weights, gate, temp = weights[views], gate[views], temp[views]
+        # final + gate * (mixed - final), over temp, folded into one coefficient per stage: a single
+        # pass over the (K, N, V) output instead of four (the LM head is linear, so this is exact)
+        last = torch.zeros_like(weights)
+        last[..., -1] = 1.0  # (K, N, S): the final stage alone
+        coef = (last + gate.view(-1, 1, 1) * (weights - last)) / temp.view(-1, 1, 1)  # (K, N, S)
+        return torch.einsum("kns,snv->knv", coef, logits)  # (K, N, V)
 
     def describe(self) -> list[dict[str, float | list[float]]]:
         """What each view learned (gate, temperature, mean stage preference), for logs and analysis."""

@@ -1,0 +1,84 @@
+"""Micro-benchmarks that back the defaults (speed is measured here, never asserted in timed tests).
+
+    python -m deepfusion.bench experts     # MoE experts kernels: one training step per implementation
+    python -m deepfusion.bench distill     # one distillation step per method, 6 devices
+
+Timings are ratios within one run on one machine: compare rows, not machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from deepfusion.config import ServerConfig
+from deepfusion.models import MOE_PRESETS, build_global_moe
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up: allocator, kernels, AdamW state
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_experts(size: str = "small", vocab: int = 8192, batch: int = 8, seq: int = 128, repeats: int = 3) -> list[dict]:
+    """Seconds per training step (forward with hidden states + backward + AdamW) per experts kernel."""
+    x = torch.randint(vocab, (batch, seq))
+    rows = []
+    for family in MOE_PRESETS:
+        for impl in ("eager", "grouped_mm", "batched_mm"):
+            torch.manual_seed(0)
+            model = build_global_moe(family, size, vocab, experts_impl=impl)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+            def step():
+                out = model(input_ids=x, labels=x, output_hidden_states=True)
+                out.loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            rows.append({"family": family, "experts_impl": impl, "seconds_per_step": round(_time(step, repeats), 3)})
+    return rows
+
+
+def bench_distill(devices: int = 6, vocab: int = 8192, blocks: int = 64, seq: int = 128, repeats: int = 3,
+                  size: str = "small") -> list[dict]:
+    """Seconds per server distillation step per method, on random knowledge from `devices` devices."""
+    from deepfusion.server import Targets, build_server, distill
+
+    k = 8
+    proxy = torch.randint(vocab, (blocks, seq))
+    raw = torch.rand(devices, blocks, seq - 1, k + 1)
+    raw /= raw.sum(-1, keepdim=True)
+    targets = Targets(torch.arange(devices), torch.randint(vocab, (devices, blocks, seq - 1, k)), raw[..., :k], raw[..., k])
+    weights = torch.full((devices, blocks), 1.0 / devices)
+    rows = []
+    for method in ("proxy-only", "device-kd", "deepfusion"):
+        server = build_server(ServerConfig(size=size, batch_size=min(8, blocks)), method, vocab, proxy, [f"d{i}" for i in range(devices)], 0,
+                              torch.device("cpu"))
+        tg = None if method == "proxy-only" else targets
+        rows.append({"method": method, "seconds_per_step": round(_time(lambda: distill(server, tg, weights, 1), repeats), 3)})
+    base = rows[0]["seconds_per_step"]
+    for row in rows:
+        row["ratio_to_proxy_only"] = round(row["seconds_per_step"] / base, 2)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=("experts", "distill"))
+    args = parser.parse_args(argv)
+    rows = bench_experts() if args.what == "experts" else bench_distill()
+    for row in rows:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+from deepfusion.config import ServerConfig
+from deepfusion.knowledge import encode_knowledge
+from deepfusion.server import (aggregate, build_server, distill, evaluate, receive, reliability_weights,
+                               save_checkpoint, server_round, stack_targets)
+
+V, P, T = 64, 6, 9
+DEVICES = ["a", "b", "c"]
+
+
+def make_server(method="deepfusion", **cfg):
+    proxy = torch.randint(V, (P, T), generator=torch.Generator().manual_seed(0))
+    config = ServerConfig(**{"family": "qwen_moe", "size": "tiny", "steps": 2, "batch_size": 2, "topk": 4, **cfg})
+    return build_server(config, method, V, proxy, DEVICES, 0, torch.device("cpu"))
+
+
+def packet_for(server, device_id, logits=None, round=1, k=4):
+    n = P * (T - 1)
+    logits = torch.randn(n, V) if logits is None else logits
+    return encode_knowledge(logits, k, 1.0, device_id=device_id, round=round, arch="qwen2/tiny",
+                            tokens_trained=100, local_loss=3.0)
+
+
+def oracle_logits(server, sharpness=8.0):
+    """Logits that put most mass on each proxy position's real next token (a device that knows the text)."""
+    logits = torch.zeros(P * (T - 1), V)
+    logits[torch.arange(P * (T - 1)), server.proxy[:, 1:].flatten()] = sharpness
+    return logits
+
+
+def test_receive_accepts_valid_and_rejects_bad_uploads_with_reasons():
+    server = make_server()
+    payloads = {
+        "a": packet_for(server, "a").to_bytes(),
+        "b": b"not a packet",
+        "c": packet_for(server, "c", round=5).to_bytes(),
+        "intruder": packet_for(server, "intruder").to_bytes(),
+    }
+    accepted, rejected = receive(server, payloads, round=1)
+    assert list(accepted) == ["a"]
+    assert set(rejected) == {"b", "c", "intruder"}
+    assert "round" in rejected["c"] and "intruder" in rejected["intruder"]
+
+
+def test_a_packet_sent_under_another_name_is_rejected():
+    server = make_server()
+    accepted, rejected = receive(server, {"b": packet_for(server, "a").to_bytes()}, round=1)
+    assert not accepted and "claims device 'a'" in rejected["b"]
+
+
+def test_reliability_trusts_the_device_that_explains_the_proxy():
+    server = make_server()
+    packets = {"a": packet_for(server, "a", oracle_logits(server)), "b": packet_for(server, "b")}
+    targets = stack_targets(server, packets)
+    w = reliability_weights(server, targets)
+    assert w.shape == (2, P)
+    torch.testing.assert_close(w.sum(0), torch.ones(P))
+    assert (w[0] > 0.9).all()
+    torch.testing.assert_close(reliability_weights(server, targets, enabled=False), torch.full((2, P), 0.5))
+
+
+def test_aggregate_of_identical_devices_is_that_device():
+    server = make_server()
+    logits = oracle_logits(server, 3.0) + torch.randn(P * (T - 1), V) * 0.1
+    packets = {d: packet_for(server, d, logits) for d in ("a", "b")}
+    targets = stack_targets(server, packets)
+    agg = aggregate(targets, torch.full((2, P), 0.5), V, 4)
+    assert agg.ids.shape == (1, P, T - 1, 4)
+    torch.testing.assert_close(agg.probs[0], targets.probs[0], atol=2e-3, rtol=0)
+    assert torch.equal(agg.ids[0].sort(-1).values, targets.ids[0].sort(-1).values)
+
+
+@pytest.mark.parametrize("method", ["deepfusion", "device-kd", "plain-fkd", "proxy-only"])
+def test_server_round_trains_every_method(method):
+    server = make_server(method)
+    before = {k: v.clone() for k, v in server.model.state_dict().items()}
+    payloads = {d: packet_for(server, d, oracle_logits(server)).to_bytes() for d in DEVICES}
+    result = server_round(server, payloads, 1)
+    assert all(torch.isfinite(torch.tensor(v)) for v in result["losses"].values())
+    changed = [k for k, v in server.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed
+    if method in ("deepfusion", "device-kd"):
+        assert result["losses"]["kd"] > 0 and set(result["device_weight"]) == set(DEVICES)
+    if method == "deepfusion":
+        assert set(result["views"]) == set(DEVICES)
+
+
+def test_distillation_moves_the_moe_towards_the_devices():
+    """With devices that know the proxy text, KD lowers the MoE's proxy loss faster than the KD-free floor."""
+    torch.manual_seed(0)
+    for method in ("device-kd", "deepfusion"):
+        server = make_server(method, lam=1.0, lr=1e-2)
+        packets = {d: packet_for(server, d, oracle_logits(server)) for d in DEVICES}
+        targets = stack_targets(server, packets)
+        weights = reliability_weights(server, targets)
+        first = distill(server, targets, weights, 1)["kd"]
+        last = distill(server, targets, weights, 30)["kd"]
+        assert last < first * 0.8
+
+
+def test_too_few_valid_packets_skip_distillation():
+    server = make_server(min_devices=2)
+    before = {k: v.clone() for k, v in server.model.state_dict().items()}
+    result = server_round(server, {"a": packet_for(server, "a").to_bytes(), "b": b"junk"}, 1)
+    assert result["skipped"] and "b" in result["rejected"]
+    assert all(torch.equal(v, before[k]) for k, v in server.model.state_dict().items())
+
+
+def test_evaluate_reports_per_source_and_token_weighted_domain_ppl():
+    server = make_server()
+    g = torch.Generator().manual_seed(1)
+    sets = {"s1": ("medical", torch.randint(V, (3, T), generator=g)),
+            "s2": ("medical", torch.randint(V, (1, T), generator=g)),
+            "s3": ("finance", torch.randint(V, (2, T), generator=g))}
+    res = evaluate(server.model, sets, torch.device("cpu"))
+    assert set(res["ppl"]) == {"medical", "finance"} and set(res["ppl_by_source"]) == {"s1", "s2", "s3"}
+    lo, hi = sorted([res["ppl_by_source"]["s1"], res["ppl_by_source"]["s2"]])
+    assert lo <= res["ppl"]["medical"] <= hi
+    assert 0.5 * V < res["ppl"]["finance"] < 2 * V  # an untrained model is near uniform
+
+
+def test_checkpoint_is_written_atomically(tmp_path):
+    server = make_server()
+    save_checkpoint(server, tmp_path, 1)
+    state = torch.load(tmp_path / "server.pt", weights_only=False)
+    assert state["round"] == 1 and state["vaa"] is not None and not (tmp_path / "server.pt.tmp").exists()
