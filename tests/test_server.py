@@ -1,10 +1,12 @@
+import copy
+
 import pytest
 import torch
 
 from deepfusion.config import ServerConfig
 from deepfusion.knowledge import encode_knowledge
 from deepfusion.server import (aggregate, build_server, distill, evaluate, receive, reliability_weights,
-                               save_checkpoint, server_round, stack_targets)
+                               load_server_state, server_round, server_state, stack_targets)
 
 V, P, T = 64, 6, 9
 DEVICES = ["a", "b", "c"]
@@ -121,8 +123,13 @@ def test_evaluate_reports_per_source_and_token_weighted_domain_ppl():
     assert 0.5 * V < res["ppl"]["finance"] < 2 * V  # an untrained model is near uniform
 
 
-def test_checkpoint_is_written_atomically(tmp_path):
-    server = make_server()
-    save_checkpoint(server, tmp_path, 1)
-    state = torch.load(tmp_path / "server.pt", weights_only=False)
-    assert state["round"] == 1 and state["vaa"] is not None and not (tmp_path / "server.pt.tmp").exists()
+def test_server_state_round_trips_to_identical_training():
+    a, b = make_server(), make_server()
+    payloads = {d: packet_for(a, d, oracle_logits(a)).to_bytes() for d in DEVICES}
+    server_round(a, payloads, 1)
+    load_server_state(b, copy.deepcopy(server_state(a)))  # as through torch.save / torch.load
+    server_round(a, payloads, 1)
+    server_round(b, payloads, 1)
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert torch.equal(a.vaa.gate, b.vaa.gate)

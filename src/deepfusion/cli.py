@@ -29,14 +29,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.resume:
+        return _resume(args)
+    if not args.out:
+        raise ConfigError("deepfusion run needs --out DIR (or --resume DIR to continue a killed run)")
     cfg = load_config(args.config, method=args.method, rounds=args.rounds, seed=args.seed)
     if args.engine == "local":
         from deepfusion.engines.local import run
     result = run(cfg, Path(args.out), data_dir=args.data_dir, progress=not args.no_progress)
+    _print_brief(result)
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """Continue DIR's run after its last completed round, with the config it was started with."""
+    from deepfusion.config import from_dict
+    from deepfusion.engines.local import run
+    from deepfusion.federation import load_checkpoint
+
+    out = Path(args.resume)
+    cfg = from_dict(load_checkpoint(out / "checkpoint" / "state.pt")["config"])
+    if args.rounds:  # the one setting a resume may change: run longer than first planned
+        cfg.rounds = args.rounds
+    result = run(cfg, out, data_dir=args.data_dir, progress=not args.no_progress, resume=True)
+    _print_brief(result)
+    return 0
+
+
+def _print_brief(result: dict) -> None:
     brief = {k: result[k] for k in ("method", "global_family", "rounds", "ppl", "wall_seconds")}
     brief["comm_bytes"] = {k: result["comm_bytes"][k] for k in ("up", "down")}
     print(json.dumps(brief))
-    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -85,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--rounds", type=int, help="override the number of rounds")
     run.add_argument("--seed", type=int, help="override the training seed")
     run.add_argument("--data-dir", help="data directory (else $DEEPFUSION_DATA, ../shared/data, user cache)")
-    run.add_argument("--out", required=True, help="output directory: summary.json, metrics.jsonl, model/")
+    run.add_argument("--out", help="output directory: summary.json, metrics.jsonl, model/, checkpoint/")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR after its last completed round")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=cmd_run)

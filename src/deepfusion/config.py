@@ -221,3 +221,12 @@ def default_config_path(name: str) -> Path:
 
 def to_dict(cfg: FederationConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def from_dict(raw: dict[str, Any]) -> FederationConfig:
+    """The inverse of to_dict (a resumed run reads its config back from its checkpoint)."""
+    raw = {k: v for k, v in raw.items()}
+    raw["devices"] = [{k: v for k, v in d.items() if v is not None} for d in raw["devices"]]
+    for section in ("data", "server"):
+        raw[section] = {k: v for k, v in raw[section].items() if v is not None}
+    return _build(FederationConfig, raw, "federation").validate()

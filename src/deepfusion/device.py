@@ -198,6 +198,21 @@ def _state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         yield from (v for v in state.values() if torch.is_tensor(v))
 
 
+def device_state(device: Device) -> dict:
+    """A device's persistent state (on a real device it stays on the device; the local engine checkpoints it)."""
+    return {"model": device.model.state_dict(), "optimizer": device.optimizer.state_dict(),
+            "generator": device.generator.get_state(), "tokens_trained": device.tokens_trained,
+            "peak_mem_bytes": device.peak_mem_bytes, "history": device.history}
+
+
+def load_device_state(device: Device, state: dict) -> None:
+    device.model.load_state_dict(state["model"])
+    device.optimizer.load_state_dict(state["optimizer"])
+    device.generator.set_state(state["generator"])
+    device.tokens_trained, device.peak_mem_bytes = state["tokens_trained"], state["peak_mem_bytes"]
+    device.history = list(state["history"])
+
+
 def describe(device: Device) -> dict:
     return {"id": device.cfg.id, "arch": device.arch, "params": n_params(device.model),
             "private_blocks": len(device.private), "source": device.cfg.source}

@@ -86,6 +86,27 @@ def write_json_atomic(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
+def save_checkpoint(path: Path, state: dict) -> None:
+    """One file per run, replaced each round by write-then-rename: a kill leaves the previous round intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}; a run writes one after its first completed round")
+    return torch.load(path, weights_only=False, map_location="cpu")
+
+
+def rewrite_metrics(out_dir: Path, records: list[dict]) -> None:
+    """On resume: metrics.jsonl becomes exactly the checkpoint's completed rounds (a kill may leave one more line)."""
+    tmp = out_dir / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, out_dir / "metrics.jsonl")
+
+
 def append_metrics(out_dir: Path, record: dict) -> None:
     with open(out_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -15,10 +15,8 @@ The distillation term depends on the method:
 from __future__ import annotations
 
 import logging
-import os
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -270,15 +268,19 @@ def evaluate(model: PreTrainedModel, test_sets: dict[str, tuple[str, torch.Tenso
 
 # ---- checkpointing ------------------------------------------------------------------------------
 
-def save_checkpoint(server: Server, path: Path, round: int) -> None:
-    """Server state after `round`, written to a temp file then renamed: a kill never leaves half a checkpoint."""
-    path.mkdir(parents=True, exist_ok=True)
-    state = {
-        "round": round, "step": server.step, "model": server.model.state_dict(),
-        "vaa": server.vaa.state_dict() if server.vaa is not None else None,
-        "optimizer": server.optimizer.state_dict(), "generator": server.generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-    }
-    tmp = path / "server.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path / "server.pt")
+def server_state(server: Server) -> dict:
+    """Everything a killed server needs to continue exactly: weights, VAA, optimiser, step, RNGs."""
+    return {"step": server.step, "model": server.model.state_dict(),
+            "vaa": server.vaa.state_dict() if server.vaa is not None else None,
+            "optimizer": server.optimizer.state_dict(), "generator": server.generator.get_state(),
+            "torch_rng": torch.get_rng_state()}
+
+
+def load_server_state(server: Server, state: dict) -> None:
+    server.step = state["step"]
+    server.model.load_state_dict(state["model"])
+    if server.vaa is not None:
+        server.vaa.load_state_dict(state["vaa"])
+    server.optimizer.load_state_dict(state["optimizer"])
+    server.generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])

@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from deepfusion.config import FederationConfig
-from deepfusion.device import Device, Instruction, build_device, describe, evaluate_device, run_round
-from deepfusion.federation import FederationData, append_metrics, prepare_data, summary, write_json_atomic
+from deepfusion.config import FederationConfig, to_dict
+from deepfusion.device import (Device, Instruction, build_device, describe, device_state, evaluate_device,
+                               load_device_state, run_round)
+from deepfusion.federation import (FederationData, append_metrics, load_checkpoint, prepare_data, rewrite_metrics,
+                                   save_checkpoint, summary, write_json_atomic)
 from deepfusion.models import export_model, n_params, resolve_device
-from deepfusion.server import build_server, evaluate, save_checkpoint, server_round
+from deepfusion.server import build_server, evaluate, load_server_state, server_round, server_state
 
 log = logging.getLogger("deepfusion")
 
@@ -35,10 +37,11 @@ def setup_devices(cfg: FederationConfig, data: FederationData, torch_device: tor
     return devices
 
 
-def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progress: bool = True) -> dict:
+def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progress: bool = True,
+        resume: bool = False) -> dict:
+    """Run (or, with resume, continue after the last completed round) a federation; returns the summary."""
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)
     torch_device = resolve_device(cfg.device)
     data = prepare_data(cfg, data_dir)
@@ -50,23 +53,31 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
     log.info("global %s/%s: %.2fM params on %s; devices: %s", cfg.server.family, cfg.server.size,
              n_params(server.model) / 1e6, torch_device, [describe(d) for d in devices.values()])
 
+    ckpt = out_dir / "checkpoint" / "state.pt"
     per_device = {d: {"up": 0, "down": 0, "rounds": []} for d in devices}
-    last = {}
+    records: list[dict] = []
+    if resume:
+        per_device, records = _restore(load_checkpoint(ckpt), server, devices)
+        log.info("resumed after round %d of %d from %s", len(records), cfg.rounds, ckpt)
+    rewrite_metrics(out_dir, records)
     with _progress(progress) as bar:
-        task = bar.add_task(f"{cfg.method}: devices + server", total=cfg.rounds * (len(devices) + 1))
-        for r in range(1, cfg.rounds + 1):
+        task = bar.add_task(f"{cfg.method}: devices + server", total=cfg.rounds * (len(devices) + 1),
+                            completed=len(records) * (len(devices) + 1))
+        for r in range(len(records) + 1, cfg.rounds + 1):
             t_round = time.perf_counter()
             payloads = _device_steps(cfg, server.proxy, devices, r, per_device, lambda: bar.advance(task))
             t_devices = time.perf_counter() - t_round
             result = server_round(server, payloads, r)
-            last = evaluate(server.model, data.test_sets, torch_device)
-            save_checkpoint(server, out_dir / "checkpoint", r)
-            record = {"round": r, **last, **result, "bytes_up": sum(len(p) for p in payloads.values()),
-                      "seconds_devices": round(t_devices, 2),
-                      "seconds_round": round(time.perf_counter() - t_round, 2)}
-            append_metrics(out_dir, record)
-            log.info("[ROUND %d/%d] ppl %s | accepted %d rejected %d | %.1fs", r, cfg.rounds, last["ppl"],
-                     len(result["accepted"]), len(result["rejected"]), record["seconds_round"])
+            metrics = evaluate(server.model, data.test_sets, torch_device)
+            records.append({"round": r, **metrics, **result, "bytes_up": sum(len(p) for p in payloads.values()),
+                            "seconds_devices": round(t_devices, 2),
+                            "seconds_round": round(time.perf_counter() - t_round, 2)})
+            append_metrics(out_dir, records[-1])
+            save_checkpoint(ckpt, {"config": to_dict(cfg), "round": r, "server": server_state(server),
+                                   "devices": {d: device_state(dev) for d, dev in devices.items()},
+                                   "comm": per_device, "metrics": records})
+            log.info("[ROUND %d/%d] ppl %s | accepted %d rejected %d | %.1fs", r, cfg.rounds, metrics["ppl"],
+                     len(result["accepted"]), len(result["rejected"]), records[-1]["seconds_round"])
             bar.advance(task)
 
     export_model(server.model, data.tokenizer, out_dir / "model")
@@ -76,9 +87,16 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
     extra = {"global_params": n_params(server.model), "vocab_size": vocab,
              "devices": {d: {**describe(dev), "ppl_own_source": round(evaluate_device(
                  dev, data.test_sets[dev.cfg.source][1]), 2)} for d, dev in devices.items()}}
-    result = summary(cfg, last, comm, peaks, time.perf_counter() - start, extra)
+    result = summary(cfg, records[-1], comm, peaks, time.perf_counter() - start, extra)
     write_json_atomic(out_dir / "summary.json", result)
     return result
+
+
+def _restore(state: dict, server, devices: dict[str, Device]) -> tuple[dict, list[dict]]:
+    load_server_state(server, state["server"])
+    for d, dev in devices.items():
+        load_device_state(dev, state["devices"][d])
+    return state["comm"], state["metrics"]
 
 
 def _device_steps(cfg: FederationConfig, proxy: torch.Tensor, devices: dict[str, Device], r: int,
