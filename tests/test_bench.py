@@ -12,3 +12,19 @@ def test_distill_bench_reports_ratios():
     rows = bench_distill(devices=2, vocab=64, blocks=4, seq=8, repeats=1, size="tiny")
     assert [r["method"] for r in rows] == ["proxy-only", "device-kd", "deepfusion"]
     assert rows[0]["ratio_to_proxy_only"] == 1.0
+
+
+def test_poison_bench_compares_against_the_clean_run(tmp_path, smoke_config):
+    import tomllib
+
+    from deepfusion.bench import bench_poison
+    from deepfusion.config import default_config_path
+
+    text = default_config_path("smoke").read_text().replace('seed = 0\nseq_len', f'seed = 0\ndir = "{smoke_config.data.dir}"\nseq_len')
+    cfg = tmp_path / "smoke.toml"
+    cfg.write_text(text)
+    assert tomllib.loads(text)["data"]["dir"]
+    rows = bench_poison(tmp_path, attacks=("inverted",), victim="cdc", config=cfg)
+    assert [(r["attack"], r["reliability"]) for r in rows] == [("none", True), ("none", False), ("inverted", True),
+                                                               ("inverted", False)]
+    assert rows[0]["damage_pct"] == {"medical": 0.0, "finance": 0.0}

@@ -67,3 +67,15 @@ def test_auto_size_picks_the_largest_preset_that_fits():
     assert big == "base" and small == "tiny"
     with pytest.raises(ConfigError, match="memory_mb = 1 fits no qwen2 preset"):  # a 20k vocab alone needs more
         choose_size(DeviceConfig(**{**base.__dict__, "memory_mb": 1}), 20000, T, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("attack", ["uniform", "shifted", "inverted"])
+def test_poisoned_packets_are_well_formed_but_wrong(attack):
+    from deepfusion.device import label_proxy, poison
+    from deepfusion.knowledge import validate_packet
+
+    device = make_device()
+    honest = label_proxy(device, [0, 1], 5, 1.0, 1, 0.0)
+    bad = poison(honest, attack, torch.Generator().manual_seed(0))
+    validate_packet(bad, round=1, known_devices={"dev"}, n_positions=2 * (T - 1), vocab_size=V, k_max=5)
+    assert not (bad.ids == honest.ids).all() or not (bad.probs == honest.probs).all()

@@ -2,6 +2,7 @@
 
     python -m deepfusion.bench experts     # MoE experts kernels: one training step per implementation
     python -m deepfusion.bench distill     # one distillation step per method, 6 devices
+    python -m deepfusion.bench poison      # one adversarial device of six: damage with / without reliability
 
 Timings are ratios within one run on one machine: compare rows, not machines.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -71,11 +73,36 @@ def bench_distill(devices: int = 6, vocab: int = 8192, blocks: int = 64, seq: in
     return rows
 
 
+def bench_poison(out: Path, attacks: tuple[str, ...] = ("inverted", "shifted", "uniform"), victim: str = "nhlbi",
+                 config: Path | None = None) -> list[dict]:
+    """Perplexity damage from one adversarial device of six, with and without reliability weighting."""
+    from deepfusion.config import default_config_path, load_config
+    from deepfusion.engines.local import run
+
+    rows = []
+    for attack in (None, *attacks):
+        for reliability in (True, False):
+            cfg = load_config(config or default_config_path("reliability"))
+            cfg.server.reliability = reliability
+            for d in cfg.devices:
+                d.attack = attack if d.id == victim else None
+            result = run(cfg, out / f"{attack or 'clean'}-{'rw' if reliability else 'uniform'}", progress=False)
+            rows.append({"attack": attack or "none", "reliability": reliability, "ppl": result["ppl"]})
+    clean = {r["reliability"]: r["ppl"] for r in rows if r["attack"] == "none"}
+    for row in rows:
+        row["damage_pct"] = {d: round(100 * (row["ppl"][d] / clean[row["reliability"]][d] - 1), 1) for d in row["ppl"]}
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("experts", "distill"))
+    parser.add_argument("what", choices=("experts", "distill", "poison"))
+    parser.add_argument("--out", default="runs/bench", help="output directory for runs (poison)")
     args = parser.parse_args(argv)
-    rows = bench_experts() if args.what == "experts" else bench_distill()
+    if args.what == "poison":
+        rows = bench_poison(Path(args.out))
+    else:
+        rows = bench_experts() if args.what == "experts" else bench_distill()
     for row in rows:
         print(json.dumps(row))
 

@@ -15,6 +15,7 @@ from typing import Any, get_type_hints
 METHODS = ("deepfusion", "plain-fkd", "device-kd", "proxy-only")
 GLOBAL_FAMILIES = ("qwen_moe", "deepseek_moe")
 DEVICE_FAMILIES = ("qwen2", "llama")
+ATTACKS = ("uniform", "shifted", "inverted")
 
 
 class ConfigError(ValueError):
@@ -60,6 +61,7 @@ class DeviceConfig:
     local_steps: int = 20  # local optimiser steps per round
     batch_size: int = 8
     lr: float = 1e-3
+    attack: str | None = None  # evaluation only: make this device adversarial (uniform | shifted | inverted)
 
     def validate(self, where: str) -> None:
         if not self.id or not self.id.replace("_", "").replace("-", "").isalnum():
@@ -78,6 +80,8 @@ class DeviceConfig:
                 _fail(where, key, getattr(self, key), "must be >= 1")
         if not self.lr > 0:
             _fail(where, "lr", self.lr, "must be > 0")
+        if self.attack is not None and self.attack not in ATTACKS:
+            _fail(where, "attack", self.attack, f"allowed: {', '.join(ATTACKS)}")
 
 
 @dataclass
@@ -98,6 +102,7 @@ class ServerConfig:
     vaa_positions: float = 0.25  # share of each batch's positions the views are trained on (they are few numbers)
     reliability: bool = True  # weight devices by their agreement with the proxy's next tokens
     min_devices: int = 1  # a round needs at least this many valid packets to distil
+    device_timeout: float = 0.0  # seconds a device may take per round before its answer is dropped (0: no limit)
 
     def validate(self) -> None:
         from deepfusion.models import MOE_PRESETS
@@ -118,6 +123,8 @@ class ServerConfig:
             _fail("server", "temperature", self.temperature, "must be > 0")
         if not 0.0 <= self.vaa_mix <= 1.0:
             _fail("server", "vaa_mix", self.vaa_mix, "must be in [0, 1]")
+        if not self.device_timeout >= 0:
+            _fail("server", "device_timeout", self.device_timeout, "must be >= 0 seconds (0: no limit)")
         if not 0.0 < self.vaa_positions <= 1.0:
             _fail("server", "vaa_positions", self.vaa_positions, "must be in (0, 1]")
 

@@ -130,8 +130,29 @@ def run_round(device: Device, instruction: Instruction) -> KnowledgePacket:
     loss = local_train(device, instruction.local_steps, instruction.batch_size, instruction.lr)
     packet = label_proxy(device, instruction.proxy_indices, instruction.topk, instruction.temperature,
                          instruction.round, loss)
+    if device.cfg.attack:
+        packet = poison(packet, device.cfg.attack, device.generator)
     device.history.append({"round": instruction.round, "local_loss": loss, "seconds": time.perf_counter() - start})
     return packet
+
+
+def poison(packet: KnowledgePacket, attack: str, generator: torch.Generator) -> KnowledgePacket:
+    """An adversarial device's upload, for measuring robustness: well-formed, so validation cannot catch it.
+
+    uniform:  random ids, equal probabilities (no knowledge);
+    shifted:  the device's own probabilities on ids shifted by a random offset (confidently wrong);
+    inverted: the probability order reversed over the same ids (rank-inverted).
+    """
+    ids, probs = packet.ids.astype(np.int64), packet.probs.astype(np.float32)
+    V, (N, k) = packet.vocab_size, ids.shape
+    if attack == "uniform":
+        ids = torch.stack([torch.randperm(V, generator=generator)[:k] for _ in range(N)]).numpy()
+        probs = np.full((N, k), (1.0 - packet.tail.astype(np.float32))[:, None] / k)
+    elif attack == "shifted":
+        ids = (ids + int(torch.randint(1, V, (1,), generator=generator))) % V
+    elif attack == "inverted":
+        probs = probs[:, ::-1]
+    return dataclasses.replace(packet, ids=ids.astype(packet.ids.dtype), probs=np.ascontiguousarray(probs, np.float16))
 
 
 @torch.no_grad()

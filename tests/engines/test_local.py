@@ -114,3 +114,65 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
     cfg.write_text('[[devices]]\nid = "a"\nsource = "medquad:cdc"\n')
     assert main(["run", "--config", str(cfg), "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_a_straggler_is_dropped_from_its_round(smoke_config, tmp_path, monkeypatch):
+    import time as _time
+
+    import deepfusion.engines.local as local
+
+    real = local.run_round
+
+    def slow(device, instruction):
+        if device.cfg.id == "cdc" and instruction.round == 2:
+            _time.sleep(1.5)
+        return real(device, instruction)
+
+    monkeypatch.setattr(local, "run_round", slow)
+    smoke_config.server.device_timeout = 1.0
+    summary = run(smoke_config, tmp_path, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "cdc" in lines[0]["accepted"] and "cdc" not in lines[1]["accepted"]
+    assert "device_timeout" in summary["comm_bytes"]["per_device"]["cdc"]["rounds"][1]["failed"]
+
+
+def test_no_private_text_or_token_sequence_leaves_a_device(smoke_config, tmp_path, monkeypatch):
+    """Intercept every message of a federation; only instructions and proxy-position packets may pass."""
+    import deepfusion.engines.local as local
+    from deepfusion.device import Instruction
+    from deepfusion.federation import prepare_data
+    from deepfusion.knowledge import KnowledgePacket
+
+    messages = []
+    real_round, real_from = local.run_round, local.Instruction.from_bytes
+
+    def spy_from(data):
+        messages.append(("down", data))
+        return real_from(data)
+
+    def spy_round(device, instruction):
+        packet = real_round(device, instruction)
+        messages.append(("up", packet.to_bytes()))
+        return packet
+
+    monkeypatch.setattr(local.Instruction, "from_bytes", staticmethod(spy_from))
+    monkeypatch.setattr(local, "run_round", spy_round)
+    run(smoke_config, tmp_path, progress=False)
+    data = prepare_data(smoke_config)
+    n_proxy = data.proxy.shape[0] * (data.proxy.shape[1] - 1)
+    proxy_grams = {tuple(row[i:i + 8].tolist()) for row in data.proxy for i in range(len(row) - 7)}
+    private_grams = {tuple(row[i:i + 8].tolist()) for blocks in data.private.values() for row in blocks[:200]
+                     for i in range(0, len(row) - 7, 4)} - proxy_grams
+    snippets = [data.tokenizer.decode(row[:12]).strip() for blocks in data.private.values() for row in blocks[:50]]
+    assert len(messages) == 2 * 3 * smoke_config.rounds
+    for direction, blob in messages:
+        for snippet in snippets:  # no private text, in any encoding we could send
+            assert snippet.encode() not in blob
+        if direction == "down":
+            assert set(json.loads(blob)) == set(Instruction.__dataclass_fields__)
+            continue
+        packet = KnowledgePacket.from_bytes(blob)
+        assert packet.n_positions == n_proxy  # predictions at public proxy positions only
+        top1 = packet.ids[:, 0].astype("int64").tolist()
+        sent = {tuple(top1[i:i + 8]) for i in range(len(top1) - 7)}
+        assert not sent & private_grams  # no private 8-token sequence, even in the predictions

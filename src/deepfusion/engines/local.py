@@ -109,8 +109,13 @@ def _device_steps(cfg: FederationConfig, proxy: torch.Tensor, devices: dict[str,
         down = Instruction(round=r, proxy_indices=list(range(len(proxy))), local_steps=dc.local_steps,
                            batch_size=dc.batch_size, lr=dc.lr, topk=cfg.server.topk,
                            temperature=cfg.server.temperature).to_bytes()
+        started = time.perf_counter()
         try:
             packet = run_round(devices[dc.id], Instruction.from_bytes(down)).to_bytes()
+            late = cfg.server.device_timeout and time.perf_counter() - started > cfg.server.device_timeout
+            if late:  # in-process we cannot pre-empt a straggler, but its late answer is dropped, as on a network
+                raise TimeoutError(f"answered after {time.perf_counter() - started:.1f}s > device_timeout "
+                                   f"{cfg.server.device_timeout}s")
         except Exception as e:  # a dead device must not stop the federation
             log.warning("[ROUND %d] device %r failed (%s: %s); the round goes on without it",
                         r, dc.id, type(e).__name__, e)
