@@ -24,14 +24,15 @@ from transformers import PreTrainedModel
 from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
 from deepfusion.config import ServerConfig
-from deepfusion.knowledge import (KnowledgePacket, PacketError, to_targets, topk_kl, topk_kl_shared,
+from deepfusion.knowledge import (KnowledgePacket, PacketError, id_dtype, to_targets, topk_kl, topk_kl_shared,
                                   validate_packet)
 from deepfusion.models import autocast, build_global_moe
 from deepfusion.vaa import ViewAlignedAttention, stage_layers, stage_logits
 
 log = logging.getLogger("deepfusion.server")
 
-MAX_PACKET_BYTES = 256 << 20  # a packet larger than this is rejected before parsing
+MAX_PACKET_BYTES = 256 << 20  # a packet larger than this is rejected before parsing, whatever the round expects
+HEADER_ROOM = 64 << 10  # safetensors header + metadata of a valid packet: a few hundred bytes, with ample room
 
 
 @dataclass
@@ -80,9 +81,11 @@ def receive(server: Server, payloads: dict[str, bytes], round: int) -> tuple[dic
     """Parse and validate every upload; returns (accepted packets, {device: rejection reason})."""
     accepted, rejected = {}, {}
     n_positions = server.proxy.shape[0] * (server.proxy.shape[1] - 1)
+    vocab_size = server.model.config.vocab_size
+    cap = min(MAX_PACKET_BYTES, packet_byte_cap(n_positions, max(server.cfg.topk, 1), vocab_size))
     for device_id, payload in payloads.items():
         try:
-            packet = KnowledgePacket.from_bytes(payload, max_bytes=MAX_PACKET_BYTES)
+            packet = KnowledgePacket.from_bytes(payload, max_bytes=cap)
             if packet.device_id != device_id:
                 raise PacketError(f"packet claims device {packet.device_id!r} but came from {device_id!r}")
             validate_packet(packet, round=round, known_devices=set(server.device_ids), n_positions=n_positions,
@@ -93,6 +96,12 @@ def receive(server: Server, payloads: dict[str, bytes], round: int) -> tuple[dic
             continue
         accepted[device_id] = packet
     return accepted, rejected
+
+
+def packet_byte_cap(n_positions: int, k_max: int, vocab_size: int) -> int:
+    """The most bytes a valid upload can take: per position k ids, k fp16 probs and an fp16 tail, plus the header.
+    Anything bigger is rejected unread, so a device cannot make the server parse or hold more than a round needs."""
+    return n_positions * (k_max * (id_dtype(vocab_size).itemsize + 2) + 2) + HEADER_ROOM
 
 
 def stack_targets(server: Server, packets: dict[str, KnowledgePacket]) -> Targets:
