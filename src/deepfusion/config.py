@@ -103,6 +103,7 @@ class ServerConfig:
     reliability: bool = True  # weight devices by their agreement with the proxy's next tokens
     min_devices: int = 1  # a round needs at least this many valid packets to distil
     device_timeout: float = 0.0  # seconds a device may take per round before its answer is dropped (0: no limit)
+    round_retries: int = 0  # below min_devices answers, ask the failed / timed-out devices again this often, then skip
 
     def validate(self) -> None:
         from deepfusion.models import MOE_PRESETS
@@ -112,7 +113,7 @@ class ServerConfig:
         if self.pretrained is None and self.size not in MOE_PRESETS[self.family]:
             _fail("server", "size", self.size, f"allowed for {self.family}: {', '.join(MOE_PRESETS[self.family])}")
         for key, lo in (("steps", 0), ("batch_size", 1), ("topk", 1), ("vaa_stages", 1), ("vaa_heads", 1),
-                        ("vaa_dim", 1), ("min_devices", 1)):
+                        ("vaa_dim", 1), ("min_devices", 1), ("round_retries", 0)):
             if getattr(self, key) < lo:
                 _fail("server", key, getattr(self, key), f"must be >= {lo}")
         if not self.lr > 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -66,6 +67,8 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
         for r in range(len(records) + 1, cfg.rounds + 1):
             t_round = time.perf_counter()
             payloads = _device_steps(cfg, server.proxy, devices, r, per_device, lambda: bar.advance(task))
+            payloads = _retry(cfg, r, payloads, list(devices), lambda ids: _device_steps(
+                cfg, server.proxy, {d: devices[d] for d in ids}, r, per_device, lambda: None))
             t_devices = time.perf_counter() - t_round
             result = server_round(server, payloads, r)
             metrics = evaluate(server.model, data.test_sets, torch_device)
@@ -127,6 +130,26 @@ def _device_steps(cfg: FederationConfig, proxy: torch.Tensor, devices: dict[str,
         per_device[dc.id]["up"] += len(packet)
         per_device[dc.id]["down"] += len(down)
         per_device[dc.id]["rounds"].append({"round": r, "down": len(down), "up": len(packet)})
+    return payloads
+
+
+def _retry(cfg: FederationConfig, r: int, payloads: dict[str, bytes], device_ids: list[str],
+           ask: Callable[[list[str]], dict[str, bytes]]) -> dict[str, bytes]:
+    """Below server.min_devices answers, ask the devices that failed or timed out again, at most
+    server.round_retries times; then the server skips the round. A device whose packet the server rejects
+    is not asked again: it answered, and would send the same bytes."""
+    need, retries = cfg.server.min_devices, cfg.server.round_retries
+    for attempt in range(1, retries + 1):
+        missing = [d for d in device_ids if d not in payloads]
+        if len(payloads) >= need or not missing:
+            break
+        log.warning("[ROUND %d] %d answers of the %d a round needs (server.min_devices); retry %d/%d: asking %s "
+                    "again", r, len(payloads), need, attempt, retries, ", ".join(missing))
+        payloads = {**payloads, **ask(missing)}
+    if len(payloads) < need:
+        log.warning("[ROUND %d] %d answers after %d retries, %d needed (server.min_devices): the server skips "
+                    "this round; raise server.round_retries or device_timeout, or lower min_devices", r,
+                    len(payloads), retries, need)
     return payloads
 
 
