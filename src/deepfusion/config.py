@@ -7,12 +7,19 @@ A config error names the key, the value it got and what is allowed, e.g.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-METHODS = ("deepfusion", "plain-fkd", "device-kd", "proxy-only")
+# Devices send knowledge packets (the paper's method and its two ablations).
+KNOWLEDGE_METHODS = ("deepfusion", "plain-fkd", "device-kd")
+# Devices host the global MoE, or the experts that fit them, and send weights (baselines/hosting.py).
+HOSTING_METHODS = ("fedavg-moe", "expert-subset")
+# The server trains alone: on the proxy set (the floor) or on everyone's pooled data (the upper bound).
+SERVER_METHODS = ("proxy-only", "centralized", "centralized-converged")
+METHODS = (*KNOWLEDGE_METHODS, *HOSTING_METHODS, *SERVER_METHODS, "local-only")
 GLOBAL_FAMILIES = ("qwen_moe", "deepseek_moe")
 DEVICE_FAMILIES = ("qwen2", "llama")
 ATTACKS = ("uniform", "shifted", "inverted")
@@ -35,6 +42,7 @@ class DataConfig:
     seq_len: int = 128  # tokens per training / proxy block
     proxy_blocks: int = 256  # proxy blocks, drawn equally from each domain (balanced: see DESIGN §2)
     test_blocks: int = 48  # held-out blocks per source for evaluation (fixed, so rounds are comparable)
+    val_blocks: int = 32  # validation blocks per domain: proxy text left out of the proxy set (early stopping, λ tuning)
     tokenizer: str | None = None  # local pretrained tokenizer dir; None: train BPE on the proxy corpus
     vocab_size: int = 8192  # BPE vocabulary size when training one
 
@@ -45,7 +53,7 @@ class DataConfig:
                 _fail("data", key, v, "must be in (0, 0.5)")
         if self.proxy_frac + self.test_frac >= 0.8:
             _fail("data", "proxy_frac", self.proxy_frac, "proxy_frac + test_frac must leave devices >= 20% private data")
-        for key, lo in (("seq_len", 8), ("proxy_blocks", 2), ("test_blocks", 1), ("vocab_size", 300)):
+        for key, lo in (("seq_len", 8), ("proxy_blocks", 2), ("test_blocks", 1), ("val_blocks", 0), ("vocab_size", 300)):
             if getattr(self, key) < lo:
                 _fail("data", key, getattr(self, key), f"must be >= {lo}")
 
@@ -62,6 +70,9 @@ class DeviceConfig:
     batch_size: int = 8
     lr: float = 1e-3
     attack: str | None = None  # evaluation only: make this device adversarial (uniform | shifted | inverted)
+    dp_noise: float = 0.0  # σ: Gaussian noise on uploads, in units of dp_clip (0: no differential privacy; privacy.py)
+    dp_clip: float = 1.0  # C: L2 norm each position's distribution is clipped to (1 never clips a distribution)
+    dp_delta: float = 1e-5  # δ of the (ε, δ)-DP guarantee that summary.json reports
 
     def validate(self, where: str) -> None:
         if not self.id or not self.id.replace("_", "").replace("-", "").isalnum():
@@ -82,6 +93,12 @@ class DeviceConfig:
             _fail(where, "lr", self.lr, "must be > 0")
         if self.attack is not None and self.attack not in ATTACKS:
             _fail(where, "attack", self.attack, f"allowed: {', '.join(ATTACKS)}")
+        if not (self.dp_noise >= 0 and math.isfinite(self.dp_noise)):
+            _fail(where, "dp_noise", self.dp_noise, "must be finite and >= 0 (0 turns differential privacy off)")
+        if not (self.dp_clip > 0 and math.isfinite(self.dp_clip)):
+            _fail(where, "dp_clip", self.dp_clip, "must be finite and > 0")
+        if not 0.0 < self.dp_delta < 1.0:
+            _fail(where, "dp_delta", self.dp_delta, "must be in (0, 1), well below 1 / (number of devices)")
 
 
 @dataclass
@@ -104,6 +121,8 @@ class ServerConfig:
     min_devices: int = 1  # a round needs at least this many valid packets to distil
     device_timeout: float = 0.0  # seconds a device may take per round before its answer is dropped (0: no limit)
     round_retries: int = 0  # below min_devices answers, ask the failed / timed-out devices again this often, then skip
+    patience: int = 3  # centralized-converged: rounds without a better validation perplexity before it stops
+    max_rounds: int = 40  # centralized-converged: the most rounds it may train, converged or not
 
     def validate(self) -> None:
         from deepfusion.models import MOE_PRESETS
@@ -113,7 +132,7 @@ class ServerConfig:
         if self.pretrained is None and self.size not in MOE_PRESETS[self.family]:
             _fail("server", "size", self.size, f"allowed for {self.family}: {', '.join(MOE_PRESETS[self.family])}")
         for key, lo in (("steps", 0), ("batch_size", 1), ("topk", 1), ("vaa_stages", 1), ("vaa_heads", 1),
-                        ("vaa_dim", 1), ("min_devices", 1), ("round_retries", 0)):
+                        ("vaa_dim", 1), ("min_devices", 1), ("round_retries", 0), ("patience", 1), ("max_rounds", 1)):
             if getattr(self, key) < lo:
                 _fail("server", key, getattr(self, key), f"must be >= {lo}")
         if not self.lr > 0:
@@ -133,7 +152,7 @@ class ServerConfig:
 @dataclass
 class FederationConfig:
     name: str = "federation"
-    method: str = "deepfusion"  # deepfusion | plain-fkd | device-kd | proxy-only
+    method: str = "deepfusion"  # one of METHODS (README: Methods)
     rounds: int = 3
     seed: int = 0  # training seed (model init, batches)
     device: str = "auto"  # torch device for server and devices: auto | cpu | cuda | cuda:N

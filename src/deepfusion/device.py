@@ -7,6 +7,7 @@ across rounds; the private data never leaves this module (only `KnowledgePacket`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from deepfusion import privacy
 from deepfusion.config import ConfigError, DeviceConfig
 from deepfusion.knowledge import KnowledgePacket, encode_knowledge
 from deepfusion.models import autocast, build_device_model, n_params
@@ -63,6 +65,10 @@ class Device:
     tokens_trained: int = 0
     peak_mem_bytes: int = 0
     history: list[dict] = field(default_factory=list)
+    noise_generator: torch.Generator | None = None  # DP noise, seeded by the OS (privacy.noise_generator)
+    dp_rho: float = 0.0  # zCDP ρ spent by this device's uploads so far
+    dp_uploads: int = 0
+    dp_positions: int = 0  # positions per upload (ρ per upload = positions / σ²)
 
 
 def build_device(cfg: DeviceConfig, size: str, vocab_size: int, private: torch.Tensor, proxy: torch.Tensor,
@@ -109,17 +115,29 @@ def label_proxy(device: Device, indices: list[int], topk: int, temperature: floa
     Encoded batch by batch, so only LABEL_BATCH blocks of full-vocabulary logits are ever in memory.
     """
     device.model.eval()
-    meta = dict(device_id=device.cfg.id, round=round, arch=device.arch, tokens_trained=device.tokens_trained,
-                local_loss=local_loss)
+    meta = dict(device_id=device.cfg.id, round=round, arch=device.arch, tokens_trained=device.tokens_trained)
+    dp = device.cfg.dp_noise > 0
+    if dp and device.noise_generator is None:
+        device.noise_generator = privacy.noise_generator()
     parts = []
     for start in range(0, len(indices), LABEL_BATCH):
         batch = device.proxy[indices[start:start + LABEL_BATCH]].to(device.torch_device)
         with autocast(device.torch_device):
             logits = device.model(input_ids=batch).logits[:, :-1]  # (B, T-1, V)
-        parts.append(encode_knowledge(logits.flatten(0, 1), topk, temperature, **meta))  # B*(T-1) positions
-    return dataclasses.replace(parts[0], ids=np.concatenate([p.ids for p in parts]),
-                               probs=np.concatenate([p.probs for p in parts]),
-                               tail=np.concatenate([p.tail for p in parts]))
+        if dp:  # the Gaussian mechanism: nothing computed from private data leaves un-noised (privacy.py)
+            parts.append(privacy.encode_private(logits.flatten(0, 1), topk, temperature, clip=device.cfg.dp_clip,
+                                                noise_multiplier=device.cfg.dp_noise,
+                                                generator=device.noise_generator, **meta))
+        else:
+            parts.append(encode_knowledge(logits.flatten(0, 1), topk, temperature, local_loss=local_loss,
+                                          **meta))  # B*(T-1) positions
+    packet = dataclasses.replace(parts[0], ids=np.concatenate([p.ids for p in parts]),
+                                 probs=np.concatenate([p.probs for p in parts]),
+                                 tail=np.concatenate([p.tail for p in parts]))
+    if dp:  # every upload is a release, retries included
+        device.dp_rho += privacy.upload_rho(packet.n_positions, device.cfg.dp_noise)
+        device.dp_uploads, device.dp_positions = device.dp_uploads + 1, packet.n_positions
+    return packet
 
 
 def run_round(device: Device, instruction: Instruction) -> KnowledgePacket:
@@ -170,30 +188,33 @@ def evaluate_device(device: Device, blocks: torch.Tensor, batch: int = 16) -> fl
 
 
 def measure_train_peak(device: Device, batch_size: int) -> int:
+    """Peak bytes of one training step of the device's model at `batch_size` (see `train_peak_bytes`)."""
+    return train_peak_bytes(device.model, device.private[:batch_size].to(device.torch_device), lm_loss, device.cfg.lr)
+
+
+def train_peak_bytes(model: PreTrainedModel, batch: torch.Tensor, loss_fn=lm_loss, lr: float = 1e-3) -> int:
     """Peak bytes of one training step: weights + optimiser state + gradients + activations.
 
     On CUDA the allocator's own peak counter. PyTorch keeps no CPU peak counter (and the profiler
     costs seconds a step), so on CPU the activations are measured as the distinct storages autograd
     saves for backward, plus the logits: the tensors that are alive together at the step's peak.
-    The step runs on a throw-away copy so training is not perturbed.
+    The step runs on a throw-away copy so training is not perturbed. `loss_fn(model, batch)` is the
+    step's loss (an MoE host adds its router loss).
     """
-    model = build_device_model(device.cfg.family, device.arch.split("/")[1], device.model.config.vocab_size)
-    model.load_state_dict(device.model.state_dict())
-    model.to(device.torch_device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=device.cfg.lr)
-    batch = device.private[:batch_size].to(device.torch_device)
-    _train_step(model, optimizer, batch)  # materialise AdamW state, so it counts as resident below
+    model = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    _train_step(model, optimizer, batch, loss_fn)  # materialise AdamW state, so it counts as resident below
     resident = sum(t.numel() * t.element_size() for t in _state_tensors(model, optimizer))
-    if device.torch_device.type == "cuda":
+    if batch.device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device.torch_device)
-        base = torch.cuda.memory_allocated(device.torch_device)
-        _train_step(model, optimizer, batch)
-        return resident + torch.cuda.max_memory_allocated(device.torch_device) - base
-    return resident + _train_step(model, optimizer, batch)
+        torch.cuda.reset_peak_memory_stats(batch.device)
+        base = torch.cuda.memory_allocated(batch.device)
+        _train_step(model, optimizer, batch, loss_fn)
+        return resident + torch.cuda.max_memory_allocated(batch.device) - base
+    return resident + _train_step(model, optimizer, batch, loss_fn)
 
 
-def _train_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer, batch: torch.Tensor) -> int:
+def _train_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer, batch: torch.Tensor, loss_fn) -> int:
     """One step; returns the bytes of activations saved for backward plus gradients."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
@@ -205,7 +226,7 @@ def _train_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer, batch:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(batch.device):
-        loss = lm_loss(model, batch)
+        loss = loss_fn(model, batch)
     loss.backward()
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     optimizer.step()
@@ -223,7 +244,9 @@ def device_state(device: Device) -> dict:
     """A device's persistent state (on a real device it stays on the device; the local engine checkpoints it)."""
     return {"model": device.model.state_dict(), "optimizer": device.optimizer.state_dict(),
             "generator": device.generator.get_state(), "tokens_trained": device.tokens_trained,
-            "peak_mem_bytes": device.peak_mem_bytes, "history": device.history}
+            "peak_mem_bytes": device.peak_mem_bytes, "history": device.history,
+            "noise_generator": device.noise_generator.get_state() if device.noise_generator else None,
+            "dp": (device.dp_rho, device.dp_uploads, device.dp_positions)}
 
 
 def load_device_state(device: Device, state: dict) -> None:
@@ -232,11 +255,23 @@ def load_device_state(device: Device, state: dict) -> None:
     device.generator.set_state(state["generator"])
     device.tokens_trained, device.peak_mem_bytes = state["tokens_trained"], state["peak_mem_bytes"]
     device.history = list(state["history"])
+    if state.get("noise_generator") is not None:
+        device.noise_generator = torch.Generator()
+        device.noise_generator.set_state(state["noise_generator"])
+    device.dp_rho, device.dp_uploads, device.dp_positions = state.get("dp", (0.0, 0, 0))
 
 
 def describe(device: Device) -> dict:
     return {"id": device.cfg.id, "arch": device.arch, "params": n_params(device.model),
-            "private_blocks": len(device.private), "source": device.cfg.source}
+            "private_blocks": len(device.private), "source": device.cfg.source, "privacy": privacy_spent(device)}
+
+
+def privacy_spent(device: Device) -> dict | None:
+    """The (ε, δ) this device's uploads have spent so far; None when it uploads without differential privacy."""
+    c = device.cfg
+    if not c.dp_noise > 0:
+        return None
+    return privacy.report(c.dp_noise, c.dp_clip, c.dp_delta, device.dp_rho, device.dp_uploads, device.dp_positions)
 
 
 def choose_size(cfg: DeviceConfig, vocab_size: int, seq_len: int, torch_device: torch.device) -> str:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from deepfusion.config import FederationConfig, to_dict
-from deepfusion.data import (DataError, balanced_proxy, load_source, load_tokenizer, pack_blocks, resolve_data_dir,
-                             split_documents, train_tokenizer)
+from deepfusion.config import DataConfig, FederationConfig, to_dict
+from deepfusion.data import (DataError, Split, balanced_proxy, load_source, load_tokenizer, pack_blocks,
+                             proxy_leftover, resolve_data_dir, split_documents, train_tokenizer)
 
 log = logging.getLogger("deepfusion")
 
@@ -27,12 +27,17 @@ class FederationData:
     proxy: torch.Tensor  # (P, T) public proxy blocks, balanced across domains
     proxy_domains: list[str]  # domain of every proxy row
     test_sets: dict[str, tuple[str, torch.Tensor]]  # source -> (domain, (N, T) held-out blocks)
+    validation: dict[str, tuple[str, torch.Tensor]]  # domain -> (domain, (N, T) proxy blocks never trained on)
     device_source: dict[str, str]  # device id -> its source spec
     data_dir: Path
 
 
-def prepare_data(cfg: FederationConfig, data_dir: str | None = None) -> FederationData:
-    """Load every device's source, split it, train (or load) the tokenizer, pack token blocks."""
+def prepare_data(cfg: FederationConfig, data_dir: str | None = None, private: bool = True) -> FederationData:
+    """Load every device's source, split it, train (or load) the tokenizer, pack token blocks.
+
+    private=False leaves out the devices' private blocks: a Flower server needs only the public parts
+    (tokenizer, proxy, held-out test sets); each device packs its own blocks with `device_private`.
+    """
     root = resolve_data_dir(data_dir or cfg.data.dir)
     d = cfg.data
     splits, domains = {}, {}
@@ -47,30 +52,53 @@ def prepare_data(cfg: FederationConfig, data_dir: str | None = None) -> Federati
     else:
         tokenizer = train_tokenizer([doc.text for doc in proxy_docs], d.vocab_size, cache_dir() / "tokenizers")
 
-    private = {}
-    for dev in cfg.devices:
-        sharing = [x.id for x in cfg.devices if x.source == dev.source]
-        mine = splits[dev.source].private[sharing.index(dev.id)::len(sharing)]  # devices on one source split it
-        private[dev.id] = pack_blocks(tokenizer, mine, d.seq_len)
-        if len(private[dev.id]) == 0:
-            raise DataError(f"device {dev.id!r}: source {dev.source!r} gives no private block of {d.seq_len} "
-                             "tokens; give it more data or lower data.seq_len")
+    blocks = {dev.id: device_private(cfg, dev.id, tokenizer, root, splits[dev.source])
+              for dev in cfg.devices} if private else {}
 
     by_domain: dict[str, list[torch.Tensor]] = {}
     for source, split in splits.items():
         by_domain.setdefault(domains[source], []).append(pack_blocks(tokenizer, split.proxy, d.seq_len))
-    proxy, proxy_domains = balanced_proxy({k: torch.cat(v) for k, v in by_domain.items()}, d.proxy_blocks, d.seed)
+    pool = {k: torch.cat(v) for k, v in by_domain.items()}
+    proxy, proxy_domains = balanced_proxy(pool, d.proxy_blocks, d.seed)
+    validation = {dom: (dom, b) for dom, b in proxy_leftover(pool, d.proxy_blocks, d.val_blocks, d.seed).items()}
 
-    test_sets = {}
-    for source, split in splits.items():
-        blocks = pack_blocks(tokenizer, split.test, d.seq_len)
-        keep = torch.linspace(0, len(blocks) - 1, min(d.test_blocks, len(blocks))).long()  # spread over the split
-        test_sets[source] = (domains[source], blocks[keep])
-    log.info("data: %d devices, proxy %d blocks %s, test %s", len(private), len(proxy),
+    test_sets = {source: (domains[source], held_out_blocks(tokenizer, split.test, d))
+                 for source, split in splits.items()}
+    log.info("data: %d devices, proxy %d blocks %s, test %s", len(cfg.devices), len(proxy),
              {k: proxy_domains.count(k) for k in sorted(set(proxy_domains))},
              {s: len(b) for s, (_, b) in test_sets.items()})
-    return FederationData(tokenizer, private, proxy, proxy_domains, test_sets,
+    return FederationData(tokenizer, blocks, proxy, proxy_domains, test_sets, validation,
                           {dev.id: dev.source for dev in cfg.devices}, root)
+
+
+def device_private(cfg: FederationConfig, device_id: str, tokenizer, root: Path,
+                   split: Split | None = None) -> torch.Tensor:
+    """One device's (N, T) private blocks, from its own source alone (a device on its own node calls this).
+
+    Devices configured on one source share its private documents round-robin. `split` skips re-reading
+    the source when the caller has split it already (prepare_data does, for every device at once).
+    """
+    ids = [x.id for x in cfg.devices]
+    if device_id not in ids:
+        raise DataError(f"device {device_id!r} is not in this federation's config (devices: {', '.join(ids)}); "
+                        "name one of them (e.g. flower-supernode --node-config 'device-id=\"...\"')")
+    dev, d = cfg.devices[ids.index(device_id)], cfg.data
+    if split is None:
+        split = split_documents(load_source(dev.source, root, dev.domain), d.seed, d.proxy_frac, d.test_frac)
+    sharing = [x.id for x in cfg.devices if x.source == dev.source]
+    mine = split.private[sharing.index(dev.id)::len(sharing)]  # devices on one source split it
+    blocks = pack_blocks(tokenizer, mine, d.seq_len)
+    if len(blocks) == 0:
+        raise DataError(f"device {dev.id!r}: source {dev.source!r} gives no private block of {d.seq_len} "
+                        "tokens; give it more data or lower data.seq_len")
+    return blocks
+
+
+def held_out_blocks(tokenizer, docs: list, d: DataConfig) -> torch.Tensor:
+    """(N, T) evaluation blocks of a source's test documents: at most d.test_blocks, spread over the split."""
+    blocks = pack_blocks(tokenizer, docs, d.seq_len)
+    keep = torch.linspace(0, len(blocks) - 1, min(d.test_blocks, len(blocks))).long()  # fixed, so rounds compare
+    return blocks[keep]
 
 
 def cache_dir() -> Path:

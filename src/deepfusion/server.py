@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
-from deepfusion.config import ServerConfig
+from deepfusion.config import SERVER_METHODS, ServerConfig
 from deepfusion.knowledge import (KnowledgePacket, PacketError, id_dtype, to_targets, topk_kl, topk_kl_shared,
                                   validate_packet)
 from deepfusion.models import autocast, build_global_moe
@@ -43,7 +43,7 @@ class Server:
     vaa: ViewAlignedAttention | None
     layers: list[int]  # MoE depths VAA attends over
     optimizer: torch.optim.Optimizer
-    proxy: torch.Tensor  # (P, T) public proxy blocks
+    proxy: torch.Tensor  # (P, T) public proxy blocks (centralized: everyone's private blocks pooled with them)
     device_ids: list[str]  # view k belongs to device_ids[k]
     generator: torch.Generator
     torch_device: torch.device
@@ -227,7 +227,7 @@ def distill(server: Server, targets: Targets | None, weights: torch.Tensor | Non
 
 def server_round(server: Server, payloads: dict[str, bytes], round: int) -> dict:
     """Receive, weight and distil one round's uploads. Returns the round's server-side log."""
-    if server.method == "proxy-only":
+    if server.method in SERVER_METHODS:  # no devices: cross-entropy on the server's own blocks
         return {"accepted": [], "rejected": {}, "losses": distill(server, None, None, server.cfg.steps)}
     packets, rejected = receive(server, payloads, round)
     if len(packets) < server.cfg.min_devices:

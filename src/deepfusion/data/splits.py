@@ -97,3 +97,21 @@ def balanced_proxy(blocks_by_domain: dict[str, torch.Tensor], max_blocks: int,
     # Shuffle rows so that consumers reading in order still see every domain in each batch.
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     return torch.cat(picks)[order], [labels[i] for i in order.tolist()]
+
+
+def proxy_leftover(blocks_by_domain: dict[str, torch.Tensor], max_blocks: int, per_domain: int,
+                   seed: int) -> dict[str, torch.Tensor]:
+    """Up to `per_domain` blocks per domain that `balanced_proxy` (same arguments) did *not* draw.
+
+    A validation set for early stopping and for tuning λ: public text like the proxy, yet never trained
+    on and never the test split (tuning on test would flatter every number we report).
+    """
+    domains = sorted(blocks_by_domain)
+    n = min(max_blocks // len(domains), *(len(blocks_by_domain[d]) for d in domains))
+    left = {}
+    for d in domains:
+        rows = blocks_by_domain[d]
+        rest = torch.randperm(len(rows), generator=_domain_generator(seed, d))[n:n + per_domain]  # same draw
+        if len(rest):
+            left[d] = rows[rest]
+    return left

@@ -1,8 +1,15 @@
 """The in-process engine (the default): the whole federation in one Python process.
 
-A recipe: set up data, devices and server, then per round: send instructions, device steps, server
-step, evaluate, checkpoint, log. Every message still goes through the same bytes as on a network
-(`Instruction.to_bytes`, `KnowledgePacket.to_bytes`), so communication is measured, not estimated.
+A recipe: set up data, devices and server, then per round: device steps, server step, evaluate,
+checkpoint, log. Every message still goes through the same bytes as on a network
+(`Instruction.to_bytes`, `KnowledgePacket.to_bytes`, `WeightsPacket.to_bytes`), so communication is
+measured, not estimated.
+
+What a round's device step is depends on the method (config.py):
+    knowledge methods  deepfusion, plain-fkd, device-kd: an instruction down, a knowledge packet up
+    hosting methods    fedavg-moe, expert-subset: weights down, trained weights up (baselines/hosting.py)
+    server methods     proxy-only, centralized, centralized-converged: no devices
+    local-only         devices train alone and are evaluated on their own domain; there is no global model
 """
 
 from __future__ import annotations
@@ -15,12 +22,15 @@ from typing import Callable
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from deepfusion.config import FederationConfig, to_dict
+from deepfusion.baselines import hosting
+from deepfusion.baselines.centralized import EarlyStopping, pooled_blocks, validation_score
+from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, FederationConfig, to_dict
 from deepfusion.device import (Device, Instruction, build_device, describe, device_state, evaluate_device,
-                               load_device_state, run_round)
+                               load_device_state, local_train, measure_train_peak, run_round, train_peak_bytes)
 from deepfusion.federation import (FederationData, append_metrics, load_checkpoint, prepare_data, rewrite_metrics,
                                    save_checkpoint, summary, write_json_atomic)
 from deepfusion.models import export_model, n_params, resolve_device
+from deepfusion.privacy import federation_report
 from deepfusion.server import build_server, evaluate, load_server_state, server_round, server_state
 
 log = logging.getLogger("deepfusion")
@@ -38,6 +48,25 @@ def setup_devices(cfg: FederationConfig, data: FederationData, torch_device: tor
     return devices
 
 
+def setup_hosts(cfg: FederationConfig, data: FederationData, model, torch_device: torch.device
+                ) -> tuple[dict[str, hosting.Host], dict[str, hosting.HostInfo]]:
+    """fedavg-moe: every device hosts the whole MoE. expert-subset: each device measures how many routed
+    experts per layer fit its memory and tells the server (HostInfo); the server picks which, by usage."""
+    hosts, infos = {}, {}
+    vocab, subset = len(data.tokenizer), cfg.method == "expert-subset"
+    batch = torch.randint(vocab, (cfg.server.batch_size, cfg.data.seq_len), device=torch_device)
+    whole = 0 if subset else train_peak_bytes(model, batch, hosting.moe_loss)  # the same on every device
+    for i, dc in enumerate(cfg.devices):
+        host = hosting.Host(dc, data.private[dc.id], torch.Generator().manual_seed(cfg.seed * 1000 + i + 1),
+                            torch_device, model.config, None, peak_mem_bytes=whole)
+        if subset:
+            host.budget_bytes = hosting.memory_budget(dc, vocab, cfg.data.seq_len, torch_device)
+            host.experts, host.peak_mem_bytes = hosting.fit_experts(model.config, host.budget_bytes, batch)
+        hosts[dc.id] = host
+        infos[dc.id] = hosting.HostInfo(host.experts, offset=i)
+    return hosts, infos
+
+
 def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progress: bool = True,
         resume: bool = False) -> dict:
     """Run (or, with resume, continue after the last completed round) a federation; returns the summary."""
@@ -46,91 +75,130 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
     torch.manual_seed(cfg.seed)
     torch_device = resolve_device(cfg.device)
     data = prepare_data(cfg, data_dir)
-    vocab = len(data.tokenizer)
-    federated = cfg.method != "proxy-only"
-    devices = setup_devices(cfg, data, torch_device) if federated else {}
-    server = build_server(cfg.server, cfg.method, vocab, data.proxy, [d.id for d in cfg.devices], cfg.seed,
+    vocab, method = len(data.tokenizer), cfg.method
+    devices = setup_devices(cfg, data, torch_device) if method in (*KNOWLEDGE_METHODS, "local-only") else {}
+    train_blocks = pooled_blocks(data) if method.startswith("centralized") else data.proxy
+    server = build_server(cfg.server, method, vocab, train_blocks, [d.id for d in cfg.devices], cfg.seed,
                           torch_device)
+    hosts, infos = setup_hosts(cfg, data, server.model, torch_device) if method in HOSTING_METHODS else ({}, {})
+    stopper = EarlyStopping(cfg.server.patience) if method == "centralized-converged" else None
+    rounds = cfg.server.max_rounds if stopper else cfg.rounds
     log.info("global %s/%s: %.2fM params on %s; devices: %s", cfg.server.family, cfg.server.size,
-             n_params(server.model) / 1e6, torch_device, [describe(d) for d in devices.values()])
+             n_params(server.model) / 1e6, torch_device, [describe(d) for d in devices.values()] or list(hosts))
 
     ckpt = out_dir / "checkpoint" / "state.pt"
-    per_device = {d: {"up": 0, "down": 0, "rounds": []} for d in devices}
+    per_device = {d: {"up": 0, "down": 0, "rounds": []} for d in (*devices, *hosts)}
     records: list[dict] = []
     if resume:
-        per_device, records = _restore(load_checkpoint(ckpt), server, devices)
-        log.info("resumed after round %d of %d from %s", len(records), cfg.rounds, ckpt)
+        per_device, records = _restore(load_checkpoint(ckpt), server, devices, hosts, infos, stopper)
+        log.info("resumed after round %d of %d from %s", len(records), rounds, ckpt)
     rewrite_metrics(out_dir, records)
     with _progress(progress) as bar:
-        task = bar.add_task(f"{cfg.method}: devices + server", total=cfg.rounds * (len(devices) + 1),
-                            completed=len(records) * (len(devices) + 1))
-        for r in range(len(records) + 1, cfg.rounds + 1):
+        task = bar.add_task(f"{method}: devices + server", total=rounds * (len(per_device) + 1),
+                            completed=len(records) * (len(per_device) + 1))
+        tick = lambda: bar.advance(task)  # noqa: E731
+        for r in range(len(records) + 1, rounds + 1):
             t_round = time.perf_counter()
-            payloads = _device_steps(cfg, server.proxy, devices, r, per_device, lambda: bar.advance(task))
-            payloads = _retry(cfg, r, payloads, list(devices), lambda ids: _device_steps(
-                cfg, server.proxy, {d: devices[d] for d in ids}, r, per_device, lambda: None))
-            t_devices = time.perf_counter() - t_round
-            result = server_round(server, payloads, r)
-            metrics = evaluate(server.model, data.test_sets, torch_device)
-            records.append({"round": r, **metrics, **result, "bytes_up": sum(len(p) for p in payloads.values()),
+            if method in KNOWLEDGE_METHODS:
+                payloads = _knowledge_exchange(cfg, server.proxy, devices, r, per_device, tick)
+                payloads = _retry(cfg, r, payloads, list(devices), lambda ids: _knowledge_exchange(
+                    cfg, server.proxy, devices, r, {d: per_device[d] for d in ids}, lambda: None))
+                t_devices = time.perf_counter() - t_round
+                result = server_round(server, payloads, r)
+            elif method in HOSTING_METHODS:
+                result = _hosting_round(cfg, server, hosts, infos, r, per_device, tick)
+                t_devices = result.pop("seconds_devices")
+            elif method == "local-only":
+                result, t_devices = _local_only_round(cfg, devices, r, per_device, tick), time.perf_counter() - t_round
+            else:
+                result, t_devices = server_round(server, {}, r), 0.0
+            metrics = local_only_eval(devices, data) if method == "local-only" else evaluate(
+                server.model, data.test_sets, torch_device)
+            stop = False
+            if stopper:
+                result["validation_ppl"] = evaluate(server.model, data.validation, torch_device)["ppl"]
+                stop = stopper.update(server.model, validation_score(result["validation_ppl"]), r)
+            records.append({"round": r, **metrics, **result,
+                            "bytes_up": sum(x["up"] for v in per_device.values() for x in v["rounds"] if x["round"] == r),
                             "seconds_devices": round(t_devices, 2),
                             "seconds_round": round(time.perf_counter() - t_round, 2)})
             append_metrics(out_dir, records[-1])
             save_checkpoint(ckpt, {"config": to_dict(cfg), "round": r, "server": server_state(server),
                                    "devices": {d: device_state(dev) for d, dev in devices.items()},
+                                   "hosts": _hosts_state(hosts, infos), "stopper": stopper.state() if stopper else None,
                                    "comm": per_device, "metrics": records})
-            log.info("[ROUND %d/%d] ppl %s | accepted %d rejected %d | %.1fs", r, cfg.rounds, metrics["ppl"],
-                     len(result["accepted"]), len(result["rejected"]), records[-1]["seconds_round"])
+            log.info("[ROUND %d/%d] ppl %s | accepted %d rejected %d | %.1fs", r, rounds, metrics["ppl"],
+                     len(result.get("accepted", [])), len(result.get("rejected", {})), records[-1]["seconds_round"])
             bar.advance(task)
+            if stop:
+                log.info("[ROUND %d] validation perplexity has not improved for %d rounds (best: round %d): "
+                         "stopping", r, stopper.patience, stopper.best_round)
+                break
 
-    export_model(server.model, data.tokenizer, out_dir / "model")
+    last, extra = records[-1], {"global_params": n_params(server.model), "vocab_size": vocab}
+    if stopper:  # the best round's weights are the converged model
+        server.model.load_state_dict(stopper.best_state)
+        last = evaluate(server.model, data.test_sets, torch_device)
+        extra |= {"best_round": stopper.best_round, "steps": stopper.best_round * cfg.server.steps}
+    if method != "local-only":
+        export_model(server.model, data.tokenizer, out_dir / "model")
     comm = {"up": sum(v["up"] for v in per_device.values()), "down": sum(v["down"] for v in per_device.values()),
             "per_device": per_device}
-    peaks = {d: dev.peak_mem_bytes for d, dev in devices.items()}
-    extra = {"global_params": n_params(server.model), "vocab_size": vocab,
-             "devices": {d: {**describe(dev), "ppl_own_source": round(evaluate_device(
-                 dev, data.test_sets[dev.cfg.source][1]), 2)} for d, dev in devices.items()}}
-    result = summary(cfg, records[-1], comm, peaks, time.perf_counter() - start, extra)
+    peaks = {d: dev.peak_mem_bytes for d, dev in (*devices.items(), *hosts.items())}
+    extra["devices"] = {d: _device_report(dev, data) for d, dev in devices.items()} or {
+        d: {"id": d, "experts_per_layer": h.experts, "hosted_share": round(hosting.hosted_share(server.model, infos[d]), 4),
+            "budget_bytes": h.budget_bytes, "fits_budget": not h.budget_bytes or h.peak_mem_bytes <= h.budget_bytes,
+            "tokens_trained": h.tokens_trained} for d, h in hosts.items()}
+    if devices:  # each device's (ε, δ) spent, and the federation's: its weakest device's
+        extra["privacy"] = federation_report({d: describe(dev)["privacy"] for d, dev in devices.items()})
+    result = summary(cfg, last, comm, peaks, time.perf_counter() - start, extra)
+    result["rounds"] = len(records)
     write_json_atomic(out_dir / "summary.json", result)
     return result
 
 
-def _restore(state: dict, server, devices: dict[str, Device]) -> tuple[dict, list[dict]]:
-    load_server_state(server, state["server"])
-    for d, dev in devices.items():
-        load_device_state(dev, state["devices"][d])
-    return state["comm"], state["metrics"]
+# ---- one round's device steps, per kind of method ---------------------------------------------------
 
-
-def _device_steps(cfg: FederationConfig, proxy: torch.Tensor, devices: dict[str, Device], r: int,
-                  per_device: dict, tick) -> dict[str, bytes]:
-    """Every device gets its instruction as bytes and answers with packet bytes; a failing device is skipped."""
+def _exchange(cfg: FederationConfig, r: int, per_device: dict, tick, down_of: Callable[[str], bytes],
+              answer: Callable[[str, bytes], bytes]) -> dict[str, bytes]:
+    """Every device gets its message as bytes and answers with bytes; a failing or late device is left out."""
     payloads = {}
-    for dc in cfg.devices:
-        if dc.id not in devices:
-            continue
-        down = Instruction(round=r, proxy_indices=list(range(len(proxy))), local_steps=dc.local_steps,
-                           batch_size=dc.batch_size, lr=dc.lr, topk=cfg.server.topk,
-                           temperature=cfg.server.temperature).to_bytes()
+    for device_id in per_device:
+        down = down_of(device_id)
         started = time.perf_counter()
         try:
-            packet = run_round(devices[dc.id], Instruction.from_bytes(down)).to_bytes()
+            up = answer(device_id, down)
             late = cfg.server.device_timeout and time.perf_counter() - started > cfg.server.device_timeout
             if late:  # in-process we cannot pre-empt a straggler, but its late answer is dropped, as on a network
                 raise TimeoutError(f"answered after {time.perf_counter() - started:.1f}s > device_timeout "
                                    f"{cfg.server.device_timeout}s")
         except Exception as e:  # a dead device must not stop the federation
             log.warning("[ROUND %d] device %r failed (%s: %s); the round goes on without it",
-                        r, dc.id, type(e).__name__, e)
-            per_device[dc.id]["rounds"].append({"round": r, "down": len(down), "up": 0, "failed": str(e)})
-            per_device[dc.id]["down"] += len(down)
+                        r, device_id, type(e).__name__, e)
+            per_device[device_id]["rounds"].append({"round": r, "down": len(down), "up": 0, "failed": str(e)})
+            per_device[device_id]["down"] += len(down)
             continue
         tick()
-        payloads[dc.id] = packet
-        per_device[dc.id]["up"] += len(packet)
-        per_device[dc.id]["down"] += len(down)
-        per_device[dc.id]["rounds"].append({"round": r, "down": len(down), "up": len(packet)})
+        payloads[device_id] = up
+        per_device[device_id]["up"] += len(up)
+        per_device[device_id]["down"] += len(down)
+        per_device[device_id]["rounds"].append({"round": r, "down": len(down), "up": len(up)})
     return payloads
+
+
+def _knowledge_exchange(cfg: FederationConfig, proxy: torch.Tensor, devices: dict[str, Device], r: int,
+                        per_device: dict, tick) -> dict[str, bytes]:
+    """Instructions down, knowledge packets up."""
+    settings = {dc.id: dc for dc in cfg.devices}
+
+    def down_of(device_id: str) -> bytes:
+        dc = settings[device_id]
+        return Instruction(round=r, proxy_indices=list(range(len(proxy))), local_steps=dc.local_steps,
+                           batch_size=dc.batch_size, lr=dc.lr, topk=cfg.server.topk,
+                           temperature=cfg.server.temperature).to_bytes()
+
+    return _exchange(cfg, r, per_device, tick, down_of,
+                     lambda device_id, down: run_round(devices[device_id], Instruction.from_bytes(down)).to_bytes())
 
 
 def _retry(cfg: FederationConfig, r: int, payloads: dict[str, bytes], device_ids: list[str],
@@ -151,6 +219,94 @@ def _retry(cfg: FederationConfig, r: int, payloads: dict[str, bytes], device_ids
                     "this round; raise server.round_retries or device_timeout, or lower min_devices", r,
                     len(payloads), retries, need)
     return payloads
+
+
+def _hosting_round(cfg: FederationConfig, server, hosts: dict[str, hosting.Host], infos: dict[str, hosting.HostInfo],
+                   r: int, per_device: dict, tick) -> dict:
+    """Weights down, local training on the hosted MoE, weights up, FedAvg (per expert for expert-subset)."""
+    t0 = time.perf_counter()
+    settings = {"steps": hosting.steps_per_host(cfg.server.steps, len(hosts)), "batch_size": cfg.server.batch_size,
+                "lr": cfg.server.lr}
+    sent = {d: hosting.offer(server.model, d, infos[d], r, settings) for d in hosts}
+    payloads = _exchange(cfg, r, per_device, tick, lambda d: sent[d].to_bytes(),
+                         lambda d, down: hosting.host_round(hosts[d], down))
+    seconds = time.perf_counter() - t0
+    uploads, rejected = hosting.receive(payloads, sent, r)
+    result = {"accepted": sorted(uploads), "rejected": rejected, "seconds_devices": seconds,
+              "hosted": {d: sent[d].hosted for d in uploads if sent[d].hosted is not None}}
+    if len(uploads) < cfg.server.min_devices:
+        log.warning("[ROUND %d] expected at least %d valid uploads, got %d: averaging skipped this round",
+                    r, cfg.server.min_devices, len(uploads))
+        return {**result, "skipped": True}
+    hosting.average(server.model, uploads)
+    hosting.note_usage(infos, uploads)
+    return result
+
+
+def _local_only_round(cfg: FederationConfig, devices: dict[str, Device], r: int, per_device: dict, tick) -> dict:
+    """Each device trains its own model on its own data; nothing is sent."""
+    losses = {}
+    for dc in cfg.devices:
+        device = devices[dc.id]
+        if device.peak_mem_bytes == 0:
+            device.peak_mem_bytes = measure_train_peak(device, dc.batch_size)
+        losses[dc.id] = round(local_train(device, dc.local_steps, dc.batch_size, dc.lr), 4)
+        per_device[dc.id]["rounds"].append({"round": r, "down": 0, "up": 0})
+        tick()
+    return {"local_loss": losses}
+
+
+# ---- evaluation and reports ---------------------------------------------------------------------------
+
+def domain_tests(data: FederationData, source: str) -> dict[str, tuple[str, torch.Tensor]]:
+    """The held-out sets of every source in `source`'s domain."""
+    domain = data.test_sets[source][0]
+    return {s: t for s, t in data.test_sets.items() if t[0] == domain}
+
+
+def local_only_eval(devices: dict[str, Device], data: FederationData) -> dict:
+    """local-only's perplexities: each device's own model on its own domain's held-out text; a domain's
+    figure is the mean over its devices (a device drawn at random), its best device alongside."""
+    by_device = {d: evaluate(dev.model, domain_tests(data, dev.cfg.source), dev.torch_device)
+                 for d, dev in devices.items()}
+    ppl, best, by_source = {}, {}, {}
+    for result in by_device.values():
+        for domain, p in result["ppl"].items():
+            ppl.setdefault(domain, []).append(p)
+        for source, p in result["ppl_by_source"].items():
+            by_source.setdefault(source, []).append(p)
+    mean = lambda xs: round(sum(xs) / len(xs), 2)  # noqa: E731
+    return {"ppl": {d: mean(v) for d, v in ppl.items()}, "ppl_best": {d: min(v) for d, v in ppl.items()},
+            "ppl_by_source": {s: mean(v) for s, v in by_source.items()},
+            "ppl_by_device": {d: r["ppl"] for d, r in by_device.items()}}
+
+
+def _device_report(device: Device, data: FederationData) -> dict:
+    """A device's description and its own model's perplexity on its source and on its whole domain."""
+    own = evaluate(device.model, domain_tests(data, device.cfg.source), device.torch_device)
+    return {**describe(device), "ppl_own_source": round(evaluate_device(device, data.test_sets[device.cfg.source][1]), 2),
+            "ppl_own_domain": next(iter(own["ppl"].values()))}
+
+
+# ---- checkpoint ---------------------------------------------------------------------------------------
+
+def _hosts_state(hosts: dict[str, hosting.Host], infos: dict[str, hosting.HostInfo]) -> dict:
+    return {d: {"generator": h.generator.get_state(), "tokens_trained": h.tokens_trained,
+                "usage": infos[d].usage} for d, h in hosts.items()}
+
+
+def _restore(state: dict, server, devices: dict[str, Device], hosts: dict, infos: dict,
+             stopper: EarlyStopping | None) -> tuple[dict, list[dict]]:
+    load_server_state(server, state["server"])
+    for d, dev in devices.items():
+        load_device_state(dev, state["devices"][d])
+    for d, h in hosts.items():
+        saved = state["hosts"][d]
+        h.generator.set_state(saved["generator"])
+        h.tokens_trained, infos[d].usage = saved["tokens_trained"], saved["usage"]
+    if stopper:
+        stopper.load(state["stopper"])
+    return state["comm"], state["metrics"]
 
 
 def _progress(enabled: bool) -> Progress:

@@ -1,0 +1,11 @@
+"""The baselines DeepFusion is measured against, each a plain recipe over the core's parts.
+
+    centralized.py   the global MoE on every device's private data pooled with the proxy set (upper bound),
+                     at the federated methods' step budget, and trained to convergence (early stopping)
+    hosting.py       federated MoE: devices host the global MoE (`fedavg-moe`) or the shared layers plus the
+                     routed experts that fit their memory (`expert-subset`); the server averages weights
+    weights.py       the weights wire format those two exchange (safetensors + metadata), validated
+    local-only       needs no module: each device's own model on its own domain (engines/local.py)
+
+`proxy-only`, `plain-fkd` and `device-kd` are server-side variants of DeepFusion's own round (server.py).
+"""

@@ -1,0 +1,265 @@
+"""Federated MoE baselines: devices host the global MoE, or part of it, and the server averages weights.
+
+fedavg-moe     every device hosts the whole global MoE (FedAvg, McMahan et al. 2017): all weights down,
+               local training, all weights up; the server averages them weighted by tokens trained.
+expert-subset  a device hosts every parameter that is not a routed expert (embeddings, attention, norms,
+               routers, shared experts, dense layers, LM head) plus, in each MoE layer, the m routed experts
+               its router sends its data to most, m the largest number whose training step fits the device's
+               memory. It trains that smaller MoE, the real transformers class with num_experts = m and the
+               router cut to those rows; the server averages each expert over the devices that hosted it
+               and every other parameter over all devices.
+
+Token budget: a round trains the global model on server.steps x server.batch_size private blocks in all,
+split evenly over the round's devices: the blocks one distillation round's server step sees.
+
+A round, as a recipe:
+    sent = offer(model, host_info, round)         server: the hosted weights (+ full routers) as a packet
+    up   = host_round(host, sent.to_bytes())      device: rebuild, train, count router usage, weights back
+    receive(...) and average(model, uploads)      server: validate against what was sent, then FedAvg
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from deepfusion.baselines.weights import WeightsPacket, validate_upload
+from deepfusion.config import DeviceConfig
+from deepfusion.device import train_peak_bytes
+from deepfusion.knowledge import PacketError
+from deepfusion.models import autocast, build_device_model
+
+log = logging.getLogger("deepfusion.hosting")
+
+# Parameters indexed by routed expert on dim 0: the fused expert weights and the router's rows.
+_ROUTED = re.compile(r"model\.layers\.(\d+)\.mlp\.(?:experts\.(?:gate_up_proj|down_proj)|gate\.weight)$")
+_PROBE = "probe.router."  # full router rows sent to a subset host so it can count usage over all experts
+_USAGE = "usage."  # a subset host's router counts per layer, (E,), uploaded with its weights
+
+
+def routed_layer(name: str) -> int | None:
+    """The layer of a parameter indexed by routed expert, else None (shared by every host)."""
+    m = _ROUTED.fullmatch(name)
+    return int(m[1]) if m else None
+
+
+def moe_layers(model: PreTrainedModel) -> list[int]:
+    return sorted({layer for name, _ in model.named_parameters() if (layer := routed_layer(name)) is not None})
+
+
+# ---- the device side ----------------------------------------------------------------------------
+
+@dataclass
+class Host:
+    """A device that hosts (part of) the global MoE: its data and what it measured about itself."""
+
+    cfg: DeviceConfig
+    private: torch.Tensor  # (N, T) private blocks, never leave the device
+    generator: torch.Generator
+    torch_device: torch.device
+    global_config: PretrainedConfig  # the MoE's architecture, from the server once at setup
+    experts: int | None  # routed experts per layer it can hold; None: the whole model (fedavg-moe)
+    budget_bytes: int = 0  # memory it may use (expert-subset)
+    peak_mem_bytes: int = 0  # measured training peak of what it hosts
+    tokens_trained: int = 0
+
+
+def hosted_config(global_config: PretrainedConfig, experts: int | None) -> PretrainedConfig:
+    """The global architecture with `experts` routed experts per layer (the real class, smaller)."""
+    config = copy.deepcopy(global_config)
+    if experts is not None:
+        config.num_experts = experts  # DeepSeek maps num_experts to n_routed_experts
+    return config
+
+
+def moe_loss(model: PreTrainedModel, blocks: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy plus the router's load-balancing loss: the server's own objective."""
+    from deepfusion.server import router_aux_loss
+
+    out = model(input_ids=blocks, output_router_logits=True)
+    ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), blocks[:, 1:].flatten())
+    return ce + router_aux_loss(model, out.router_logits)
+
+
+def memory_budget(cfg: DeviceConfig, vocab_size: int, seq_len: int, torch_device: torch.device) -> int:
+    """The device's memory: memory_mb when configured, else the training peak of its own on-device LLM
+    (the hardware it was configured for), so each method asks the same device for no more than it has."""
+    if cfg.memory_mb:
+        return cfg.memory_mb * 2**20
+    size = cfg.size if cfg.size != "auto" else "small"
+    model = build_device_model(cfg.family, size, vocab_size).to(torch_device)
+    return train_peak_bytes(model, torch.randint(vocab_size, (cfg.batch_size, seq_len), device=torch_device))
+
+
+def fit_experts(global_config: PretrainedConfig, budget: int, batch: torch.Tensor) -> tuple[int, int]:
+    """(m, peak): the most routed experts per layer whose training step fits `budget` (binary search: the
+    peak grows with m). Never fewer than the router's top-k, or routing breaks; the peak says if it fits."""
+    def peak(m: int) -> int:
+        torch.manual_seed(0)
+        return train_peak_bytes(AutoModelForCausalLM.from_config(hosted_config(global_config, m)).to(batch.device),
+                                batch, moe_loss)
+
+    lo, hi = global_config.num_experts_per_tok, global_config.num_experts
+    if peak(lo) > budget:
+        return lo, peak(lo)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if peak(mid) <= budget else (lo, mid - 1)
+    return lo, peak(lo)
+
+
+def host_round(host: Host, down: bytes) -> bytes:
+    """One device round: rebuild the hosted MoE from the server's weights, train it, send it back."""
+    sent = WeightsPacket.from_bytes(down)
+    probes = {int(k[len(_PROBE):]): v for k, v in sent.tensors.items() if k.startswith(_PROBE)}
+    experts = len(next(iter(sent.hosted.values()))) if sent.hosted else None
+    model = AutoModelForCausalLM.from_config(hosted_config(host.global_config, experts))
+    model.load_state_dict({k: v for k, v in sent.tensors.items() if not k.startswith(_PROBE)})
+    model.to(host.torch_device).train()
+    usage = {layer: torch.zeros(len(router)) for layer, router in probes.items()}
+    hooks = [model.model.layers[layer].mlp.gate.register_forward_hook(_count_usage(router, usage[layer]))
+             for layer, router in probes.items()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=sent.settings["lr"], weight_decay=0.01)
+    steps, batch_size = int(sent.settings["steps"]), int(sent.settings["batch_size"])
+    for _ in range(steps):
+        idx = torch.randint(len(host.private), (batch_size,), generator=host.generator)
+        blocks = host.private[idx].to(host.torch_device)
+        with autocast(host.torch_device):
+            loss = moe_loss(model, blocks)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for hook in hooks:
+        hook.remove()
+    tokens = steps * batch_size * host.private.shape[1]
+    host.tokens_trained += tokens
+    tensors = {**model.state_dict(), **{f"{_USAGE}{layer}": counts for layer, counts in usage.items()}}
+    return WeightsPacket(sent.device_id, sent.round, tensors, tokens, sent.hosted).to_bytes()
+
+
+def _count_usage(router: torch.Tensor, counts: torch.Tensor):
+    """A router hook: which of *all* experts (router (E, d)) each token would pick, hosted or not."""
+    def hook(module, inputs, output):
+        with torch.no_grad():
+            hidden = inputs[0].reshape(-1, router.shape[1]).float()  # (N, d)
+            picks = (hidden @ router.to(hidden.device).T).topk(module.top_k, dim=-1).indices  # (N, k)
+            counts.add_(torch.bincount(picks.flatten().cpu(), minlength=len(counts)).float())
+
+    return hook
+
+
+# ---- the server side ----------------------------------------------------------------------------
+
+@dataclass
+class HostInfo:
+    """What the server knows of a host: how many experts it holds and its last router usage."""
+
+    experts: int | None  # None: the whole model
+    usage: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (E,) counts from its last upload
+    offset: int = 0  # where its first round's experts start, so first rounds spread over all experts
+
+
+def choose_experts(info: HostInfo, layers: list[int], num_experts: int) -> dict[int, list[int]] | None:
+    """Per MoE layer, the experts this host holds: those its router used most last round; in its first
+    round (no usage yet) a contiguous run starting at its offset, so the devices cover every expert."""
+    if info.experts is None:
+        return None
+    m = info.experts
+    if not info.usage:
+        return {layer: sorted((info.offset * m + j) % num_experts for j in range(m)) for layer in layers}
+    return {layer: sorted(info.usage[layer].topk(m).indices.tolist()) for layer in layers}
+
+
+def offer(model: PreTrainedModel, device_id: str, info: HostInfo, round: int, settings: dict) -> WeightsPacket:
+    """The round's down message: the hosted slice of the global weights, plus full routers to count usage."""
+    layers = moe_layers(model)
+    hosted = choose_experts(info, layers, model.config.num_experts)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        layer = routed_layer(name)
+        if hosted is not None and layer is not None:
+            if name.endswith("gate.weight"):
+                tensors[f"{_PROBE}{layer}"] = t
+            t = t[hosted[layer]]
+        tensors[name] = t
+    return WeightsPacket(device_id, round, tensors, 0, hosted, settings)
+
+
+def expected_upload(sent: WeightsPacket) -> dict[str, torch.Size]:
+    """The tensors a correct answer to `sent` carries: the hosted weights, and usage counts if probed."""
+    shapes = {}
+    for name, t in sent.tensors.items():
+        if name.startswith(_PROBE):
+            shapes[f"{_USAGE}{name[len(_PROBE):]}"] = torch.Size([t.shape[0]])
+        else:
+            shapes[name] = t.shape
+    return shapes
+
+
+def receive(payloads: dict[str, bytes], sent: dict[str, WeightsPacket],
+            round: int) -> tuple[dict[str, WeightsPacket], dict[str, str]]:
+    """Parse and validate every upload against what was sent; returns (accepted, {device: reason})."""
+    accepted, rejected = {}, {}
+    for device_id, payload in payloads.items():
+        try:
+            packet = WeightsPacket.from_bytes(payload)
+            validate_upload(packet, sent[device_id], expected_upload(sent[device_id]))
+        except PacketError as e:
+            rejected[device_id] = str(e)
+            log.warning("[ROUND %d] rejected weights of device %r: %s; the round goes on without it", round, device_id, e)
+            continue
+        accepted[device_id] = packet
+    return accepted, rejected
+
+
+@torch.no_grad()
+def average(model: PreTrainedModel, uploads: dict[str, WeightsPacket]) -> None:
+    """FedAvg, weighted by tokens trained: each routed expert over the hosts that held it, the rest over all.
+    An expert nobody held this round keeps its weights."""
+    state = model.state_dict()
+    total = {name: torch.zeros_like(t, dtype=torch.float32) for name, t in state.items()}
+    weight = {name: torch.zeros(t.shape[0] if routed_layer(name) is not None else 1) for name, t in state.items()}
+    for packet in uploads.values():
+        w = float(packet.tokens)
+        for name, t in packet.tensors.items():
+            if name.startswith(_USAGE):
+                continue
+            layer = routed_layer(name)
+            rows = torch.tensor(packet.hosted[layer]) if packet.hosted is not None and layer is not None else slice(None)
+            total[name][rows] += w * t
+            weight[name][rows] += w
+    for name, t in state.items():
+        w = weight[name].view(-1, *([1] * (t.dim() - 1)))  # (E, 1, ..) routed, (1, ..) shared
+        t.copy_(torch.where(w > 0, total[name] / w.clamp_min(1e-12), t.float()).to(t.dtype))
+
+
+def note_usage(infos: dict[str, HostInfo], uploads: dict[str, WeightsPacket]) -> None:
+    """Remember each subset host's router usage: next round it gets the experts its data wants."""
+    for device_id, packet in uploads.items():
+        counts = {int(k[len(_USAGE):]): v for k, v in packet.tensors.items() if k.startswith(_USAGE)}
+        if counts:
+            infos[device_id].usage = counts
+
+
+def hosted_share(model: PreTrainedModel, info: HostInfo) -> float:
+    """The share of the global model's parameters a host holds (1.0 for fedavg-moe)."""
+    if info.experts is None:
+        return 1.0
+    total = hosted = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        hosted += p.numel() * info.experts // p.shape[0] if routed_layer(name) is not None else p.numel()
+    return hosted / total
+
+
+def steps_per_host(total_steps: int, hosts: int) -> int:
+    """Split the round's server steps evenly over its hosts (at least one step each)."""
+    return max(1, math.ceil(total_steps / max(hosts, 1)))
