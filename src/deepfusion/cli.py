@@ -45,15 +45,30 @@ def _resume(args: argparse.Namespace) -> int:
     """Continue DIR's run after its last completed round, with the config it was started with."""
     from deepfusion.config import from_dict
     from deepfusion.engines.local import run
-    from deepfusion.federation import load_checkpoint
 
     out = Path(args.resume)
-    cfg = from_dict(load_checkpoint(out / "checkpoint" / "state.pt")["config"])
+    cfg = from_dict(_readable_checkpoint(out / "checkpoint" / "state.pt")["config"])
     if args.rounds:  # the one setting a resume may change: run longer than first planned
         cfg.rounds = args.rounds
     result = run(cfg, out, data_dir=args.data_dir, progress=not args.no_progress, resume=True)
     _print_brief(result)
     return 0
+
+
+def _readable_checkpoint(path: Path) -> dict:
+    """The checkpoint, or one clear line. It is written atomically, so a damaged one was damaged afterwards."""
+    from deepfusion.data import DataError
+    from deepfusion.federation import load_checkpoint
+
+    try:
+        state = load_checkpoint(path)
+        state["config"]
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch.load of damaged or foreign bytes raises many types
+        raise DataError(f"{path}: unreadable checkpoint ({type(e).__name__}); it was damaged or not written by "
+                        "`deepfusion run`; start afresh with --out DIR") from None
+    return state
 
 
 def _print_brief(result: dict) -> None:
@@ -71,9 +86,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     cfg = load_config(args.config)
+    model = load_model(args.model, device)  # first: a wrong --model should be named as such
     cfg.data.tokenizer = args.model  # evaluate with the model's own tokenizer
     data = prepare_data(cfg, args.data_dir)
-    model = load_model(args.model, device)
     with torch.no_grad():
         print(json.dumps(evaluate(model, data.test_sets, device)))
     return 0
