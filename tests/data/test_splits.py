@@ -93,3 +93,15 @@ def test_balanced_proxy_errors():
         balanced_proxy({"medical": torch.zeros(4, 2), "finance": torch.zeros(4, 3)}, 10, 0)
     with pytest.raises(DataError, match="no domains"):
         balanced_proxy({}, 10, 0)
+
+
+def test_proxy_leftover_is_what_the_balanced_proxy_left_out():
+    from deepfusion.data import proxy_leftover
+
+    blocks = {"medical": torch.arange(40).view(20, 2), "finance": torch.arange(100, 116).view(8, 2)}
+    proxy, _ = balanced_proxy(blocks, 10, seed=3)
+    left = proxy_leftover(blocks, 10, per_domain=2, seed=3)
+    drawn = {tuple(r.tolist()) for r in proxy}
+    assert {d: len(b) for d, b in left.items()} == {"medical": 2, "finance": 2}
+    assert not drawn & {tuple(r.tolist()) for b in left.values() for r in b}
+    assert proxy_leftover(blocks, 16, per_domain=5, seed=3).keys() == {"medical"}  # finance: all 8 drawn
