@@ -3,6 +3,7 @@
     python -m deepfusion.bench experts     # MoE experts kernels: one training step per implementation
     python -m deepfusion.bench distill     # one distillation step per method, 6 devices
     python -m deepfusion.bench poison      # one adversarial device of six: damage with / without reliability
+    python -m deepfusion.bench dp          # differential privacy on uploads: perplexity and (ε, δ) per noise level
 
 Timings are ratios within one run on one machine: compare rows, not machines.
 """
@@ -94,13 +95,41 @@ def bench_poison(out: Path, attacks: tuple[str, ...] = ("inverted", "shifted", "
     return rows
 
 
+def bench_dp(out: Path, noise: tuple[float, ...] = (0.01, 0.05, 0.2, 100.0), config: Path | None = None,
+             seed: int | None = None) -> list[dict]:
+    """Utility cost of differential privacy: every device noises its uploads at dp_noise = σ (privacy.py);
+    perplexity and the (ε, δ) spent per σ, beside the same federation without DP and the proxy-only floor."""
+    from deepfusion.config import default_config_path, load_config
+    from deepfusion.engines.local import run
+
+    rows = []
+    for sigma in (None, 0.0, *noise):  # None: proxy-only, what the server learns with no device at all
+        cfg = load_config(config or default_config_path("smoke"), seed=seed)
+        if sigma is None:
+            cfg.method = "proxy-only"
+        for d in cfg.devices:
+            d.dp_noise = sigma or 0.0
+        result = run(cfg, out / ("proxy-only" if sigma is None else f"dp-{sigma:g}"), progress=False)
+        spent = result.get("privacy") or {}
+        rows.append({"method": cfg.method, "dp_noise": sigma, "ppl": result["ppl"], "epsilon": spent.get("epsilon"),
+                     "delta": spent.get("delta") if sigma else None, "rounds": cfg.rounds})
+    no_dp = rows[1]["ppl"]
+    for row in rows:
+        row["cost_pct"] = {d: round(100 * (row["ppl"][d] / no_dp[d] - 1), 1) for d in row["ppl"]}
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("experts", "distill", "poison"))
-    parser.add_argument("--out", default="runs/bench", help="output directory for runs (poison)")
+    parser.add_argument("what", choices=("experts", "distill", "poison", "dp"))
+    parser.add_argument("--out", default="runs/bench", help="output directory for runs (poison, dp)")
+    parser.add_argument("--config", type=Path, help="federation TOML (poison: reliability.toml, dp: smoke.toml)")
+    parser.add_argument("--seed", type=int, help="dp: override the config's training seed")
     args = parser.parse_args(argv)
     if args.what == "poison":
-        rows = bench_poison(Path(args.out))
+        rows = bench_poison(Path(args.out), config=args.config)
+    elif args.what == "dp":
+        rows = bench_dp(Path(args.out), config=args.config, seed=args.seed)
     else:
         rows = bench_experts() if args.what == "experts" else bench_distill()
     for row in rows:
