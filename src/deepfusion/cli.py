@@ -13,7 +13,7 @@ from pathlib import Path
 
 from deepfusion.config import METHODS, ConfigError, load_config
 
-ENGINES = ("local",)
+ENGINES = ("local", "flower")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.resume and args.engine != "local":  # a Flower run's device states live on its SuperNodes
+        raise ConfigError("deepfusion run --resume continues local-engine runs only; rerun a flower run from "
+                          "the start (its devices keep their state on their nodes)")
     if args.resume:
         return _resume(args)
     if not args.out:
@@ -36,6 +39,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, method=args.method, rounds=args.rounds, seed=args.seed)
     if args.engine == "local":
         from deepfusion.engines.local import run
+    else:  # Flower's Simulation Runtime on this machine; across machines: `flwr run` (README)
+        from deepfusion.engines.flower.simulation import run
     result = run(cfg, Path(args.out), data_dir=args.data_dir, progress=not args.no_progress)
     _print_brief(result)
     return 0
@@ -119,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a federation and export the global MoE")
     run.add_argument("--config", help="federation TOML (default: configs/default.toml)")
     run.add_argument("--method", choices=METHODS, help="override the config's method")
-    run.add_argument("--engine", choices=ENGINES, default="local")
+    run.add_argument("--engine", choices=ENGINES, default="local",
+                     help="local: in-process (default); flower: Flower's Simulation Runtime, one SuperNode per device")
     run.add_argument("--rounds", type=int, help="override the number of rounds")
     run.add_argument("--seed", type=int, help="override the training seed")
     run.add_argument("--data-dir", help="data directory (else $DEEPFUSION_DATA, ../shared/data, user cache)")

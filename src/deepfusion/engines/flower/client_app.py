@@ -1,0 +1,105 @@
+"""The DeepFusion ClientApp: one device on its own SuperNode.
+
+query.setup  the server's Setup (tokenizer, proxy, config) goes into Flower's node-local `context.state`;
+             the node answers with its device id. Light on purpose: no torch, so joining is quick.
+train        build or restore the device, train it on its own private data, label the proxy, answer with
+             the KnowledgePacket bytes (`deepfusion.node` and `deepfusion.device` do the work).
+
+The device persists across rounds: in the simulation the Ray actor that runs every device keeps it in
+`_DEVICES`; on a SuperNode, where Flower starts a fresh ClientApp process per message, `deepfusion.node`
+saves it after every round under the node's state directory, which also lets a restarted SuperNode go on
+where its device was.
+
+Node config (flower-supernode --node-config): device-id (required on a SuperNode), data-dir, state-dir.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from deepfusion.engines.flower.wire import NO_SETUP, content, values
+
+STATE = "deepfusion"  # our ConfigRecord in context.state: the Setup bytes and this node's device id
+_DEVICES: dict[tuple[int, str], object] = {}  # (run id, device id) -> NodeDevice, for this process's lifetime
+
+
+def make_app(data_dir: str | None = None) -> ClientApp:
+    """`flwr run` uses `app` below (settings from the node config); the simulation passes its data dir."""
+    app = ClientApp()
+
+    @app.query("setup")
+    def setup(msg: Message, context: Context) -> Message:
+        got = values(msg)
+        device = _device_id(context, [str(d) for d in got["devices"]])
+        context.state[STATE] = ConfigRecord({"setup": got["setup"], "device": device})
+        return Message(content(device=device), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        from deepfusion.device import Instruction, describe, run_round  # late: torch loads only to train
+
+        asked = values(msg)
+        node = _device(context, str(asked["device"]), data_dir)
+        started = time.perf_counter()
+        packet = run_round(node.device, Instruction.from_bytes(asked["instruction"]))
+        _keep(context, node)
+        report = {**describe(node.device), **({"ppl_own_source": node.ppl_own_source()} if asked["final"] else {})}
+        numbers = {"peak_mem_bytes": node.device.peak_mem_bytes, "tokens_trained": node.device.tokens_trained,
+                   "local_loss": node.device.history[-1]["local_loss"], "seconds": time.perf_counter() - started}
+        return Message(content(numbers, packet=packet.to_bytes(), report=json.dumps(report)), reply_to=msg)
+
+    return app
+
+
+app = make_app()
+
+
+def _device_id(context: Context, devices: list[str]) -> str:
+    """A SuperNode names its device; in the simulation, partition i is the config's i-th device."""
+    if "device-id" in context.node_config:
+        return str(context.node_config["device-id"])
+    if "partition-id" in context.node_config:
+        return devices[int(context.node_config["partition-id"])]
+    raise ValueError("this SuperNode names no device: start it with --node-config 'device-id=\"<id from the config>\"'")
+
+
+def _state_dir(context: Context) -> Path | None:
+    """Where a SuperNode keeps its device between messages; a simulated node keeps it in memory."""
+    if "state-dir" in context.node_config:
+        return Path(str(context.node_config["state-dir"]))
+    if "partition-id" in context.node_config:
+        return None
+    from deepfusion.federation import cache_dir
+
+    return cache_dir() / "nodes"
+
+
+def _device(context: Context, device_id: str, data_dir: str | None):
+    """This node's device: kept in memory, restored from the state directory, or built from the Setup."""
+    from deepfusion.node import Setup, load_state, start_device
+
+    if STATE not in context.state:
+        raise RuntimeError(f"device {device_id!r}: this node {NO_SETUP} {context.run_id} (it restarted?); "
+                           "the server sends it the setup at the start of the next round")
+    mine = context.state[STATE]
+    if mine["device"] != device_id:
+        raise RuntimeError(f"the server sent device {device_id!r}'s instruction to this node, which is device "
+                           f"{mine['device']!r}; the round goes on without this answer")
+    if (context.run_id, device_id) in _DEVICES:
+        return _DEVICES[(context.run_id, device_id)]
+    setup, where = Setup.from_bytes(bytes(mine["setup"])), _state_dir(context)
+    node = load_state(setup, device_id, where, str(context.run_id)) if where else None
+    return node or start_device(setup, device_id, str(context.node_config.get("data-dir", "")) or data_dir)
+
+
+def _keep(context: Context, node) -> None:
+    _DEVICES[(context.run_id, node.device.cfg.id)] = node
+    if where := _state_dir(context):
+        from deepfusion.node import save_state
+
+        save_state(node, where, str(context.run_id))

@@ -1,0 +1,134 @@
+"""The ServerApp's view of the SuperNodes: which node is which device, and what every message cost.
+
+A node becomes a device by answering the Setup with its device id. A node not seen before (a new
+SuperNode, or one restarted after a crash: it registers anew) gets the Setup at the start of a round,
+so a device whose node died rejoins in a later round. Bytes are counted twice per message: the payload
+(our bytes, as the local engine counts them) and the Flower message as serialised for the wire.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Callable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from deepfusion.config import FederationConfig
+from deepfusion.engines.flower.wire import NO_SETUP, content, exchange, failure, message_bytes, metrics, values
+from deepfusion.privacy import federation_report
+
+log = logging.getLogger("deepfusion")
+
+
+def _bytes_entry() -> dict:
+    return {"up": 0, "down": 0, "up_message": 0, "down_message": 0}
+
+
+class Roster:
+    def __init__(self, cfg: FederationConfig, setup: bytes):
+        self.cfg, self.setup = cfg, setup
+        self.node_of: dict[str, int] = {}  # device id -> node id
+        self.seen: set[tuple[int, str]] = set()  # (node, activation time) of nodes sent the Setup, answered or not
+        self.info: dict[str, dict] = {}  # device id -> what it last reported (arch, params, peak memory, ...)
+        self.per_device = {d.id: {**_bytes_entry(), "setup": _bytes_entry(), "rounds": []} for d in cfg.devices}
+
+    def join(self, grid: Grid, r: int, wait: float, timeout: float) -> None:
+        """Set up nodes not seen before; with wait > 0, keep looking until every device has joined."""
+        deadline = time.monotonic() + wait
+        while True:
+            # a restarted SuperNode that keeps its node id (an authenticated one does) is activated anew
+            new = {(n.node_id, n.last_activated_at) for n in grid.get_nodes()} - self.seen
+            if new:
+                self.seen |= new
+                self._setup(grid, sorted(node for node, _ in new), r, timeout)
+            if len(self.node_of) == len(self.cfg.devices) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        absent = [d.id for d in self.cfg.devices if d.id not in self.node_of]
+        if absent and wait:
+            log.warning("[ROUND %d/%d] expected a SuperNode for each of %d devices, %d joined within %.0fs; "
+                        "no node yet for %s: going on without them (a node that joins later gets the setup "
+                        "at the start of a round)", r, self.cfg.rounds, len(self.cfg.devices), len(self.node_of),
+                        wait, absent)
+
+    def _setup(self, grid: Grid, nodes: list[int], r: int, timeout: float) -> None:
+        devices = [d.id for d in self.cfg.devices]  # a simulated node finds its device by partition id
+        sent = {n: Message(content(setup=self.setup, devices=devices), dst_node_id=n, message_type="query.setup",
+                           ttl=timeout) for n in nodes}
+        replies = exchange(grid, sent.values(), timeout)
+        for node, msg in sent.items():
+            reply = replies.get(msg.metadata.message_id)
+            if why := failure(reply, timeout):
+                log.warning("[ROUND %d] node %d did not take the setup (%s); it is left out", r, node, why)
+                continue
+            device = str(values(reply)["device"])
+            if device not in self.per_device:
+                log.warning("[ROUND %d] node %d says it is device %r, which this federation does not have; "
+                            "it is left out", r, node, device)
+                continue
+            if device in self.node_of and self.node_of[device] != node:
+                log.info("[ROUND %d] device %r rejoined on node %d (was node %d)", r, device, node, self.node_of[device])
+            self.node_of[device] = node
+            self._count(self.per_device[device]["setup"], len(self.setup), 0, msg, reply, device)
+
+    def train(self, grid: Grid, r: int, instruction: Callable[[str], bytes], timeout: float,
+              devices: list[str] | None = None) -> dict[str, bytes]:
+        """Send every device (or `devices`) its instruction; return {device: packet bytes} of those that answered."""
+        online = set(grid.get_node_ids())
+        sent = {}
+        for device in devices or self.per_device:
+            node = self.node_of.get(device)
+            if node is None or node not in online:
+                self._miss(device, r, 0, 0, "no SuperNode online for this device")
+                continue
+            sent[device] = Message(content(instruction=instruction(device), device=device,
+                                           final=r == self.cfg.rounds), dst_node_id=node, message_type="train",
+                                   group_id=str(r), ttl=timeout)
+        replies = exchange(grid, sent.values(), timeout)
+        payloads = {}
+        for device, msg in sent.items():
+            down, reply = len(values(msg)["instruction"]), replies.get(msg.metadata.message_id)
+            if why := failure(reply, timeout):
+                if NO_SETUP in why:  # the node lost its setup (restarted unnoticed): set it up again next round
+                    self.seen = {key for key in self.seen if key[0] != msg.metadata.dst_node_id}
+                self._miss(device, r, down, message_bytes(msg), why)
+                continue
+            answer = values(reply)
+            packet = bytes(answer["packet"])
+            self.info[device] = {**json.loads(str(answer["report"])), **metrics(reply)}
+            payloads[device] = packet
+            entry = {"round": r, "sha256": hashlib.sha256(packet).hexdigest()}  # equal bytes, equal digests
+            self._count(entry, down, len(packet), msg, reply, device)
+            self.per_device[device]["rounds"].append(entry)
+        return payloads
+
+    def _count(self, entry: dict, down: int, up: int, msg: Message, reply: Message, device: str) -> None:
+        sizes = {"down": down, "up": up, "down_message": message_bytes(msg), "up_message": message_bytes(reply)}
+        for key, n in sizes.items():
+            entry[key] = entry.get(key, 0) + n
+            self.per_device[device][key] += n
+
+    def _miss(self, device: str, r: int, down: int, down_message: int, why: str) -> None:
+        entry = {"round": r, "down": down, "up": 0, "down_message": down_message, "up_message": 0, "failed": why}
+        self.per_device[device]["rounds"].append(entry)
+        self.per_device[device]["down"] += down
+        self.per_device[device]["down_message"] += down_message
+
+    def devices_side(self) -> dict:
+        """What the summary says of the devices, as each last reported it: peak memory, description, own
+        perplexity, privacy spent (and the federation's: its weakest device's). A device never seen is absent."""
+        reported = {d: self.info[d] for d in self.per_device if d in self.info}
+        return {"peaks": {d: info["peak_mem_bytes"] for d, info in reported.items()},
+                "devices": {d: {k: v for k, v in info.items() if k not in ("peak_mem_bytes", "local_loss", "seconds")}
+                            for d, info in reported.items()},
+                "privacy": federation_report({d: info.get("privacy") for d, info in reported.items()})}
+
+    def comm(self) -> dict:
+        """comm_bytes as the local engine writes it (payload up/down), plus the Flower message bytes; the
+        totals include each device's setup, which per_device[d]["setup"] shows apart."""
+        totals = {key: sum(v[key] for v in self.per_device.values()) for key in _bytes_entry()}
+        return {**totals, "per_device": self.per_device}

@@ -1,0 +1,169 @@
+"""One device on its own node: what it gets once from the server, its data, its state across rounds and restarts.
+
+An engine that runs devices away from the server (the Flower ClientApp) calls these; nothing here imports
+`flwr`. A device is built exactly as the local engine builds it (same config, tokenizer, proxy, seed
+`cfg.seed * 1000 + i + 1`, same private blocks), so both engines send the same packet bytes.
+
+Why the server sends the tokenizer and the proxy blocks (a `Setup`) instead of every node rebuilding
+them: the tokenizer is trained on the proxy documents of *every* source, and a node holds only its own
+source. Rebuilding would mean shipping every source's proxy text to every node anyway, plus a BPE
+training per node; one Setup message is smaller, faster and cannot drift between tokenizer versions.
+
+On a node the device lives in a state directory, `<state-dir>/run-<run id>/`:
+    <device>.data.pt   its private and held-out blocks, packed once (re-tokenising each round costs seconds)
+    <device>.pt        its model, optimiser, RNG and counters, replaced after every round (write, then rename)
+so a node that runs each message in a fresh process (a Flower SuperNode does), or that was killed and
+restarted, continues exactly where its device was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+import torch
+
+from deepfusion import __version__
+from deepfusion.config import FederationConfig, from_dict, to_dict
+from deepfusion.data import load_source, load_tokenizer, resolve_data_dir, split_documents
+from deepfusion.device import Device, build_device, choose_size, device_state, evaluate_device, load_device_state
+from deepfusion.federation import FederationData, device_private, held_out_blocks
+from deepfusion.knowledge import id_dtype
+from deepfusion.models import resolve_device
+
+log = logging.getLogger("deepfusion.node")
+
+
+@dataclass
+class Setup:
+    """Server -> every node, once: the federation's public parts. No private data, no model weights.
+
+    Wire format: safetensors with one tensor `proxy` (P, T) in the narrowest unsigned int dtype, and string
+    metadata `version` (deepfusion's), `config` (the federation config as JSON) and `tokenizer/<file>`
+    (the tokenizer's saved files).
+    """
+
+    config: FederationConfig
+    tokenizer_files: dict[str, str]  # file name -> text, as written by save_pretrained
+    proxy: torch.Tensor  # (P, T) long, the public proxy blocks every device labels
+
+    def to_bytes(self) -> bytes:
+        vocab = int(self.proxy.max()) + 1 if self.proxy.numel() else 1
+        meta = {"version": __version__, "config": json.dumps(to_dict(self.config)),
+                **{f"tokenizer/{name}": text for name, text in sorted(self.tokenizer_files.items())}}
+        return safetensors.numpy.save({"proxy": self.proxy.numpy().astype(id_dtype(vocab))}, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Setup:
+        try:
+            n = int.from_bytes(data[:8], "little")
+            meta = json.loads(data[8:8 + n])["__metadata__"]
+            proxy = torch.from_numpy(safetensors.numpy.load(data)["proxy"].astype(np.int64))
+            files = {k.removeprefix("tokenizer/"): v for k, v in meta.items() if k.startswith("tokenizer/")}
+            version, config = meta.get("version"), meta["config"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"malformed setup from the server ({type(e).__name__}: {e}); "
+                             "server and node must run the same deepfusion version") from None
+        if version != __version__:
+            raise ValueError(f"the server runs deepfusion {version}, this node {__version__}; the packet "
+                             "format and device recipe must match: install the server's version on this node")
+        return cls(from_dict(json.loads(config)), files, proxy)
+
+    def tokenizer(self):
+        """Load the shared tokenizer through the same loader as the server (eos/pad set the same way)."""
+        with tempfile.TemporaryDirectory(prefix="deepfusion-tok-") as tmp:
+            for name, text in self.tokenizer_files.items():
+                (Path(tmp) / name).write_text(text, encoding="utf-8")
+            return load_tokenizer(Path(tmp))
+
+
+def make_setup(cfg: FederationConfig, data: FederationData) -> Setup:
+    """The server's Setup: its config, its tokenizer's files, its proxy blocks."""
+    with tempfile.TemporaryDirectory(prefix="deepfusion-tok-") as tmp:
+        data.tokenizer.save_pretrained(tmp)
+        files = {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+    return Setup(cfg, files, data.proxy)
+
+
+@dataclass
+class NodeDevice:
+    """A device as its node holds it: the model and optimiser, and its own held-out blocks."""
+
+    device: Device
+    test: torch.Tensor  # (N, T) held-out blocks of its own source: its own perplexity, as the local engine reports
+
+    def ppl_own_source(self) -> float:
+        return round(evaluate_device(self.device, self.test), 2)
+
+
+def device_index(cfg: FederationConfig, device_id: str) -> int:
+    ids = [d.id for d in cfg.devices]
+    if device_id not in ids:
+        raise ValueError(f"this node is device {device_id!r}, but the federation has {ids}; "
+                         "start the SuperNode with --node-config 'device-id=\"<one of them>\"'")
+    return ids.index(device_id)
+
+
+def start_device(setup: Setup, device_id: str, data_dir: str | None,
+                 blocks: tuple[torch.Tensor, torch.Tensor] | None = None) -> NodeDevice:
+    """Build this node's device, initialised exactly as the local engine does, from its own source only.
+
+    `blocks` (private, test) skips reading and tokenising the source again (a restored device passes them).
+    """
+    cfg = setup.config
+    i = device_index(cfg, device_id)
+    dc, d = cfg.devices[i], cfg.data
+    tokenizer = setup.tokenizer()
+    if blocks is None:
+        root = resolve_data_dir(data_dir or d.dir)
+        split = split_documents(load_source(dc.source, root, dc.domain), d.seed, d.proxy_frac, d.test_frac)
+        blocks = device_private(cfg, device_id, tokenizer, root, split), held_out_blocks(tokenizer, split.test, d)
+    torch_device = resolve_device(cfg.device)
+    size = dc.size if dc.size != "auto" else choose_size(dc, len(tokenizer), d.seq_len, torch_device)
+    device = build_device(dc, size, len(tokenizer), blocks[0], setup.proxy, cfg.seed * 1000 + i + 1, torch_device)
+    return NodeDevice(device, blocks[1])
+
+
+# ---- persistence on the node ----------------------------------------------------------------------
+
+def state_paths(state_dir: str | Path, run_key: str, device_id: str) -> tuple[Path, Path]:
+    """(training state, data) files of one device in one run."""
+    run = Path(state_dir) / f"run-{run_key}"
+    return run / f"{device_id}.pt", run / f"{device_id}.data.pt"
+
+
+def save_state(node: NodeDevice, state_dir: str | Path, run_key: str) -> None:
+    """The device's training state after a round; its blocks the first time. Write-then-rename, so a node
+    killed mid-write keeps its previous round's state."""
+    dev = node.device
+    path, data = state_paths(state_dir, run_key, dev.cfg.id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not data.is_file():  # int32: half the bytes, and every vocabulary we build fits
+        _atomic_save({"private": dev.private.int(), "test": node.test.int()}, data)
+    _atomic_save({"device_id": dev.cfg.id, "arch": dev.arch, "device": device_state(dev)}, path)
+
+
+def load_state(setup: Setup, device_id: str, state_dir: str | Path, run_key: str) -> NodeDevice | None:
+    """The device as it was after its last round on this node, or None if it has no saved state here."""
+    path, data = state_paths(state_dir, run_key, device_id)
+    if not (path.is_file() and data.is_file()):
+        return None
+    state, blocks = torch.load(path, weights_only=False), torch.load(data)  # our own files (save_state)
+    node = start_device(setup, device_id, None, (blocks["private"].long(), blocks["test"].long()))
+    if node.device.arch != state["arch"]:
+        raise ValueError(f"{path}: saved device is {state['arch']}, the config now builds {node.device.arch}; "
+                         "delete the state directory to start this device afresh")
+    load_device_state(node.device, state["device"])
+    return node
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

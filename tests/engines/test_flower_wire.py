@@ -1,0 +1,78 @@
+"""The Flower engine's small parts, without a runtime: the Setup's bytes, the run config, message sizes and
+the reasons the server logs. Fast: no Ray, no SuperLink."""
+
+import dataclasses
+
+import pytest
+import torch
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode
+
+from deepfusion import __version__
+from deepfusion.config import ConfigError, default_config_path, load_config
+from deepfusion.engines.flower.wire import content, failure, message_bytes, run_settings, values
+from deepfusion.node import Setup
+
+
+@pytest.fixture
+def as_a_task(monkeypatch):
+    """Flower stamps every message with the identity of the task that makes it; outside a runtime, set one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, key, value)
+
+
+def setup_of(version: str = __version__) -> Setup:
+    cfg = load_config(default_config_path("smoke"))
+    return Setup(cfg, {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": "{}"},
+                 torch.randint(512, (4, 32)))
+
+
+def test_setup_round_trips_and_packs_token_ids_narrowly():
+    setup = setup_of()
+    data = setup.to_bytes()
+    back = Setup.from_bytes(data)
+    assert dataclasses.asdict(back.config) == dataclasses.asdict(setup.config)
+    assert back.tokenizer_files == setup.tokenizer_files and torch.equal(back.proxy, setup.proxy)
+    assert len(data) < 4 * 32 * 2 + 4096  # uint16 ids (vocab 512) + config and tokenizer metadata
+
+
+def test_setup_from_another_deepfusion_version_is_refused_with_what_to_do(monkeypatch):
+    import deepfusion.node
+
+    data = setup_of().to_bytes()
+    monkeypatch.setattr(deepfusion.node, "__version__", "9.9.9")
+    with pytest.raises(ValueError, match=f"server runs deepfusion {__version__}, this node 9.9.9.*install"):
+        Setup.from_bytes(data)
+    with pytest.raises(ValueError, match="malformed setup"):
+        Setup.from_bytes(b"not a setup")
+
+
+def test_run_config_becomes_typed_settings_and_names_bad_keys():
+    s = run_settings({"config": "smoke", "rounds": 3, "round-timeout": 30, "seed": 1})
+    assert (s.config, s.rounds, s.round_timeout, s.seed) == ("smoke", 3, 30.0, 1)
+    assert s.federation().rounds == 3 and s.federation().seed == 1 and s.federation().name == "smoke"
+    with pytest.raises(ConfigError, match="unknown key 'round'; allowed: config, out"):
+        run_settings({"round": 3})
+    with pytest.raises(ConfigError, match="rounds = '3': must be int"):
+        run_settings({"rounds": "3"})
+    with pytest.raises(ConfigError, match="node-timeout = 0.0: must be > 0"):
+        run_settings({"node-timeout": 0.0})
+
+
+def test_message_bytes_wrap_the_payload_in_a_small_envelope(as_a_task):
+    payload = bytes(range(256)) * 40
+    msg = Message(content({"seconds": 1.5}, packet=payload, report="{}"), dst_node_id=7, message_type="train")
+    assert bytes(values(msg)["packet"]) == payload
+    assert len(payload) < message_bytes(msg) < len(payload) + 1024
+
+
+def test_failures_say_what_happened(as_a_task):
+    msg = Message(content(instruction=b"x"), dst_node_id=7, message_type="train")
+    assert failure(None, 45) == "no answer within 45s"
+    assert failure(Message(Error(ErrorCode.MESSAGE_UNAVAILABLE, "long text"), reply_to=msg), 45) == "no answer within 45s"
+    assert "offline" in failure(Message(Error(ErrorCode.NODE_UNAVAILABLE, "long text"), reply_to=msg), 45)
+    raised = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "ValueError: bad"), reply_to=msg)
+    assert failure(raised, 45) == "ValueError: bad"
+    assert failure(Message(content(packet=b"p"), reply_to=msg), 45) is None
