@@ -82,7 +82,7 @@ def test_bad_config_values(tmp_path, capsys, edit, needles):
 def test_memory_budget_too_small_for_any_model(tmp_path, capsys):
     path = config(tmp_path, device='size = "auto"\nmemory_mb = 1\nbatch_size = 64')
     fails_with_one_line(capsys, ["run", "--config", path, "--data-dir", tmp_path / "data",
-                                 "--out", tmp_path / "o", "--no-progress"], "memory_mb = 1", "fits no qwen2 preset")
+                                 "--out", tmp_path / "o", "--no-progress"], "memory_mb = 1", "fits no qwen2 preset", "'tiny', needs", "MB")
 
 
 def test_missing_data_dir(tmp_path, capsys):

@@ -280,14 +280,15 @@ def choose_size(cfg: DeviceConfig, vocab_size: int, seq_len: int, torch_device: 
 
     budget = cfg.memory_mb * 2**20
     dummy = torch.randint(vocab_size, (cfg.batch_size, seq_len))
-    fits = []
+    fits, peaks = [], {}
     for size in DEVICE_PRESETS[cfg.family]:
         probe = build_device(cfg, size, vocab_size, dummy, dummy[:1], 0, torch_device)
-        peak = measure_train_peak(probe, cfg.batch_size)
+        peaks[size] = peak = measure_train_peak(probe, cfg.batch_size)
         if peak <= budget:
             fits.append((peak, size))
     if not fits:
+        smallest = min(peaks, key=peaks.get)
         raise ConfigError(f"config error: device {cfg.id!r}: memory_mb = {cfg.memory_mb} fits no {cfg.family} preset "
-                         f"(the smallest needs more to train with batch_size {cfg.batch_size}); raise memory_mb "
-                         "or lower batch_size")
+                          f"(the smallest, {smallest!r}, needs {peaks[smallest] / 2**20:.1f} MB to train with "
+                          f"batch_size {cfg.batch_size}); raise memory_mb or lower batch_size")
     return max(fits)[1]
