@@ -31,6 +31,7 @@ from deepfusion.federation import (FederationData, append_metrics, load_checkpoi
                                    save_checkpoint, summary, write_json_atomic)
 from deepfusion.models import export_model, n_params, resolve_device
 from deepfusion.privacy import federation_report
+from deepfusion.replay import Replay
 from deepfusion.server import build_server, evaluate, load_server_state, server_round, server_state
 
 log = logging.getLogger("deepfusion")
@@ -68,23 +69,31 @@ def setup_hosts(cfg: FederationConfig, data: FederationData, model, torch_device
 
 
 def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progress: bool = True,
-        resume: bool = False) -> dict:
-    """Run (or, with resume, continue after the last completed round) a federation; returns the summary."""
+        resume: bool = False, replay: Path | None = None) -> dict:
+    """Run (or, with resume, continue after the last completed round) a federation; returns the summary.
+
+    `replay` (knowledge methods): a directory of recorded device uploads (replay.py). A run whose device
+    side is recorded there replays it without building devices; otherwise it runs them and records.
+    """
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     torch_device = resolve_device(cfg.device)
     data = prepare_data(cfg, data_dir)
     vocab, method = len(data.tokenizer), cfg.method
-    devices = setup_devices(cfg, data, torch_device) if method in (*KNOWLEDGE_METHODS, "local-only") else {}
+    recorded = Replay(replay, cfg) if replay and method in KNOWLEDGE_METHODS else None
+    replaying = recorded is not None and recorded.complete(cfg.rounds)
+    live = method in (*KNOWLEDGE_METHODS, "local-only") and not replaying
+    devices = setup_devices(cfg, data, torch_device) if live else {}
     train_blocks = pooled_blocks(data) if method.startswith("centralized") else data.proxy
     server = build_server(cfg.server, method, vocab, train_blocks, [d.id for d in cfg.devices], cfg.seed,
                           torch_device)
     hosts, infos = setup_hosts(cfg, data, server.model, torch_device) if method in HOSTING_METHODS else ({}, {})
     stopper = EarlyStopping(cfg.server.patience) if method == "centralized-converged" else None
     rounds = cfg.server.max_rounds if stopper else cfg.rounds
-    log.info("global %s/%s: %.2fM params on %s; devices: %s", cfg.server.family, cfg.server.size,
-             n_params(server.model) / 1e6, torch_device, [describe(d) for d in devices.values()] or list(hosts))
+    log.info("global %s/%s: %.2fM params on %s; devices: %s%s", cfg.server.family, cfg.server.size,
+             n_params(server.model) / 1e6, torch_device, [describe(d) for d in devices.values()] or list(hosts),
+             f" (replaying {recorded.dir})" if replaying else "")
 
     ckpt = out_dir / "checkpoint" / "state.pt"
     per_device = {d: {"up": 0, "down": 0, "rounds": []} for d in (*devices, *hosts)}
@@ -94,16 +103,22 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
         log.info("resumed after round %d of %d from %s", len(records), rounds, ckpt)
     rewrite_metrics(out_dir, records)
     with _progress(progress) as bar:
-        task = bar.add_task(f"{method}: devices + server", total=rounds * (len(per_device) + 1),
-                            completed=len(records) * (len(per_device) + 1))
+        task = bar.add_task(f"{method}: devices + server", total=rounds * (len(cfg.devices) + 1),
+                            completed=len(records) * (len(cfg.devices) + 1))
         tick = lambda: bar.advance(task)  # noqa: E731
         for r in range(len(records) + 1, rounds + 1):
             t_round = time.perf_counter()
-            if method in KNOWLEDGE_METHODS:
+            if replaying:
+                payloads, t_devices = recorded.load_round(r, per_device)
+                bar.advance(task, len(cfg.devices))
+                result = server_round(server, payloads, r)
+            elif method in KNOWLEDGE_METHODS:
                 payloads = _knowledge_exchange(cfg, server.proxy, devices, r, per_device, tick)
                 payloads = _retry(cfg, r, payloads, list(devices), lambda ids: _knowledge_exchange(
                     cfg, server.proxy, devices, r, {d: per_device[d] for d in ids}, lambda: None))
                 t_devices = time.perf_counter() - t_round
+                if recorded:
+                    recorded.save_round(r, payloads, per_device, t_devices)
                 result = server_round(server, payloads, r)
             elif method in HOSTING_METHODS:
                 result = _hosting_round(cfg, server, hosts, infos, r, per_device, tick)
@@ -144,17 +159,28 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
         export_model(server.model, data.tokenizer, out_dir / "model")
     comm = {"up": sum(v["up"] for v in per_device.values()), "down": sum(v["down"] for v in per_device.values()),
             "per_device": per_device}
-    peaks = {d: dev.peak_mem_bytes for d, dev in (*devices.items(), *hosts.items())}
-    extra["devices"] = {d: _device_report(dev, data) for d, dev in devices.items()} or {
+    side = recorded.load_devices(cfg.rounds) if replaying else _devices_side(devices, hosts, infos, server, data)
+    if recorded and not replaying:
+        recorded.save_devices(cfg.rounds, side)
+    result = summary(cfg, last, comm, side.pop("peaks"), time.perf_counter() - start, {**extra, **side})
+    result["rounds"] = len(records)
+    if replaying:
+        result["replayed_from"] = str(recorded.dir)
+    write_json_atomic(out_dir / "summary.json", result)
+    return result
+
+
+def _devices_side(devices: dict[str, Device], hosts: dict[str, hosting.Host], infos: dict[str, hosting.HostInfo],
+                  server, data: FederationData) -> dict:
+    """What the summary says of the devices: peak memory, description, own perplexity, privacy spent."""
+    side = {"peaks": {d: dev.peak_mem_bytes for d, dev in (*devices.items(), *hosts.items())}}
+    side["devices"] = {d: _device_report(dev, data) for d, dev in devices.items()} or {
         d: {"id": d, "experts_per_layer": h.experts, "hosted_share": round(hosting.hosted_share(server.model, infos[d]), 4),
             "budget_bytes": h.budget_bytes, "fits_budget": not h.budget_bytes or h.peak_mem_bytes <= h.budget_bytes,
             "tokens_trained": h.tokens_trained} for d, h in hosts.items()}
     if devices:  # each device's (ε, δ) spent, and the federation's: its weakest device's
-        extra["privacy"] = federation_report({d: describe(dev)["privacy"] for d, dev in devices.items()})
-    result = summary(cfg, last, comm, peaks, time.perf_counter() - start, extra)
-    result["rounds"] = len(records)
-    write_json_atomic(out_dir / "summary.json", result)
-    return result
+        side["privacy"] = federation_report({d: describe(dev)["privacy"] for d, dev in devices.items()})
+    return side
 
 
 # ---- one round's device steps, per kind of method ---------------------------------------------------
