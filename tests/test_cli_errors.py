@@ -124,3 +124,16 @@ def test_resume_without_checkpoint(tmp_path, capsys):
 
 def test_eval_of_a_missing_model(tmp_path, capsys):
     fails_with_one_line(capsys, ["eval", "--model", tmp_path / "nomodel"], "no exported model")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has the GPU the config asks for")
+def test_a_gpu_the_machine_does_not_have(tmp_path, capsys):
+    path = config(tmp_path, top='device = "cuda"\n')
+    fails_with_one_line(capsys, ["run", "--config", path, "--data-dir", tmp_path / "data", "--out", tmp_path / "o"],
+                        "device = 'cuda'", "no CUDA GPU")
+
+
+def test_an_output_path_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "taken").write_text("not a directory")
+    fails_with_one_line(capsys, ["run", "--config", config(tmp_path), "--data-dir", tmp_path / "data",
+                                 "--out", tmp_path / "taken"], "taken")

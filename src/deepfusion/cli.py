@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:  # user errors: one line, no traceback
+    except (ConfigError, DataError, OSError) as e:  # user errors (config, data, paths, disk): one line, no traceback
         print(f"deepfusion: {e}", file=sys.stderr)
         return 2
 

@@ -172,12 +172,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> PreTrain
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
 
 
+class DeviceUnavailable(ConfigError, RuntimeError):
+    """The config names a torch device this machine does not have: a config error where the run starts."""
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA when present, else CPU; nothing else in the package assumes a CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device = {name!r} but torch sees no CUDA GPU; use device = 'auto' or 'cpu'")
+        raise DeviceUnavailable(f"config error: device = {name!r} but torch sees no CUDA GPU on this machine; "
+                                "use device = 'auto' or 'cpu'")
     return torch.device(name)
 
 
