@@ -120,8 +120,8 @@ def start_device(setup: Setup, device_id: str, data_dir: str | None,
     i = device_index(cfg, device_id)
     dc, d = cfg.devices[i], cfg.data
     tokenizer = setup.tokenizer()
-    if blocks is None:
-        root = resolve_data_dir(data_dir or d.dir)
+    if blocks is None:  # the node's own data: its node config's data-dir, else found here (never the server's path)
+        root = resolve_data_dir(data_dir)
         split = split_documents(load_source(dc.source, root, dc.domain), d.seed, d.proxy_frac, d.test_frac)
         blocks = device_private(cfg, device_id, tokenizer, root, split), held_out_blocks(tokenizer, split.test, d)
     torch_device = resolve_device(cfg.device)

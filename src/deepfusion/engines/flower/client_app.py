@@ -18,14 +18,18 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from deepfusion.engines.flower.wire import NO_SETUP, content, values
 
+if TYPE_CHECKING:
+    from deepfusion.node import NodeDevice
+
 STATE = "deepfusion"  # our ConfigRecord in context.state: the Setup bytes and this node's device id
-_DEVICES: dict[tuple[int, str], object] = {}  # (run id, device id) -> NodeDevice, for this process's lifetime
+_DEVICES: dict[tuple[int, str], NodeDevice] = {}  # (run id, device id) -> device, for this process's lifetime
 
 
 def make_app(data_dir: str | None = None) -> ClientApp:
@@ -79,7 +83,7 @@ def _state_dir(context: Context) -> Path | None:
     return cache_dir() / "nodes"
 
 
-def _device(context: Context, device_id: str, data_dir: str | None):
+def _device(context: Context, device_id: str, data_dir: str | None) -> NodeDevice:
     """This node's device: kept in memory, restored from the state directory, or built from the Setup."""
     from deepfusion.node import Setup, load_state, start_device
 
@@ -97,7 +101,7 @@ def _device(context: Context, device_id: str, data_dir: str | None):
     return node or start_device(setup, device_id, str(context.node_config.get("data-dir", "")) or data_dir)
 
 
-def _keep(context: Context, node) -> None:
+def _keep(context: Context, node: NodeDevice) -> None:
     _DEVICES[(context.run_id, node.device.cfg.id)] = node
     if where := _state_dir(context):
         from deepfusion.node import save_state
