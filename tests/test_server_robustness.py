@@ -200,7 +200,9 @@ def test_malformed_uploads_are_rejected_and_never_reach_the_optimiser():
           f"flipped bytes that left a valid packet (accepted as valid): {TRIED['flip_still_valid']}; "
           f"by defect: {dict(sorted(TRIED.items()))}")
     assert tried >= 0.9 * MAX_EXAMPLES  # hypothesis ran the examples it was asked for
-    assert len([k for k in KINDS if TRIED[k]]) >= len(KINDS) - 2  # and spread them over the defects
+    # over every defect (a kind without free parameters, such as k = 0, has one distinct example: hypothesis
+    # does not repeat it)
+    assert all(TRIED[k] for k in KINDS)
 
 
 def test_a_rejected_upload_leaves_training_exactly_as_without_it():
