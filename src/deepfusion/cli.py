@@ -99,6 +99,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from deepfusion.experiments import run_bench
+
+    results = run_bench(args.profile, Path(args.out), Path(args.config) if args.config else None, args.seeds)
+    print(f"{len(results['rows'])} rows -> {Path(args.out) / ('SCALE.md' if args.profile == 'scale' else 'RESULTS.md')}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -150,6 +158,15 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="every method side by side: results.json/.csv, RESULTS.md, plots")
+    bench.add_argument("--profile", choices=("quick", "full", "scale"), default="quick",
+                       help="quick: both families, every method, one seed; full: 3 seeds, tuned λ, ablations; "
+                            "scale: the paper's MoEs on the meta device")
+    bench.add_argument("--out", required=True, help="output directory (runs already there are reused)")
+    bench.add_argument("--config", help="federation TOML (default: configs/bench-quick.toml)")
+    bench.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
+    bench.set_defaults(func=cmd_bench)
     return p
 
 

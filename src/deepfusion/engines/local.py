@@ -155,7 +155,8 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
         server.model.load_state_dict(stopper.best_state)
         last = evaluate(server.model, data.test_sets, torch_device)
         extra |= {"best_round": stopper.best_round, "steps": stopper.best_round * cfg.server.steps}
-    if method != "local-only":
+    if method != "local-only":  # validation text is what the benchmark tunes λ on, never the test split
+        extra["validation_ppl"] = evaluate(server.model, data.validation, torch_device)["ppl"]
         export_model(server.model, data.tokenizer, out_dir / "model")
     comm = {"up": sum(v["up"] for v in per_device.values()), "down": sum(v["down"] for v in per_device.values()),
             "per_device": per_device}

@@ -1,0 +1,205 @@
+"""`deepfusion bench`: the paper's comparison at CPU scale, every method side by side in one run.
+
+    deepfusion bench --profile quick --out DIR    both global families, every method, one seed
+    deepfusion bench --profile full  --out DIR    3 seeds, λ tuned per method, paired differences, ablations,
+                                                  heterogeneity sweep
+    deepfusion bench --profile scale --out DIR    the paper's industry MoEs on the meta device (scale.py)
+
+Every run sees the same data, splits, tokenizer and budgets (configs/bench-quick.toml). The knowledge
+methods replay one recording of the devices' uploads per seed (replay.py), so they distil identical
+knowledge: a paired comparison. Budgets: each round the global model trains on server.steps x
+server.batch_size blocks, whatever the method (README: Methods). A run already in DIR is reused, so an
+interrupted bench continues where it stopped.
+
+Writes DIR/results.json (every run), DIR/results.csv and DIR/RESULTS.md (the table, mean ± std over
+seeds, paired differences, targets met or missed) and DIR/*.png (report.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+from deepfusion.config import KNOWLEDGE_METHODS, FederationConfig, default_config_path, load_config
+
+log = logging.getLogger("deepfusion.bench")
+
+FAMILIES = ("qwen_moe", "deepseek_moe")
+# Table order: the upper bounds, the federated-MoE baselines, the floor, the distillation methods, the reference.
+METHODS = ("centralized-converged", "centralized", "fedavg-moe", "expert-subset", "proxy-only",
+           "plain-fkd", "device-kd", "deepfusion", "local-only")
+LAMBDAS = (0.5, 1.0, 2.0, 4.0)  # the grid each distillation method's λ is tuned over (full profile)
+
+
+def run_one(base: FederationConfig, root: Path, family: str, method: str, seed: int, tag: str = "",
+            change=None) -> dict:
+    """One federation run (reused if DIR already holds it); returns its row of raw measurements."""
+    from deepfusion.engines.local import run
+
+    cfg = copy.deepcopy(base)
+    cfg.method, cfg.seed, cfg.server.family = method, seed, family
+    if change:
+        change(cfg)
+    out = root / "runs" / (tag or "main") / family / f"{method}-s{seed}"
+    if not (out / "summary.json").is_file():
+        log.info("bench: %s %s seed %d %s", family, method, seed, tag)
+        run(cfg, out, progress=False, replay=root / "recordings" if method in KNOWLEDGE_METHODS else None)
+    return row(json.loads((out / "summary.json").read_text()), out, family, tag)
+
+
+def row(summary: dict, out: Path, family: str, tag: str) -> dict:
+    """The measurements a table needs from one run's summary.json and metrics.jsonl."""
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    per = summary["comm_bytes"]["per_device"]
+    rounds = [x for v in per.values() for x in v["rounds"]]
+    device_seconds = sum(x["seconds_devices"] for x in lines)
+    return {
+        "tag": tag, "method": summary["method"], "family": family, "seed": summary["seed"],
+        "lam": summary["config"]["server"]["lam"], "ppl": summary["ppl"],
+        "validation_ppl": summary.get("validation_ppl"), "rounds": summary["rounds"],
+        "bytes_total": summary["comm_bytes"]["up"] + summary["comm_bytes"]["down"],
+        "bytes_per_device_round": (sum(x["up"] + x["down"] for x in rounds) / len(rounds)) if rounds else 0,
+        "device_peak_mem_bytes": max(summary["device_peak_mem_bytes"].values(), default=0),
+        # a replayed run did not spend its devices' time again: add what the recording measured
+        "wall_seconds": summary["wall_seconds"] + (device_seconds if "replayed_from" in summary else 0),
+        "ppl_by_round": [x["ppl"] for x in lines], "bytes_by_round": [x["bytes_up"] for x in lines],
+        "devices": summary.get("devices", {}),
+    }
+
+
+def tune_lambda(base: FederationConfig, root: Path, family: str, method: str) -> float:
+    """The λ of LAMBDAS with the best validation perplexity (seed 0; never the test split)."""
+    from deepfusion.baselines.centralized import validation_score
+
+    scores = {}
+    for lam in LAMBDAS:
+        r = run_one(base, root, family, method, 0, tag=f"tune-lam{lam}", change=lambda c: setattr(c.server, "lam", lam))
+        scores[lam] = validation_score(r["validation_ppl"])
+    best = min(scores, key=scores.get)
+    log.info("bench: %s %s: validation score by λ %s -> λ = %s", family, method, scores, best)
+    return best
+
+
+def main_table(base: FederationConfig, root: Path, seeds: list[int], tune: bool) -> tuple[list[dict], dict]:
+    """Every method x family x seed. The deepfusion run of each seed records the devices' uploads first."""
+    rows, lams = [], {}
+    for family in FAMILIES:
+        for method in ("deepfusion", "device-kd", "plain-fkd"):
+            lams[family, method] = tune_lambda(base, root, family, method) if tune else base.server.lam
+    for seed in seeds:
+        for family in FAMILIES:
+            for method in METHODS:
+                if method == "local-only" and family != FAMILIES[0]:
+                    rows.append({**next(r for r in rows if r["method"] == "local-only" and r["seed"] == seed),
+                                 "family": family})  # the devices do not depend on the global family
+                    continue
+                lam = lams.get((family, method), base.server.lam)
+                rows.append(run_one(base, root, family, method, seed, change=lambda c, lam=lam: setattr(c.server, "lam", lam)))
+    return rows, {f"{f}/{m}": v for (f, m), v in lams.items()}
+
+
+# ---- ablations and the heterogeneity sweep (full profile) ---------------------------------------
+
+def ablations(base: FederationConfig, root: Path, seeds: list[int]) -> list[dict]:
+    """deepfusion (qwen_moe) with one knob changed at a time; device-kd beside it where the knob is the devices'."""
+    knobs = {
+        "vaa_stages=2": lambda c: setattr(c.server, "vaa_stages", 2),
+        "vaa_dim=4": lambda c: setattr(c.server, "vaa_dim", 4),
+        "vaa_dim=64": lambda c: setattr(c.server, "vaa_dim", 64),
+        "vaa_mix=1.0": lambda c: setattr(c.server, "vaa_mix", 1.0),
+        "reliability=off": lambda c: setattr(c.server, "reliability", False),
+        "topk=2": lambda c: setattr(c.server, "topk", 2),
+        "topk=32": lambda c: setattr(c.server, "topk", 32),
+        "temperature=2": lambda c: setattr(c.server, "temperature", 2.0),
+    }
+    rows = []
+    for name, change in knobs.items():
+        for seed in seeds:
+            for method in ("deepfusion", "device-kd"):
+                rows.append(run_one(base, root, "qwen_moe", method, seed, tag=f"ablation-{name}", change=change))
+    return rows
+
+
+def heterogeneity(base: FederationConfig, root: Path, seeds: list[int]) -> list[dict]:
+    """From one family and size to mixed families, sizes and calibration: where does VAA beat device-kd?"""
+    def uniform(c):  # every device the same model
+        for d in c.devices:
+            d.family, d.size = "qwen2", "small"
+
+    def families(c):  # two families, one size
+        for i, d in enumerate(c.devices):
+            d.family, d.size = ("qwen2", "llama")[i % 2], "small"
+
+    def calibration(c):  # the default mix, plus devices trained 6x less: flatter, worse-calibrated predictions
+        for i, d in enumerate(c.devices):
+            d.local_steps = 5 if i % 2 else d.local_steps
+
+    levels = {"1-uniform": uniform, "2-families": families, "3-families+sizes": None, "4-+calibration": calibration}
+    rows = []
+    for name, change in levels.items():
+        for seed in seeds:
+            for method in ("deepfusion", "device-kd"):
+                rows.append(run_one(base, root, "qwen_moe", method, seed, tag=f"hetero-{name}", change=change))
+    return rows
+
+
+# ---- summarising ------------------------------------------------------------------------------------
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One line per (tag, family, method): mean ± std over seeds of every measurement."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["tag"], r["family"], r["method"]), []).append(r)
+    out = []
+    for (tag, family, method), rs in groups.items():
+        line = {"tag": tag, "family": family, "method": method, "seeds": sorted(r["seed"] for r in rs), "lam": rs[0]["lam"]}
+        for domain in ("medical", "finance"):
+            line[f"ppl_{domain}"] = mean_std([r["ppl"][domain] for r in rs])
+        for key in ("bytes_total", "bytes_per_device_round", "device_peak_mem_bytes", "wall_seconds"):
+            line[key] = statistics.fmean(r[key] for r in rs)
+        out.append(line)
+    return out
+
+
+def paired(rows: list[dict], a: str, b: str, family: str, tag: str = "") -> dict:
+    """Per domain: mean ± std over seeds of (ppl_a / ppl_b - 1) in %, same seed paired; negative: a wins."""
+    by = {(r["method"], r["seed"]): r for r in rows if r["family"] == family and r["tag"] == tag}
+    seeds = sorted(s for m, s in by if m == a and (b, s) in by)
+    diffs = {}
+    for domain in ("medical", "finance"):
+        diffs[domain] = mean_std([100 * (by[a, s]["ppl"][domain] / by[b, s]["ppl"][domain] - 1) for s in seeds]) if seeds else None
+    return {"a": a, "b": b, "family": family, "tag": tag, "seeds": seeds, "pct": diffs}
+
+
+def run_bench(profile: str, out: Path, config: Path | None = None, seeds: list[int] | None = None) -> dict:
+    """Run a profile and write its results; returns the results object."""
+    from deepfusion import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    if profile == "scale":
+        from deepfusion.scale import project
+
+        rows = project(out, command=f"deepfusion bench --profile scale --out {out}")
+        return {"profile": "scale", "rows": rows}
+    base = load_config(config or default_config_path("bench-quick"))
+    seeds = seeds or ([0] if profile == "quick" else [0, 1, 2])
+    start = time.perf_counter()
+    rows, lams = main_table(base, out, seeds, tune=profile == "full")
+    extra = ablations(base, out, seeds) + heterogeneity(base, out, seeds) if profile == "full" else []
+    pairs = [paired(rows, "deepfusion", b, f) for f in FAMILIES for b in ("device-kd", "plain-fkd", "fedavg-moe",
+                                                                          "expert-subset", "centralized-converged")]
+    pairs += [paired(extra, "deepfusion", "device-kd", "qwen_moe", tag) for tag in sorted({r["tag"] for r in extra})]
+    results = {"profile": profile, "config": str(config or default_config_path("bench-quick")), "seeds": seeds,
+               "lambda": lams, "rows": rows + extra, "table": aggregate(rows + extra), "paired": pairs,
+               "bench_seconds": round(time.perf_counter() - start, 1)}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    report.write(results, out)
+    return results

@@ -1,0 +1,49 @@
+"""deepfusion bench on the smoke federation: every method, both families, the report's files."""
+
+import csv
+import json
+
+import pytest
+
+from deepfusion.config import default_config_path
+from deepfusion.experiments import FAMILIES, METHODS, aggregate, paired
+
+pytestmark = pytest.mark.slow
+
+
+def test_paired_differences_pair_by_seed():
+    rows = [{"tag": "", "family": "f", "method": m, "seed": s, "lam": 1.0, "ppl": {"medical": p, "finance": p},
+             "bytes_total": 1, "bytes_per_device_round": 1, "device_peak_mem_bytes": 1, "wall_seconds": 1}
+            for m, s, p in (("a", 0, 90.0), ("b", 0, 100.0), ("a", 1, 200.0), ("b", 1, 200.0), ("b", 2, 5.0))]
+    p = paired(rows, "a", "b", "f")
+    assert p["seeds"] == [0, 1]  # seed 2 has no partner
+    assert p["pct"]["medical"][0] == pytest.approx(-5.0)  # mean of -10% and 0%
+    line = next(t for t in aggregate(rows) if t["method"] == "b")
+    assert line["ppl_medical"][0] == pytest.approx(305 / 3) and line["seeds"] == [0, 1, 2]
+
+
+def test_quick_bench_on_the_smoke_federation(tmp_path, data_dir, monkeypatch):
+    from deepfusion.cli import main
+
+    monkeypatch.setenv("DEEPFUSION_DATA", str(data_dir))
+    config = tmp_path / "smoke.toml"
+    config.write_text(default_config_path("smoke").read_text().replace("min_devices = 1", "min_devices = 1\nmax_rounds = 3"))
+    out = tmp_path / "bench"
+    assert main(["bench", "--profile", "quick", "--out", str(out), "--config", str(config)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    got = {(r["family"], r["method"]) for r in results["rows"]}
+    assert got == {(f, m) for f in FAMILIES for m in METHODS}
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(FAMILIES) * len(METHODS)
+    md = (out / "RESULTS.md").read_text()
+    assert "## Targets" in md and md.count("| deepfusion |") == len(FAMILIES)
+    for png in ("ppl_per_round_qwen_moe", "ppl_per_round_deepseek_moe", "bytes_per_round", "device_peak_memory"):
+        assert (out / f"{png}.png").stat().st_size > 5000
+    rows = {(r["family"], r["method"]): r for r in results["rows"]}
+    kd = rows["qwen_moe", "device-kd"]
+    assert kd["bytes_per_device_round"] == rows["deepseek_moe", "deepfusion"]["bytes_per_device_round"]  # same uploads
+    assert rows["qwen_moe", "fedavg-moe"]["bytes_per_device_round"] > rows["qwen_moe", "expert-subset"]["bytes_per_device_round"] > kd["bytes_per_device_round"]
+    # a second bench over the same directory reuses every run
+    mtime = (out / "runs" / "main" / "qwen_moe" / "deepfusion-s0" / "summary.json").stat().st_mtime
+    assert main(["bench", "--profile", "quick", "--out", str(out), "--config", str(config)]) == 0
+    assert (out / "runs" / "main" / "qwen_moe" / "deepfusion-s0" / "summary.json").stat().st_mtime == mtime
