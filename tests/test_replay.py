@@ -33,3 +33,12 @@ def test_a_replayed_run_equals_a_live_one(smoke_config, tmp_path):
     assert "replayed_from" in replayed and "replayed_from" not in live
     for key in ("ppl", "ppl_by_source", "comm_bytes", "device_peak_mem_bytes", "devices"):
         assert replayed[key] == live[key], key
+
+
+def test_replay_is_refused_where_there_is_nothing_to_replay(tmp_path, capsys):
+    from deepfusion.cli import main
+    from deepfusion.config import default_config_path
+
+    args = ["run", "--config", str(default_config_path("smoke")), "--replay", str(tmp_path / "r"), "--out", str(tmp_path / "o")]
+    assert main([*args, "--method", "proxy-only"]) == 2
+    assert "--replay" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from deepfusion.config import METHODS, ConfigError, load_config
+from deepfusion.config import KNOWLEDGE_METHODS, METHODS, ConfigError, load_config
 
 ENGINES = ("local", "flower")
 
@@ -41,7 +41,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         from deepfusion.engines.local import run
     else:  # Flower's Simulation Runtime on this machine; across machines: `flwr run` (README)
         from deepfusion.engines.flower.simulation import run
-    result = run(cfg, Path(args.out), data_dir=args.data_dir, progress=not args.no_progress)
+    if args.replay and (args.engine != "local" or cfg.method not in KNOWLEDGE_METHODS):
+        raise ConfigError(f"--replay records and replays knowledge uploads: it needs --engine local and one of "
+                          f"{', '.join(KNOWLEDGE_METHODS)} (got --engine {args.engine}, method {cfg.method!r})")
+    extra = {"replay": Path(args.replay)} if args.replay else {}
+    result = run(cfg, Path(args.out), data_dir=args.data_dir, progress=not args.no_progress, **extra)
     _print_brief(result)
     return 0
 
@@ -139,6 +143,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", help="data directory (else $DEEPFUSION_DATA, ../shared/data, user cache)")
     run.add_argument("--out", help="output directory: summary.json, metrics.jsonl, model/, checkpoint/")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR after its last completed round")
+    run.add_argument("--replay", metavar="DIR", help="record the devices' uploads in DIR, or replay them if this "
+                     "device side is recorded there (compare server-side methods on identical knowledge)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=cmd_run)
