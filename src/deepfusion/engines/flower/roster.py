@@ -70,7 +70,7 @@ class Roster:
                 log.warning("[ROUND %d] node %d says it is device %r, which this federation does not have; "
                             "it is left out", r, node, device)
                 continue
-            if device in self.node_of and self.node_of[device] != node:
+            if device in self.node_of:  # a restarted SuperNode (or, misconfigured, a second one naming the device)
                 log.info("[ROUND %d] device %r rejoined on node %d (was node %d)", r, device, node, self.node_of[device])
             self.node_of[device] = node
             self._count(self.per_device[device]["setup"], len(self.setup), 0, msg, reply, device)
