@@ -6,7 +6,7 @@ import json
 import pytest
 
 from deepfusion.config import default_config_path
-from deepfusion.experiments import FAMILIES, METHODS, aggregate, paired
+from deepfusion.experiments import ABLATIONS, FAMILIES, HETEROGENEITY, METHODS, aggregate, paired
 
 pytestmark = pytest.mark.slow
 
@@ -47,3 +47,30 @@ def test_quick_bench_on_the_smoke_federation(tmp_path, data_dir, monkeypatch):
     mtime = (out / "runs" / "main" / "qwen_moe" / "deepfusion-s0" / "summary.json").stat().st_mtime
     assert main(["bench", "--profile", "quick", "--out", str(out), "--config", str(config)]) == 0
     assert (out / "runs" / "main" / "qwen_moe" / "deepfusion-s0" / "summary.json").stat().st_mtime == mtime
+
+
+@pytest.mark.parametrize("name", [*ABLATIONS, *HETEROGENEITY])
+def test_every_sweep_change_is_a_valid_config_that_changes_something(name):
+    import copy
+
+    from deepfusion.config import load_config, to_dict
+
+    base = load_config(default_config_path("bench-quick"))
+    change = {**ABLATIONS, **HETEROGENEITY}[name]
+    cfg = copy.deepcopy(base)
+    if change:
+        change(cfg)
+        assert to_dict(cfg) != to_dict(base)
+    cfg.validate()
+
+
+def test_lambda_is_tuned_on_validation_text(tmp_path, data_dir, monkeypatch, smoke_config):
+    import deepfusion.experiments as ex
+
+    monkeypatch.setattr(ex, "LAMBDAS", (0.0, 1.0))
+    lam = ex.tune_lambda(smoke_config, tmp_path, "qwen_moe", "device-kd")
+    from deepfusion.baselines.centralized import validation_score
+
+    scores = {x: validation_score(json.loads((tmp_path / "runs" / f"tune-lam{x}" / "qwen_moe" / "device-kd-s0" /
+                                              "summary.json").read_text())["validation_ppl"]) for x in (0.0, 1.0)}
+    assert lam == min(scores, key=scores.get)

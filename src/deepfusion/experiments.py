@@ -104,47 +104,41 @@ def main_table(base: FederationConfig, root: Path, seeds: list[int], tune: bool)
 
 # ---- ablations and the heterogeneity sweep (full profile) ---------------------------------------
 
-def ablations(base: FederationConfig, root: Path, seeds: list[int]) -> list[dict]:
-    """deepfusion (qwen_moe) with one knob changed at a time; device-kd beside it where the knob is the devices'."""
-    knobs = {
-        "vaa_stages=2": lambda c: setattr(c.server, "vaa_stages", 2),
-        "vaa_dim=4": lambda c: setattr(c.server, "vaa_dim", 4),
-        "vaa_dim=64": lambda c: setattr(c.server, "vaa_dim", 64),
-        "vaa_mix=1.0": lambda c: setattr(c.server, "vaa_mix", 1.0),
-        "reliability=off": lambda c: setattr(c.server, "reliability", False),
-        "topk=2": lambda c: setattr(c.server, "topk", 2),
-        "topk=32": lambda c: setattr(c.server, "topk", 32),
-        "temperature=2": lambda c: setattr(c.server, "temperature", 2.0),
-    }
-    rows = []
-    for name, change in knobs.items():
-        for seed in seeds:
-            for method in ("deepfusion", "device-kd"):
-                rows.append(run_one(base, root, "qwen_moe", method, seed, tag=f"ablation-{name}", change=change))
-    return rows
+def _uniform(c: FederationConfig) -> None:  # every device the same model
+    for d in c.devices:
+        d.family, d.size = "qwen2", "small"
 
 
-def heterogeneity(base: FederationConfig, root: Path, seeds: list[int]) -> list[dict]:
-    """From one family and size to mixed families, sizes and calibration: where does VAA beat device-kd?"""
-    def uniform(c):  # every device the same model
-        for d in c.devices:
-            d.family, d.size = "qwen2", "small"
+def _two_families(c: FederationConfig) -> None:  # two families, one size
+    for i, d in enumerate(c.devices):
+        d.family, d.size = ("qwen2", "llama")[i % 2], "small"
 
-    def families(c):  # two families, one size
-        for i, d in enumerate(c.devices):
-            d.family, d.size = ("qwen2", "llama")[i % 2], "small"
 
-    def calibration(c):  # the default mix, plus devices trained 6x less: flatter, worse-calibrated predictions
-        for i, d in enumerate(c.devices):
-            d.local_steps = 5 if i % 2 else d.local_steps
+def _miscalibrated(c: FederationConfig) -> None:  # the default mix, half the devices trained 6x less: flatter predictions
+    for i, d in enumerate(c.devices):
+        d.local_steps = max(1, d.local_steps // 6) if i % 2 else d.local_steps
 
-    levels = {"1-uniform": uniform, "2-families": families, "3-families+sizes": None, "4-+calibration": calibration}
-    rows = []
-    for name, change in levels.items():
-        for seed in seeds:
-            for method in ("deepfusion", "device-kd"):
-                rows.append(run_one(base, root, "qwen_moe", method, seed, tag=f"hetero-{name}", change=change))
-    return rows
+
+# deepfusion (qwen_moe) with one knob changed at a time, device-kd beside it (k and T change the devices' side).
+ABLATIONS = {
+    "vaa_stages=2": lambda c: setattr(c.server, "vaa_stages", 2),
+    "vaa_dim=4": lambda c: setattr(c.server, "vaa_dim", 4),
+    "vaa_dim=64": lambda c: setattr(c.server, "vaa_dim", 64),
+    "vaa_mix=1.0": lambda c: setattr(c.server, "vaa_mix", 1.0),
+    "reliability=off": lambda c: setattr(c.server, "reliability", False),
+    "topk=2": lambda c: setattr(c.server, "topk", 2),
+    "topk=32": lambda c: setattr(c.server, "topk", 32),
+    "temperature=2": lambda c: setattr(c.server, "temperature", 2.0),
+}
+# From one family and size to mixed families, sizes and calibration: where does VAA beat device-kd?
+HETEROGENEITY = {"1-uniform": _uniform, "2-families": _two_families, "3-families+sizes": None,
+                 "4-+calibration": _miscalibrated}
+
+
+def sweep(base: FederationConfig, root: Path, seeds: list[int], prefix: str, changes: dict) -> list[dict]:
+    """deepfusion and device-kd (paired, replayed) under each change, qwen_moe."""
+    return [run_one(base, root, "qwen_moe", method, seed, tag=f"{prefix}-{name}", change=change)
+            for name, change in changes.items() for seed in seeds for method in ("deepfusion", "device-kd")]
 
 
 # ---- summarising ------------------------------------------------------------------------------------
@@ -193,7 +187,8 @@ def run_bench(profile: str, out: Path, config: Path | None = None, seeds: list[i
     seeds = seeds or ([0] if profile == "quick" else [0, 1, 2])
     start = time.perf_counter()
     rows, lams = main_table(base, out, seeds, tune=profile == "full")
-    extra = ablations(base, out, seeds) + heterogeneity(base, out, seeds) if profile == "full" else []
+    extra = sweep(base, out, seeds, "ablation", ABLATIONS) + sweep(base, out, seeds, "hetero", HETEROGENEITY) \
+        if profile == "full" else []
     pairs = [paired(rows, "deepfusion", b, f) for f in FAMILIES for b in ("device-kd", "plain-fkd", "fedavg-moe",
                                                                           "expert-subset", "centralized-converged")]
     pairs += [paired(extra, "deepfusion", "device-kd", "qwen_moe", tag) for tag in sorted({r["tag"] for r in extra})]
