@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/default
 
-.PHONY: setup run smoke test clean
+.PHONY: setup run smoke bench test clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,9 @@ run: setup
 
 smoke: setup
 	$(BIN)/deepfusion run --config configs/smoke.toml --out runs/smoke
+
+bench: setup
+	$(BIN)/deepfusion bench --profile quick --out benchmarks/quick
 
 test: setup
 	$(BIN)/python -m pytest -q
