@@ -4,14 +4,20 @@ An engine that runs devices away from the server (the Flower ClientApp) calls th
 `flwr`. A device is built exactly as the local engine builds it (same config, tokenizer, proxy, seed
 `cfg.seed * 1000 + i + 1`, same private blocks), so both engines send the same packet bytes.
 
+Two kinds of device, by method:
+    NodeDevice      knowledge methods (deepfusion, plain-fkd, device-kd): its own small LLM (device.py)
+    hosting.Host    fedavg-moe, expert-subset: it hosts the global MoE, or the part that fits its memory
+                    (baselines/hosting.py); the weights come from the server every round
+
 Why the server sends the tokenizer and the proxy blocks (a `Setup`) instead of every node rebuilding
 them: the tokenizer is trained on the proxy documents of *every* source, and a node holds only its own
 source. Rebuilding would mean shipping every source's proxy text to every node anyway, plus a BPE
 training per node; one Setup message is smaller, faster and cannot drift between tokenizer versions.
 
 On a node the device lives in a state directory, `<state-dir>/run-<run id>/`:
-    <device>.data.pt   its private and held-out blocks, packed once (re-tokenising each round costs seconds)
-    <device>.pt        its model, optimiser, RNG and counters, replaced after every round (write, then rename)
+    <device>.data.pt   its private (and held-out) blocks, packed once (re-tokenising each round costs seconds)
+    <device>.pt        its model, optimiser, RNG and counters, replaced after every round (write, then rename);
+                       a host: its generator, tokens trained, and what it measured once (experts, budget, peak)
 so a node that runs each message in a fresh process (a Flower SuperNode does), or that was killed and
 restarted, continues exactly where its device was.
 """
@@ -28,11 +34,14 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from deepfusion import __version__
+from deepfusion.baselines import hosting
 from deepfusion.config import FederationConfig, from_dict, to_dict
 from deepfusion.data import load_source, load_tokenizer, resolve_data_dir, split_documents
-from deepfusion.device import Device, build_device, choose_size, device_state, evaluate_device, load_device_state
+from deepfusion.device import (Device, build_device, choose_size, device_state, evaluate_device, load_device_state,
+                               train_peak_bytes)
 from deepfusion.federation import FederationData, device_private, held_out_blocks
 from deepfusion.knowledge import id_dtype
 from deepfusion.models import resolve_device
@@ -45,18 +54,20 @@ class Setup:
     """Server -> every node, once: the federation's public parts. No private data, no model weights.
 
     Wire format: safetensors with one tensor `proxy` (P, T) in the narrowest unsigned int dtype, and string
-    metadata `version` (deepfusion's), `config` (the federation config as JSON) and `tokenizer/<file>`
-    (the tokenizer's saved files).
+    metadata `version` (deepfusion's), `config` (the federation config as JSON), `tokenizer/<file>`
+    (the tokenizer's saved files) and, for the hosting methods only, `moe` (the global MoE's architecture).
     """
 
     config: FederationConfig
     tokenizer_files: dict[str, str]  # file name -> text, as written by save_pretrained
     proxy: torch.Tensor  # (P, T) long, the public proxy blocks every device labels
+    moe: str = ""  # hosting methods: the global MoE's config as JSON (+ its experts kernel); "" otherwise
 
     def to_bytes(self) -> bytes:
         vocab = int(self.proxy.max()) + 1 if self.proxy.numel() else 1
         meta = {"version": __version__, "config": json.dumps(to_dict(self.config)),
-                **{f"tokenizer/{name}": text for name, text in sorted(self.tokenizer_files.items())}}
+                **{f"tokenizer/{name}": text for name, text in sorted(self.tokenizer_files.items())},
+                **({"moe": self.moe} if self.moe else {})}
         return safetensors.numpy.save({"proxy": self.proxy.numpy().astype(id_dtype(vocab))}, metadata=meta)
 
     @classmethod
@@ -73,7 +84,7 @@ class Setup:
         if version != __version__:
             raise ValueError(f"the server runs deepfusion {version}, this node {__version__}; the packet "
                              "format and device recipe must match: install the server's version on this node")
-        return cls(from_dict(json.loads(config)), files, proxy)
+        return cls(from_dict(json.loads(config)), files, proxy, meta.get("moe", ""))
 
     def tokenizer(self):
         """Load the shared tokenizer through the same loader as the server (eos/pad set the same way)."""
@@ -82,13 +93,30 @@ class Setup:
                 (Path(tmp) / name).write_text(text, encoding="utf-8")
             return load_tokenizer(Path(tmp))
 
+    def global_config(self) -> PretrainedConfig:
+        """The global MoE's architecture (hosting methods), as the server's model has it, experts kernel included."""
+        if not self.moe:
+            raise ValueError(f"method {self.config.method!r}: this setup carries no MoE architecture; "
+                             "only the hosting methods (fedavg-moe, expert-subset) send one")
+        described = json.loads(self.moe)
+        kernel = described.pop("experts_implementation", None)
+        config = AutoConfig.for_model(**described)
+        if kernel:
+            config._experts_implementation = kernel
+        return config
 
-def make_setup(cfg: FederationConfig, data: FederationData) -> Setup:
-    """The server's Setup: its config, its tokenizer's files, its proxy blocks."""
+
+def make_setup(cfg: FederationConfig, data: FederationData, moe: PreTrainedModel | None = None) -> Setup:
+    """The server's Setup: its config, its tokenizer's files, its proxy blocks; and, for a method whose
+    devices host the global MoE, its architecture (no weights: those come every round)."""
     with tempfile.TemporaryDirectory(prefix="deepfusion-tok-") as tmp:
         data.tokenizer.save_pretrained(tmp)
         files = {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(tmp).iterdir()) if p.is_file()}
-    return Setup(cfg, files, data.proxy)
+    described = ""
+    if moe is not None:  # to_json_string leaves out the experts kernel, which decides the host's numerics
+        kernel = getattr(moe.config, "_experts_implementation", None)
+        described = json.dumps({**json.loads(moe.config.to_json_string()), "experts_implementation": kernel})
+    return Setup(cfg, files, data.proxy, described)
 
 
 @dataclass
@@ -130,6 +158,41 @@ def start_device(setup: Setup, device_id: str, data_dir: str | None,
     return NodeDevice(device, blocks[1])
 
 
+def start_host(setup: Setup, device_id: str, data_dir: str | None) -> hosting.Host:
+    """This node's host (fedavg-moe, expert-subset), set up as engines/local.setup_hosts sets up each host:
+    its own private blocks, the same generator seed, and one measurement of what it can hold: expert-subset
+    the most routed experts per layer whose training step fits its memory (hosting.fit_experts), fedavg-moe
+    the whole MoE's training peak. The local engine measures on one random batch drawn by the server; a node
+    draws its own, seeded, so every node measures alike (the CPU measure itself varies by a few KB)."""
+    cfg = setup.config
+    i = device_index(cfg, device_id)
+    dc, d = cfg.devices[i], cfg.data
+    tokenizer, moe = setup.tokenizer(), setup.global_config()
+    private = device_private(cfg, device_id, tokenizer, resolve_data_dir(data_dir))  # its own source only
+    torch_device = resolve_device(cfg.device)
+    host = hosting.Host(dc, private, torch.Generator().manual_seed(cfg.seed * 1000 + i + 1), torch_device, moe, None)
+    vocab = len(tokenizer)
+    batch = torch.randint(vocab, (cfg.server.batch_size, d.seq_len),
+                          generator=torch.Generator().manual_seed(cfg.seed)).to(torch_device)
+    if cfg.method == "expert-subset":
+        host.budget_bytes = hosting.memory_budget(dc, vocab, d.seq_len, torch_device)
+        host.experts, host.peak_mem_bytes = hosting.fit_experts(moe, host.budget_bytes, batch)
+    else:  # the whole MoE; its weights are irrelevant to the measure
+        whole = AutoModelForCausalLM.from_config(moe).to(torch_device)
+        host.peak_mem_bytes = train_peak_bytes(whole, batch, hosting.moe_loss)
+    log.info("device %r hosts %s (training peak %.1f MB%s)", device_id,
+             "the whole MoE" if host.experts is None else f"{host.experts} routed experts per layer",
+             host.peak_mem_bytes / 2**20, f", budget {host.budget_bytes / 2**20:.1f} MB" if host.budget_bytes else "")
+    return host
+
+
+def host_report(host: hosting.Host) -> dict:
+    """What the summary says of a host, as the local engine writes it (the server adds its hosted share)."""
+    return {"id": host.cfg.id, "experts_per_layer": host.experts, "budget_bytes": host.budget_bytes,
+            "fits_budget": not host.budget_bytes or host.peak_mem_bytes <= host.budget_bytes,
+            "tokens_trained": host.tokens_trained}
+
+
 # ---- persistence on the node ----------------------------------------------------------------------
 
 def state_paths(state_dir: str | Path, run_key: str, device_id: str) -> tuple[Path, Path]:
@@ -161,6 +224,36 @@ def load_state(setup: Setup, device_id: str, state_dir: str | Path, run_key: str
                          "delete the state directory to start this device afresh")
     load_device_state(node.device, state["device"])
     return node
+
+
+def save_host(host: hosting.Host, state_dir: str | Path, run_key: str) -> None:
+    """A host's state after a round (generator, tokens, what it measured); its private blocks the first time.
+    No weights: the server sends them every round."""
+    path, data = state_paths(state_dir, run_key, host.cfg.id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not data.is_file():
+        _atomic_save({"private": host.private.int()}, data)
+    _atomic_save({"device_id": host.cfg.id, "host": {
+        "generator": host.generator.get_state(), "tokens_trained": host.tokens_trained, "experts": host.experts,
+        "budget_bytes": host.budget_bytes, "peak_mem_bytes": host.peak_mem_bytes}}, path)
+
+
+def load_host(setup: Setup, device_id: str, state_dir: str | Path, run_key: str) -> hosting.Host | None:
+    """The host as it was after its last round on this node, or None if it has no saved state here."""
+    path, data = state_paths(state_dir, run_key, device_id)
+    if not (path.is_file() and data.is_file()):
+        return None
+    state = torch.load(path, weights_only=False)  # our own files (save_host)
+    if "host" not in state:
+        raise ValueError(f"{path}: holds a knowledge device, not a host; delete the state directory to start "
+                         "this device afresh")
+    saved, cfg = state["host"], setup.config
+    i = device_index(cfg, device_id)
+    host = hosting.Host(cfg.devices[i], torch.load(data)["private"].long(), torch.Generator(),
+                        resolve_device(cfg.device), setup.global_config(), saved["experts"], saved["budget_bytes"],
+                        saved["peak_mem_bytes"], saved["tokens_trained"])
+    host.generator.set_state(saved["generator"])
+    return host
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
