@@ -3,7 +3,8 @@
 A node becomes a device by answering the Setup with its device id. A node not seen before (a new
 SuperNode, or one restarted after a crash: it registers anew) gets the Setup at the start of a round,
 so a device whose node died rejoins in a later round. Bytes are counted twice per message: the payload
-(our bytes, as the local engine counts them) and the Flower message as serialised for the wire.
+(our bytes, as the local engine counts them; for weights, the arrays) and the Flower message as serialised
+for the wire.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import logging
 import time
 from typing import Callable
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from deepfusion.config import FederationConfig
-from deepfusion.engines.flower.wire import NO_SETUP, content, exchange, failure, message_bytes, metrics, values
+from deepfusion.config import KNOWLEDGE_METHODS, FederationConfig
+from deepfusion.engines.flower.wire import (NO_SETUP, content, exchange, failure, message_bytes, metrics, payload_bytes,
+                                            values)
 from deepfusion.privacy import federation_report
 
 log = logging.getLogger("deepfusion")
@@ -77,34 +79,60 @@ class Roster:
 
     def train(self, grid: Grid, r: int, instruction: Callable[[str], bytes], timeout: float,
               devices: list[str] | None = None) -> dict[str, bytes]:
-        """Send every device (or `devices`) its instruction; return {device: packet bytes} of those that answered."""
+        """Knowledge methods: send every device (or `devices`) its instruction; {device: packet bytes} of those
+        that answered. Each round entry records the packet's digest (equal bytes, equal digests)."""
+        final = r == self.cfg.rounds
+        replies = self.send(grid, r, "train", lambda d: content(instruction=instruction(d), device=d, final=final),
+                            timeout, devices)
+        payloads = {device: bytes(values(reply)["packet"]) for device, reply in replies.items()}
+        for device, packet in payloads.items():
+            self.note(device, sha256=hashlib.sha256(packet).hexdigest())
+        return payloads
+
+    def send(self, grid: Grid, r: int, message_type: str, build: Callable[[str], RecordDict], timeout: float,
+             devices: list[str] | None = None, setup: bool = False) -> dict[str, Message]:
+        """Send every device (or `devices`) the content `build(device)` makes; {device: reply} of those that
+        answered. Every message is counted, payload (`payload_bytes`) and Flower message bytes: in the device's
+        round entry, or with its setup (setup=True: a once-per-node query). A reply's report and numbers
+        become what the summary says of the device."""
         online = set(grid.get_node_ids())
         sent = {}
-        for device in devices or self.per_device:
+        for device in self.per_device if devices is None else devices:
             node = self.node_of.get(device)
             if node is None or node not in online:
-                self._miss(device, r, 0, 0, "no SuperNode online for this device")
+                if not setup:
+                    self.miss(device, r, 0, 0, "no SuperNode online for this device")
                 continue
-            sent[device] = Message(content(instruction=instruction(device), device=device,
-                                           final=r == self.cfg.rounds), dst_node_id=node, message_type="train",
-                                   group_id=str(r), ttl=timeout)
-        replies = exchange(grid, sent.values(), timeout)
-        payloads = {}
+            sent[device] = Message(build(device), dst_node_id=node, message_type=message_type, group_id=str(r),
+                                   ttl=timeout)
+        replies = exchange(grid, sent.values(), timeout) if sent else {}
+        answered = {}
         for device, msg in sent.items():
-            down, reply = len(values(msg)["instruction"]), replies.get(msg.metadata.message_id)
+            reply = replies.get(msg.metadata.message_id)
             if why := failure(reply, timeout):
                 if NO_SETUP in why:  # the node lost its setup (restarted unnoticed): set it up again next round
                     self.seen = {key for key in self.seen if key[0] != msg.metadata.dst_node_id}
-                self._miss(device, r, down, message_bytes(msg), why)
+                if setup:
+                    log.warning("[ROUND %d] device %r did not answer %s (%s); it sits this round out", r, device,
+                                message_type, why)
+                else:
+                    self.miss(device, r, payload_bytes(msg), message_bytes(msg), why)
                 continue
             answer = values(reply)
-            packet = bytes(answer["packet"])
-            self.info[device] = {**json.loads(str(answer["report"])), **metrics(reply)}
-            payloads[device] = packet
-            entry = {"round": r, "sha256": hashlib.sha256(packet).hexdigest()}  # equal bytes, equal digests
-            self._count(entry, down, len(packet), msg, reply, device)
-            self.per_device[device]["rounds"].append(entry)
-        return payloads
+            if "report" in answer:
+                self.info[device] = {**json.loads(str(answer["report"])), **metrics(reply)}
+            if setup:
+                self._count(self.per_device[device]["setup"], payload_bytes(msg), payload_bytes(reply), msg, reply, device)
+            else:
+                entry = {"round": r}
+                self._count(entry, payload_bytes(msg), payload_bytes(reply), msg, reply, device)
+                self.per_device[device]["rounds"].append(entry)
+            answered[device] = reply
+        return answered
+
+    def note(self, device: str, **fields) -> None:
+        """Add to the device's entry for the round just exchanged (the digest of what it sent)."""
+        self.per_device[device]["rounds"][-1].update(fields)
 
     def _count(self, entry: dict, down: int, up: int, msg: Message, reply: Message, device: str) -> None:
         sizes = {"down": down, "up": up, "down_message": message_bytes(msg), "up_message": message_bytes(reply)}
@@ -112,7 +140,8 @@ class Roster:
             entry[key] = entry.get(key, 0) + n
             self.per_device[device][key] += n
 
-    def _miss(self, device: str, r: int, down: int, down_message: int, why: str) -> None:
+    def miss(self, device: str, r: int, down: int, down_message: int, why: str) -> None:
+        """The device sent nothing this round: what went down (if anything) and why."""
         entry = {"round": r, "down": down, "up": 0, "down_message": down_message, "up_message": 0, "failed": why}
         self.per_device[device]["rounds"].append(entry)
         self.per_device[device]["down"] += down
@@ -120,12 +149,15 @@ class Roster:
 
     def devices_side(self) -> dict:
         """What the summary says of the devices, as each last reported it: peak memory, description, own
-        perplexity, privacy spent (and the federation's: its weakest device's). A device never seen is absent."""
+        perplexity, privacy spent (and the federation's: its weakest device's; knowledge methods only, as in
+        the local engine). A device never seen is absent."""
         reported = {d: self.info[d] for d in self.per_device if d in self.info}
-        return {"peaks": {d: info["peak_mem_bytes"] for d, info in reported.items()},
-                "devices": {d: {k: v for k, v in info.items() if k not in ("peak_mem_bytes", "local_loss", "seconds")}
-                            for d, info in reported.items()},
-                "privacy": federation_report({d: info.get("privacy") for d, info in reported.items()})}
+        numbers = ("peak_mem_bytes", "local_loss", "seconds", "num-examples")
+        side = {"peaks": {d: info["peak_mem_bytes"] for d, info in reported.items()},
+                "devices": {d: {k: v for k, v in info.items() if k not in numbers} for d, info in reported.items()}}
+        if self.cfg.method in KNOWLEDGE_METHODS:  # a host uploads weights: no DP accounting (as the local engine)
+            side["privacy"] = federation_report({d: info.get("privacy") for d, info in reported.items()})
+        return side
 
     def comm(self) -> dict:
         """comm_bytes as the local engine writes it (payload up/down), plus the Flower message bytes; the

@@ -1,28 +1,42 @@
 """Flower plumbing shared by the ServerApp and the ClientApp: our bytes in Flower records, their sizes on the
 wire, one exchange of messages with a deadline, and the run config.
 
-Every payload is our own bytes (`Setup.to_bytes`, `Instruction.to_bytes`, `KnowledgePacket.to_bytes`) as one
-value of a ConfigRecord: Flower carries them and never sees a tensor of ours, so the payload bytes are the
-local engine's bytes exactly, and the Flower overhead is measured on top (`message_bytes`). Numbers the
-server only logs travel in a MetricRecord.
+Knowledge methods: every payload is our own bytes (`Setup.to_bytes`, `Instruction.to_bytes`,
+`KnowledgePacket.to_bytes`) as one value of a ConfigRecord: Flower carries them and never sees a tensor of
+ours, so the payload bytes are the local engine's bytes exactly, and the Flower overhead is measured on top
+(`message_bytes`). Numbers the server only logs travel in a MetricRecord.
+
+Hosting methods (fedavg-moe, expert-subset): a `WeightsPacket` travels as Flower records (`weights_content`):
+    ArrayRecord "weights"     its tensors under their state-dict names, fp32 (Flower's Array: .npy bytes)
+    ConfigRecord "deepfusion" device, round, hosted (JSON: layer -> expert ids, or null), settings (JSON)
+    MetricRecord "metrics"    up only: num-examples (= tokens trained, FedAvg's weight) and the device's numbers
+so Flower's own FedAvg can average the uploads. The payload is then the arrays' bytes (`payload_bytes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from deepfusion.config import ConfigError, FederationConfig, default_config_path, load_config
 
+if TYPE_CHECKING:  # torch loads late on a node: a ClientApp process that only joins never imports it
+    from deepfusion.baselines.weights import WeightsPacket
+
 RECORD = "deepfusion"  # the ConfigRecord with our bytes and strings
 METRICS = "metrics"  # the MetricRecord with a device's numbers
+WEIGHTS = "weights"  # the ArrayRecord with a WeightsPacket's tensors
+NUM_EXAMPLES = "num-examples"  # FedAvg's weight (Flower's default weighted_by_key): tokens trained this round
+PAYLOAD = ("setup", "instruction", "packet")  # ConfigRecord values that are our payload bytes
 NO_SETUP = "has no setup for this run"  # a node says this when it must be set up (again) before it can train
 POLL_SECONDS = 0.2  # how often the server looks for replies (Grid.send_and_receive waits 3 s between looks)
 
@@ -40,6 +54,53 @@ def values(msg: Message) -> ConfigRecord:
 
 def metrics(msg: Message) -> dict:
     return dict(msg.content.metric_records.get(METRICS, {}))
+
+
+def payload_bytes(msg: Message) -> int:
+    """Our payload in a message: the Setup, instruction or packet value (the local engine's bytes exactly);
+    for weights, the arrays as Flower carries them (each tensor's fp32 data plus its 128-byte .npy header;
+    Flower's own measure of an ArrayRecord), where the local engine counts the same data in one safetensors
+    blob (one JSON header for every tensor)."""
+    ours = msg.content.config_records.get(RECORD, {})
+    arrays = sum(len(a.data) for record in msg.content.array_records.values() for a in record.values())
+    return arrays + sum(len(v) for k, v in ours.items() if k in PAYLOAD)
+
+
+def weights_content(packet: WeightsPacket, metrics: dict | None = None, **values) -> RecordDict:
+    """A WeightsPacket as Flower records (layout above); `metrics` (up) gains num-examples = packet.tokens."""
+    record = content(None if metrics is None else {**metrics, NUM_EXAMPLES: packet.tokens}, device=packet.device_id,
+                     round=packet.round, settings=json.dumps(packet.settings, sort_keys=True),
+                     hosted=json.dumps(None if packet.hosted is None else {str(k): v for k, v in packet.hosted.items()}),
+                     **values)
+    record[WEIGHTS] = ArrayRecord({name: Array(t.detach().to("cpu").float().contiguous().numpy())
+                                   for name, t in packet.tensors.items()})
+    return record
+
+
+def weights_packet(msg: Message) -> WeightsPacket:
+    """The WeightsPacket a message carries; a defect is a PacketError naming it (the server rejects the upload)."""
+    import torch
+
+    from deepfusion.baselines.weights import WeightsPacket
+    from deepfusion.knowledge import PacketError
+
+    try:
+        got = values(msg)
+        tensors = {name: torch.from_numpy(array.numpy()) for name, array in msg.content.array_records[WEIGHTS].items()}
+        hosted = json.loads(str(got["hosted"]))
+        return WeightsPacket(str(got["device"]), int(got["round"]), tensors, int(metrics(msg).get(NUM_EXAMPLES, 0)),
+                             None if hosted is None else {int(k): [int(e) for e in v] for k, v in hosted.items()},
+                             json.loads(str(got["settings"])))
+    except Exception as e:  # a malformed record from a node: any defect, named
+        raise PacketError(f"not a valid weights message ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def weights_digest(blob: bytes) -> str:
+    """sha256 of a WeightsPacket's bytes with its header's keys sorted: safetensors orders metadata by a hash map,
+    so equal packets may differ in bytes (knowledge packets canonicalise theirs; weights packets do not)."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True).encode()
+    return hashlib.sha256(header + blob[8 + n:]).hexdigest()
 
 
 def message_bytes(msg: Message) -> int:
