@@ -1,12 +1,17 @@
 """The DeepFusion ClientApp: one device on its own SuperNode.
 
-query.setup  the server's Setup (tokenizer, proxy, config) goes into Flower's node-local `context.state`;
-             the node answers with its device id. Light on purpose: no torch, so joining is quick.
-train        build or restore the device, train it on its own private data, label the proxy, answer with
-             the KnowledgePacket bytes (`deepfusion.node` and `deepfusion.device` do the work).
+query.setup    the server's Setup (tokenizer, proxy, config) goes into Flower's node-local `context.state`;
+               the node answers with its device id. Light on purpose: no torch, so joining is quick.
+train          knowledge methods: build or restore the device, train it on its own private data, label the
+               proxy, answer with the KnowledgePacket bytes (`deepfusion.node` and `deepfusion.device` work).
+query.host     hosting methods, once: build the host (its private data; what of the MoE fits its memory,
+               measured) and say so: the server then knows which experts it can send it.
+train.weights  hosting methods: rebuild the WeightsPacket from the ArrayRecord, run `hosting.host_round` on
+               its bytes (the local engine's device step), answer with the trained weights as an ArrayRecord
+               and num-examples (tokens trained), FedAvg's weight.
 
-The device persists across rounds: in the simulation the Ray actor that runs every device keeps it in
-`_DEVICES`; on a SuperNode, where Flower starts a fresh ClientApp process per message, `deepfusion.node`
+The device (or host) persists across rounds: in the simulation the Ray actor that runs every device keeps it
+in `_DEVICES`; on a SuperNode, where Flower starts a fresh ClientApp process per message, `deepfusion.node`
 saves it after every round under the node's state directory, which also lets a restarted SuperNode go on
 where its device was.
 
@@ -23,13 +28,14 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from deepfusion.engines.flower.wire import NO_SETUP, content, values
+from deepfusion.engines.flower.wire import NO_SETUP, content, values, weights_content, weights_packet
 
 if TYPE_CHECKING:
+    from deepfusion.baselines.hosting import Host
     from deepfusion.node import NodeDevice
 
 STATE = "deepfusion"  # our ConfigRecord in context.state: the Setup bytes and this node's device id
-_DEVICES: dict[tuple[int, str], NodeDevice] = {}  # (run id, device id) -> device, for this process's lifetime
+_DEVICES: dict[tuple[int, str], NodeDevice | Host] = {}  # (run id, device id) -> device, for this process's lifetime
 
 
 def make_app(data_dir: str | None = None) -> ClientApp:
@@ -51,11 +57,35 @@ def make_app(data_dir: str | None = None) -> ClientApp:
         node = _device(context, str(asked["device"]), data_dir)
         started = time.perf_counter()
         packet = run_round(node.device, Instruction.from_bytes(asked["instruction"]))
-        _keep(context, node)
+        _keep(context, str(asked["device"]), node)
         report = {**describe(node.device), **({"ppl_own_source": node.ppl_own_source()} if asked["final"] else {})}
         numbers = {"peak_mem_bytes": node.device.peak_mem_bytes, "tokens_trained": node.device.tokens_trained,
                    "local_loss": node.device.history[-1]["local_loss"], "seconds": time.perf_counter() - started}
         return Message(content(numbers, packet=packet.to_bytes(), report=json.dumps(report)), reply_to=msg)
+
+    @app.query("host")
+    def host(msg: Message, context: Context) -> Message:
+        from deepfusion.node import host_report
+
+        device = str(values(msg)["device"])
+        mine = _device(context, device, data_dir, host=True)
+        _keep(context, device, mine)
+        return Message(content({"peak_mem_bytes": mine.peak_mem_bytes}, report=json.dumps(host_report(mine))),
+                       reply_to=msg)
+
+    @app.train("weights")
+    def train_weights(msg: Message, context: Context) -> Message:
+        from deepfusion.baselines.hosting import host_round
+        from deepfusion.baselines.weights import WeightsPacket
+        from deepfusion.node import host_report
+
+        device = str(values(msg)["device"])
+        mine = _device(context, device, data_dir, host=True)
+        started = time.perf_counter()
+        up = WeightsPacket.from_bytes(host_round(mine, weights_packet(msg).to_bytes()))
+        _keep(context, device, mine)
+        numbers = {"peak_mem_bytes": mine.peak_mem_bytes, "seconds": time.perf_counter() - started}
+        return Message(weights_content(up, numbers, report=json.dumps(host_report(mine))), reply_to=msg)
 
     return app
 
@@ -83,9 +113,10 @@ def _state_dir(context: Context) -> Path | None:
     return cache_dir() / "nodes"
 
 
-def _device(context: Context, device_id: str, data_dir: str | None) -> NodeDevice:
-    """This node's device: kept in memory, restored from the state directory, or built from the Setup."""
-    from deepfusion.node import Setup, load_state, start_device
+def _device(context: Context, device_id: str, data_dir: str | None, host: bool = False) -> NodeDevice | Host:
+    """This node's device (a host, for the hosting methods): kept in memory, restored from the state
+    directory, or built from the Setup."""
+    from deepfusion.node import Setup, load_host, load_state, start_device, start_host
 
     if STATE not in context.state:
         raise RuntimeError(f"device {device_id!r}: this node {NO_SETUP} {context.run_id} (it restarted?); "
@@ -97,13 +128,14 @@ def _device(context: Context, device_id: str, data_dir: str | None) -> NodeDevic
     if (context.run_id, device_id) in _DEVICES:
         return _DEVICES[(context.run_id, device_id)]
     setup, where = Setup.from_bytes(bytes(mine["setup"])), _state_dir(context)
-    node = load_state(setup, device_id, where, str(context.run_id)) if where else None
-    return node or start_device(setup, device_id, str(context.node_config.get("data-dir", "")) or data_dir)
+    load, start = (load_host, start_host) if host else (load_state, start_device)
+    node = load(setup, device_id, where, str(context.run_id)) if where else None
+    return node or start(setup, device_id, str(context.node_config.get("data-dir", "")) or data_dir)
 
 
-def _keep(context: Context, node: NodeDevice) -> None:
-    _DEVICES[(context.run_id, node.device.cfg.id)] = node
+def _keep(context: Context, device_id: str, node: NodeDevice | Host) -> None:
+    _DEVICES[(context.run_id, device_id)] = node
     if where := _state_dir(context):
-        from deepfusion.node import save_state
+        from deepfusion.node import NodeDevice, save_host, save_state
 
-        save_state(node, where, str(context.run_id))
+        (save_state if isinstance(node, NodeDevice) else save_host)(node, where, str(context.run_id))

@@ -1,12 +1,14 @@
 """The DeepFusion ServerApp: Flower carries the messages, `deepfusion.server` does the science.
 
 The same recipe as engines/local.py: set up data and the global MoE, then per round: new nodes join,
-instructions out, packets back, `server_round` (validate, weight, distil; it applies min_devices),
-evaluate, checkpoint, log. Outputs are the local engine's (summary.json, metrics.jsonl, model/), with the
-Flower message bytes next to the payload bytes in comm_bytes.
+the devices' step, the server step, evaluate, checkpoint, log. Outputs are the local engine's
+(summary.json, metrics.jsonl, model/), with the Flower message bytes next to the payload bytes in comm_bytes.
 
-Knowledge methods exchange packets (`_knowledge_round`). A method that exchanges weights adds its own
-round function next to it: ArrayRecords down and up, aggregated with a Flower strategy.
+What a round exchanges depends on the method, as in the local engine:
+    knowledge methods  `_knowledge_round`: instructions out, packets back, `server_round` (validate, weight,
+                       distil; it applies min_devices)
+    hosting methods    `_hosting_round`: weights out and back as ArrayRecords, `hosting.receive` (validate),
+                       then Flower's FedAvg (fedavg-moe) or `hosting.average` (expert-subset)
 """
 
 from __future__ import annotations
@@ -18,18 +20,23 @@ from pathlib import Path
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import InconsistentMessageReplies
+from flwr.serverapp.strategy import FedAvg
 
-from deepfusion.config import ConfigError, FederationConfig, to_dict
+from deepfusion.baselines import hosting
+from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ConfigError, FederationConfig, to_dict
 from deepfusion.device import Instruction
 from deepfusion.engines.flower.roster import Roster
-from deepfusion.engines.flower.wire import RunSettings, run_settings
+from deepfusion.engines.flower.wire import (RunSettings, content, run_settings, weights_content, weights_digest,
+                                            weights_packet)
 from deepfusion.federation import append_metrics, prepare_data, save_checkpoint, summary, write_json_atomic
+from deepfusion.knowledge import PacketError
 from deepfusion.models import export_model, n_params, resolve_device
 from deepfusion.node import make_setup
 from deepfusion.server import build_server, evaluate, server_round, server_state
 
 log = logging.getLogger("deepfusion")
-FLOWER_METHODS = ("deepfusion", "plain-fkd", "device-kd")  # devices exchange knowledge packets
+FLOWER_METHODS = (*KNOWLEDGE_METHODS, *HOSTING_METHODS)  # the methods whose devices exchange something
 
 
 def make_app(cfg: FederationConfig | None = None, out_dir: Path | None = None, data_dir: str | None = None,
@@ -53,8 +60,8 @@ app = make_app()
 
 def check_method(cfg: FederationConfig) -> None:
     if cfg.method not in FLOWER_METHODS:
-        raise ConfigError(f"config error: method = {cfg.method!r} does not run on the flower engine yet; "
-                          f"it runs {', '.join(FLOWER_METHODS)} (devices exchange knowledge packets); "
+        raise ConfigError(f"config error: method = {cfg.method!r} does not run on the flower engine: its devices "
+                          f"send nothing over a network; the flower engine runs {', '.join(FLOWER_METHODS)}; "
                           "run this method with --engine local")
 
 
@@ -68,7 +75,9 @@ def run(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, 
     data = prepare_data(cfg, data_dir, private=False)  # the server never packs a device's private blocks
     server = build_server(cfg.server, cfg.method, len(data.tokenizer), data.proxy, [d.id for d in cfg.devices],
                           cfg.seed, torch_device)
-    roster = Roster(cfg, make_setup(cfg, data).to_bytes())
+    hosts = cfg.method in HOSTING_METHODS  # devices host (part of) the global MoE: its architecture goes in the Setup
+    roster = Roster(cfg, make_setup(cfg, data, server.model if hosts else None).to_bytes())
+    infos: dict[str, hosting.HostInfo] = {}  # hosting methods: what the server knows of each host
     log.info("global %s/%s: %.2fM params on %s; waiting for %d SuperNodes (%s)", cfg.server.family, cfg.server.size,
              n_params(server.model) / 1e6, torch_device, len(cfg.devices), [d.id for d in cfg.devices])
 
@@ -77,20 +86,27 @@ def run(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, 
     for r in range(1, cfg.rounds + 1):
         t_round = time.perf_counter()
         roster.join(grid, r, wait=s.node_timeout if r == 1 else 0.0, timeout=timeout)
-        result = _knowledge_round(grid, cfg, roster, server, r, timeout)
+        result = (_hosting_round(grid, cfg, roster, server, infos, r, timeout) if hosts
+                  else _knowledge_round(grid, cfg, roster, server, r, timeout))
         metrics = evaluate(server.model, data.test_sets, torch_device)
         records.append({"round": r, **metrics, **result, "seconds_round": round(time.perf_counter() - t_round, 2)})
         append_metrics(out_dir, records[-1])
         # the server's part of the local engine's checkpoint; device states stay on their nodes
         save_checkpoint(out_dir / "checkpoint" / "state.pt", {"config": to_dict(cfg), "round": r,
-                        "server": server_state(server), "comm": roster.per_device, "metrics": records})
+                        "server": server_state(server), "comm": roster.per_device, "metrics": records,
+                        "hosts": {d: {"experts": i.experts, "usage": i.usage} for d, i in infos.items()}})
         log.info("[ROUND %d/%d] ppl %s | accepted %d rejected %d | %.1fs", r, cfg.rounds, metrics["ppl"],
                  len(result["accepted"]), len(result["rejected"]), records[-1]["seconds_round"])
 
     export_model(server.model, data.tokenizer, out_dir / "model")
     side = roster.devices_side()
-    extra = {"global_params": n_params(server.model), "vocab_size": len(data.tokenizer), **side, "engine": "flower"}
-    result = summary(cfg, records[-1], roster.comm(), side.pop("peaks"), time.perf_counter() - start, extra)
+    for device, info in infos.items():  # the share of the MoE a host held, as the local engine reports it
+        if device in side["devices"]:
+            side["devices"][device]["hosted_share"] = round(hosting.hosted_share(server.model, info), 4)
+    peaks = side.pop("peaks")
+    extra = {"global_params": n_params(server.model), "vocab_size": len(data.tokenizer), **side, "engine": "flower",
+             "validation_ppl": evaluate(server.model, data.validation, torch_device)["ppl"]}  # as the local engine
+    result = summary(cfg, records[-1], roster.comm(), peaks, time.perf_counter() - start, extra)
     write_json_atomic(out_dir / "summary.json", result)
     return result
 
@@ -120,6 +136,61 @@ def _knowledge_round(grid: Grid, cfg: FederationConfig, roster: Roster, server, 
                     len(cfg.devices), len(payloads), missing, cfg.server.min_devices)
     return {**server_round(server, payloads, r), "bytes_up": sum(len(p) for p in payloads.values()),
             "seconds_devices": round(seconds_devices, 2)}
+
+
+def _hosting_round(grid: Grid, cfg: FederationConfig, roster: Roster, server, infos: dict[str, hosting.HostInfo],
+                   r: int, timeout: float) -> dict:
+    """Weights down, local training on the hosted MoE, weights up (ArrayRecords), the local engine's checks,
+    then FedAvg weighted by tokens trained: Flower's own (FedAvg.aggregate_train, weighted by num-examples)
+    for fedavg-moe; `hosting.average` for expert-subset, which averages each expert over the hosts that held
+    it (Flower's FedAvg averages every array over every reply). A device that joined since the last round
+    first says what it can host (query.host). As in the local engine, a failed host is not asked again."""
+    started = time.perf_counter()
+    ids = [d.id for d in cfg.devices]
+    new = [d for d in ids if d in roster.node_of and d not in infos]
+    for device in roster.send(grid, r, "query.host", lambda d: content(device=d), timeout, new, setup=True):
+        infos[device] = hosting.HostInfo(roster.info[device]["experts_per_layer"], offset=ids.index(device))
+    waiting = [d for d in new if d not in infos]
+    for device in waiting:
+        roster.miss(device, r, 0, 0, "it has not said what it can host (query.host failed)")
+    settings = {"steps": hosting.steps_per_host(cfg.server.steps, len(ids)), "batch_size": cfg.server.batch_size,
+                "lr": cfg.server.lr}  # the local engine's split of the round's steps over every configured host
+    sent = {d: hosting.offer(server.model, d, infos[d], r, settings) for d in ids if d in infos}
+    replies = roster.send(grid, r, "train.weights", lambda d: weights_content(sent[d]), timeout,
+                          [d for d in ids if d not in waiting])
+    seconds_devices = time.perf_counter() - started
+
+    payloads, rejected = {}, {}  # each upload as the local engine's WeightsPacket bytes, checked as it checks them
+    for device, reply in replies.items():
+        try:
+            payloads[device] = weights_packet(reply).to_bytes()
+        except PacketError as e:
+            rejected[device] = str(e)
+            log.warning("[ROUND %d] rejected weights of device %r: %s; the round goes on without it", r, device, e)
+            continue
+        roster.note(device, sha256=weights_digest(payloads[device]))  # equal weights, equal digests
+    uploads, refused = hosting.receive(payloads, sent, r)
+    rejected |= refused
+    result = {"accepted": sorted(uploads), "rejected": rejected,
+              "hosted": {d: sent[d].hosted for d in uploads if sent[d].hosted is not None},
+              "bytes_up": sum(e["up"] for d in ids for e in roster.per_device[d]["rounds"] if e["round"] == r),
+              "seconds_devices": round(seconds_devices, 2)}
+    if len(uploads) < cfg.server.min_devices:
+        log.warning("[ROUND %d/%d] expected at least %d valid uploads (server.min_devices), got %d: averaging "
+                    "skipped this round", r, cfg.rounds, cfg.server.min_devices, len(uploads))
+        return {**result, "skipped": True}
+    if cfg.method == "fedavg-moe":
+        try:
+            arrays, _ = FedAvg().aggregate_train(r, [replies[d] for d in uploads])
+        except InconsistentMessageReplies as e:
+            log.warning("[ROUND %d/%d] Flower's FedAvg refused the replies (%s): averaging skipped this round",
+                        r, cfg.rounds, e)
+            return {**result, "skipped": True}
+        server.model.load_state_dict(arrays.to_torch_state_dict())
+    else:
+        hosting.average(server.model, uploads)
+    hosting.note_usage(infos, uploads)
+    return result
 
 
 def _instruction(cfg: FederationConfig, device: str, r: int, n_proxy: int) -> bytes:
