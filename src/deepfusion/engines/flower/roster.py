@@ -121,11 +121,9 @@ class Roster:
             answer = values(reply)
             if "report" in answer:
                 self.info[device] = {**json.loads(str(answer["report"])), **metrics(reply)}
-            if setup:
-                self._count(self.per_device[device]["setup"], payload_bytes(msg), payload_bytes(reply), msg, reply, device)
-            else:
-                entry = {"round": r}
-                self._count(entry, payload_bytes(msg), payload_bytes(reply), msg, reply, device)
+            entry = self.per_device[device]["setup"] if setup else {"round": r}
+            self._count(entry, payload_bytes(msg), payload_bytes(reply), msg, reply, device)
+            if not setup:
                 self.per_device[device]["rounds"].append(entry)
             answered[device] = reply
         return answered

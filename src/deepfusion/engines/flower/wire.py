@@ -68,10 +68,10 @@ def payload_bytes(msg: Message) -> int:
 
 def weights_content(packet: WeightsPacket, metrics: dict | None = None, **values) -> RecordDict:
     """A WeightsPacket as Flower records (layout above); `metrics` (up) gains num-examples = packet.tokens."""
+    hosted = None if packet.hosted is None else {str(layer): ids for layer, ids in packet.hosted.items()}
     record = content(None if metrics is None else {**metrics, NUM_EXAMPLES: packet.tokens}, device=packet.device_id,
                      round=packet.round, settings=json.dumps(packet.settings, sort_keys=True),
-                     hosted=json.dumps(None if packet.hosted is None else {str(k): v for k, v in packet.hosted.items()}),
-                     **values)
+                     hosted=json.dumps(hosted), **values)
     record[WEIGHTS] = ArrayRecord({name: Array(t.detach().to("cpu").float().contiguous().numpy())
                                    for name, t in packet.tensors.items()})
     return record
