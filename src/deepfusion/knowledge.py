@@ -147,7 +147,7 @@ class KnowledgePacket:
         # repr() of a float round-trips exactly; str() of an int is plain decimal
         meta = {key: (repr(float(getattr(self, key))) if typ is float else str(getattr(self, key)))
                 for key, typ in _META_FIELDS.items()}
-        return _canonical(safetensors.numpy.save(arrays, metadata=meta))
+        return canonical_safetensors(safetensors.numpy.save(arrays, metadata=meta))
 
     @classmethod
     def from_bytes(cls, data: bytes, max_bytes: int = 64 << 20) -> "KnowledgePacket":
@@ -173,7 +173,7 @@ class KnowledgePacket:
         return p
 
 
-def _canonical(blob: bytes) -> bytes:
+def canonical_safetensors(blob: bytes) -> bytes:
     """Rewrite the safetensors header with sorted keys: safetensors orders metadata by a hash map, so equal
     packets would otherwise give different bytes, and engines compare packets byte for byte."""
     n = int.from_bytes(blob[:8], "little")

@@ -107,12 +107,14 @@ def fit_experts(global_config: PretrainedConfig, budget: int, batch: torch.Tenso
                                 batch, moe_loss)
 
     lo, hi = global_config.num_experts_per_tok, global_config.num_experts
-    if peak(lo) > budget:
-        return lo, peak(lo)
+    peaks = {lo: peak(lo)}
+    if peaks[lo] > budget:
+        return lo, peaks[lo]
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if peak(mid) <= budget else (lo, mid - 1)
-    return lo, peak(lo)
+        peaks[mid] = peak(mid)
+        lo, hi = (mid, hi) if peaks[mid] <= budget else (lo, mid - 1)
+    return lo, peaks[lo]
 
 
 def host_round(host: Host, down: bytes) -> bytes:

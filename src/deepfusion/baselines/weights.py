@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import safetensors.torch
 import torch
 
-from deepfusion.knowledge import PacketError
+from deepfusion.knowledge import PacketError, canonical_safetensors
 
 WEIGHTS_VERSION = 1
 
@@ -36,7 +36,7 @@ class WeightsPacket:
                 "tokens": str(self.tokens), "settings": json.dumps(self.settings, sort_keys=True),
                 "hosted": json.dumps(None if self.hosted is None else {str(k): v for k, v in self.hosted.items()})}
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.tensors.items()}
-        return safetensors.torch.save(tensors, metadata=meta)
+        return canonical_safetensors(safetensors.torch.save(tensors, metadata=meta))  # equal packets, equal bytes
 
     @classmethod
     def from_bytes(cls, data: bytes, max_bytes: int = 1 << 32) -> WeightsPacket:
