@@ -43,6 +43,14 @@ def test_quick_bench_on_the_smoke_federation(tmp_path, data_dir, monkeypatch):
     kd = rows["qwen_moe", "device-kd"]
     assert kd["bytes_per_device_round"] == rows["deepseek_moe", "deepfusion"]["bytes_per_device_round"]  # same uploads
     assert rows["qwen_moe", "fedavg-moe"]["bytes_per_device_round"] > rows["qwen_moe", "expert-subset"]["bytes_per_device_round"] > kd["bytes_per_device_round"]
+    # local-only is read off the knowledge run's devices: it equals a real local-only run
+    from deepfusion.config import load_config
+    from deepfusion.engines.local import run
+
+    cfg = load_config(config)
+    cfg.method = "local-only"
+    real = run(cfg, tmp_path / "local-only", progress=False)
+    assert rows["qwen_moe", "local-only"]["ppl"] == pytest.approx(real["ppl"], rel=1e-3)
     # a second bench over the same directory reuses every run
     mtime = (out / "runs" / "main" / "qwen_moe" / "deepfusion-s0" / "summary.json").stat().st_mtime
     assert main(["bench", "--profile", "quick", "--out", str(out), "--config", str(config)]) == 0

@@ -67,8 +67,20 @@ def row(summary: dict, out: Path, family: str, tag: str) -> dict:
         # a replayed run did not spend its devices' time again: add what the recording measured
         "wall_seconds": summary["wall_seconds"] + (device_seconds if "replayed_from" in summary else 0),
         "ppl_by_round": [x["ppl"] for x in lines], "bytes_by_round": [x["bytes_up"] for x in lines],
-        "devices": summary.get("devices", {}),
+        "devices": summary.get("devices", {}), "converged": summary.get("converged"),
     }
+
+
+def local_only_row(knowledge: dict) -> dict:
+    """local-only, read off a knowledge run: its devices trained exactly as local-only's do (labelling the proxy
+    does not change a model), and each reported its own model's perplexity on its domain's test text. A
+    domain's figure is the mean over its devices, as `deepfusion run --method local-only` reports it."""
+    by_domain: dict[str, list[float]] = {}
+    for d in knowledge["devices"].values():
+        by_domain.setdefault(d["domain"], []).append(d["ppl_own_domain"])
+    return {**knowledge, "method": "local-only", "lam": None, "validation_ppl": None, "bytes_total": 0,
+            "bytes_per_device_round": 0, "ppl_by_round": [], "bytes_by_round": [], "wall_seconds": 0.0,
+            "ppl": {d: round(statistics.fmean(v), 2) for d, v in by_domain.items()}}
 
 
 def tune_lambda(base: FederationConfig, root: Path, family: str, method: str) -> float:
@@ -93,9 +105,9 @@ def main_table(base: FederationConfig, root: Path, seeds: list[int], tune: bool)
     for seed in seeds:
         for family in FAMILIES:
             for method in METHODS:
-                if method == "local-only" and family != FAMILIES[0]:
-                    rows.append({**next(r for r in rows if r["method"] == "local-only" and r["seed"] == seed),
-                                 "family": family})  # the devices do not depend on the global family
+                if method == "local-only":  # the knowledge runs' devices are local-only's: same seeds, same steps
+                    rows.append(local_only_row(next(r for r in rows if (r["method"], r["family"], r["seed"]) ==
+                                                    ("deepfusion", family, seed))))
                     continue
                 lam = lams.get((family, method), base.server.lam)
                 rows.append(run_one(base, root, family, method, seed, change=lambda c, lam=lam: setattr(c.server, "lam", lam)))
@@ -154,7 +166,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
         groups.setdefault((r["tag"], r["family"], r["method"]), []).append(r)
     out = []
     for (tag, family, method), rs in groups.items():
-        line = {"tag": tag, "family": family, "method": method, "seeds": sorted(r["seed"] for r in rs), "lam": rs[0]["lam"]}
+        line = {"tag": tag, "family": family, "method": method, "seeds": sorted(r["seed"] for r in rs), "lam": rs[0]["lam"],
+                "capped": any(r.get("converged") is False for r in rs)}
         for domain in ("medical", "finance"):
             line[f"ppl_{domain}"] = mean_std([r["ppl"][domain] for r in rs])
         for key in ("bytes_total", "bytes_per_device_round", "device_peak_mem_bytes", "wall_seconds"):

@@ -39,6 +39,8 @@ def table(results: dict, tag: str = "") -> list[str]:
                   "bytes total | bytes / device / round | device peak memory | wall s |", "|" + "---|" * 9]
         for method, t in rows.items():
             n = len(t["seeds"])
+            if t.get("capped"):
+                method += " (max_rounds reached)"
             rel = " / ".join(f"{100 * (t[f'ppl_{d}'][0] / top[f'ppl_{d}'][0] - 1):+.1f}%" for d in ("medical", "finance")) if top else "-"
             lam = f"{t['lam']:g}" if method in ("deepfusion", "device-kd", "plain-fkd") else "-"
             lines.append(f"| {method} | {lam} | {_pm(t['ppl_medical'], n)} | {_pm(t['ppl_finance'], n)} | {rel} | "
@@ -130,7 +132,7 @@ def plot(results: dict, out: Path) -> list[Path]:
     for family in dict.fromkeys(r["family"] for r in main):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, domain in zip(axes, ("medical", "finance")):
-            for r in (r for r in main if r["family"] == family):
+            for r in (r for r in main if r["family"] == family and r["ppl_by_round"]):
                 ys = [p[domain] for p in r["ppl_by_round"]]
                 ax.plot(range(1, len(ys) + 1), ys, marker="o", ms=3, label=r["method"])
             ax.set(title=f"{family}: {domain}", xlabel="round", ylabel="test perplexity", yscale="log")

@@ -154,7 +154,8 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
     if stopper:  # the best round's weights are the converged model
         server.model.load_state_dict(stopper.best_state)
         last = evaluate(server.model, data.test_sets, torch_device)
-        extra |= {"best_round": stopper.best_round, "steps": stopper.best_round * cfg.server.steps}
+        extra |= {"best_round": stopper.best_round, "steps": stopper.best_round * cfg.server.steps,
+                  "converged": len(records) < rounds}  # False: max_rounds ended it, not patience
     if method != "local-only":  # validation text is what the benchmark tunes λ on, never the test split
         extra["validation_ppl"] = evaluate(server.model, data.validation, torch_device)["ppl"]
         export_model(server.model, data.tokenizer, out_dir / "model")
@@ -310,9 +311,9 @@ def local_only_eval(devices: dict[str, Device], data: FederationData) -> dict:
 
 def _device_report(device: Device, data: FederationData) -> dict:
     """A device's description and its own model's perplexity on its source and on its whole domain."""
-    own = evaluate(device.model, domain_tests(data, device.cfg.source), device.torch_device)
+    (domain, ppl), = evaluate(device.model, domain_tests(data, device.cfg.source), device.torch_device)["ppl"].items()
     return {**describe(device), "ppl_own_source": round(evaluate_device(device, data.test_sets[device.cfg.source][1]), 2),
-            "ppl_own_domain": next(iter(own["ppl"].values()))}
+            "domain": domain, "ppl_own_domain": ppl}
 
 
 # ---- checkpoint ---------------------------------------------------------------------------------------
