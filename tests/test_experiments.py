@@ -34,12 +34,14 @@ def test_quick_bench_on_the_smoke_federation(tmp_path, data_dir, monkeypatch):
     got = {(r["family"], r["method"]) for r in results["rows"]}
     assert got == {(f, m) for f in FAMILIES for m in METHODS}
     with open(out / "results.csv") as f:
-        assert len(list(csv.DictReader(f))) == len(FAMILIES) * len(METHODS)
+        lines = list(csv.DictReader(f))
+    assert len([x for x in lines if not x["tag"]]) == len(FAMILIES) * len(METHODS)
+    assert {x["method"] for x in lines if x["tag"].startswith("host_steps")} == {"fedavg-moe", "expert-subset"}
     md = (out / "RESULTS.md").read_text()
     assert "## Targets" in md and md.count("| deepfusion |") == len(FAMILIES)
     for png in ("ppl_per_round_qwen_moe", "ppl_per_round_deepseek_moe", "bytes_per_round", "device_peak_memory"):
         assert (out / f"{png}.png").stat().st_size > 5000
-    rows = {(r["family"], r["method"]): r for r in results["rows"]}
+    rows = {(r["family"], r["method"]): r for r in results["rows"] if not r["tag"]}
     kd = rows["qwen_moe", "device-kd"]
     assert kd["bytes_per_device_round"] == rows["deepseek_moe", "deepfusion"]["bytes_per_device_round"]  # same uploads
     assert rows["qwen_moe", "fedavg-moe"]["bytes_per_device_round"] > rows["qwen_moe", "expert-subset"]["bytes_per_device_round"] > kd["bytes_per_device_round"]

@@ -117,10 +117,12 @@ class ServerConfig:
     vaa_dim: int = 16  # key/query width per head: small, so a view can express little but its view
     vaa_mix: float = 0.5  # share of each device's KD weight on its VAA view (the rest on the final head)
     vaa_positions: float = 0.25  # share of each batch's positions the views are trained on (they are few numbers)
+    vaa_lr_scale: float = 1.0  # the views' learning rate, as a multiple of lr
     reliability: bool = True  # weight devices by their agreement with the proxy's next tokens
     min_devices: int = 1  # a round needs at least this many valid packets to distil
     device_timeout: float = 0.0  # seconds a device may take per round before its answer is dropped (0: no limit)
     round_retries: int = 0  # below min_devices answers, ask the failed / timed-out devices again this often, then skip
+    host_steps: int = 0  # fedavg-moe / expert-subset: local steps per host per round; 0: steps split over hosts (matched tokens)
     patience: int = 3  # centralized-converged: rounds without a better validation perplexity before it stops
     max_rounds: int = 40  # centralized-converged: the most rounds it may train, converged or not
 
@@ -132,7 +134,7 @@ class ServerConfig:
         if self.pretrained is None and self.size not in MOE_PRESETS[self.family]:
             _fail("server", "size", self.size, f"allowed for {self.family}: {', '.join(MOE_PRESETS[self.family])}")
         for key, lo in (("steps", 0), ("batch_size", 1), ("topk", 1), ("vaa_stages", 1), ("vaa_heads", 1),
-                        ("vaa_dim", 1), ("min_devices", 1), ("round_retries", 0), ("patience", 1), ("max_rounds", 1)):
+                        ("vaa_dim", 1), ("min_devices", 1), ("round_retries", 0), ("host_steps", 0), ("patience", 1), ("max_rounds", 1)):
             if getattr(self, key) < lo:
                 _fail("server", key, getattr(self, key), f"must be >= {lo}")
         if not self.lr > 0:
@@ -145,6 +147,8 @@ class ServerConfig:
             _fail("server", "vaa_mix", self.vaa_mix, "must be in [0, 1]")
         if not self.device_timeout >= 0:
             _fail("server", "device_timeout", self.device_timeout, "must be >= 0 seconds (0: no limit)")
+        if not self.vaa_lr_scale > 0:
+            _fail("server", "vaa_lr_scale", self.vaa_lr_scale, "must be > 0 (a multiple of lr)")
         if not 0.0 < self.vaa_positions <= 1.0:
             _fail("server", "vaa_positions", self.vaa_positions, "must be in (0, 1]")
 

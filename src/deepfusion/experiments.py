@@ -71,6 +71,15 @@ def row(summary: dict, out: Path, family: str, tag: str) -> dict:
     }
 
 
+def host_steps_rows(base: FederationConfig, root: Path, seeds: list[int]) -> list[dict]:
+    """fedavg-moe and expert-subset given each device's own local_steps per round instead of a share of the
+    matched budget (qwen_moe): K times the tokens, to show what the matched budget costs them."""
+    steps = max(d.local_steps for d in base.devices)
+    return [run_one(base, root, "qwen_moe", method, seed, tag=f"host_steps={steps}",
+                    change=lambda c: setattr(c.server, "host_steps", steps))
+            for seed in seeds for method in ("fedavg-moe", "expert-subset")]
+
+
 def local_only_row(knowledge: dict) -> dict:
     """local-only, read off a knowledge run: its devices trained exactly as local-only's do (labelling the proxy
     does not change a model), and each reported its own model's perplexity on its domain's test text. A
@@ -99,9 +108,9 @@ def tune_lambda(base: FederationConfig, root: Path, family: str, method: str) ->
 def main_table(base: FederationConfig, root: Path, seeds: list[int], tune: bool) -> tuple[list[dict], dict]:
     """Every method x family x seed. The deepfusion run of each seed records the devices' uploads first."""
     rows, lams = [], {}
-    for family in FAMILIES:
+    for family in FAMILIES if tune else ():
         for method in ("deepfusion", "device-kd", "plain-fkd"):
-            lams[family, method] = tune_lambda(base, root, family, method) if tune else base.server.lam
+            lams[family, method] = tune_lambda(base, root, family, method)
     for seed in seeds:
         for family in FAMILIES:
             for method in METHODS:
@@ -176,14 +185,17 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
-def paired(rows: list[dict], a: str, b: str, family: str, tag: str = "") -> dict:
-    """Per domain: mean ± std over seeds of (ppl_a / ppl_b - 1) in %, same seed paired; negative: a wins."""
-    by = {(r["method"], r["seed"]): r for r in rows if r["family"] == family and r["tag"] == tag}
-    seeds = sorted(s for m, s in by if m == a and (b, s) in by)
+def paired(rows: list[dict], a: str, b: str, family: str, tag: str = "", tag_b: str | None = None) -> dict:
+    """Per domain: mean ± std over seeds of (ppl_a / ppl_b - 1) in %, same seed paired; negative: a wins.
+    a's runs come from `tag`, b's from `tag_b` (default: the same tag)."""
+    tag_b = tag if tag_b is None else tag_b
+    runs = {(r["method"], r["tag"], r["seed"]): r for r in rows if r["family"] == family}
+    seeds = sorted(s for m, t, s in runs if (m, t) == (a, tag) and (b, tag_b, s) in runs)
     diffs = {}
     for domain in ("medical", "finance"):
-        diffs[domain] = mean_std([100 * (by[a, s]["ppl"][domain] / by[b, s]["ppl"][domain] - 1) for s in seeds]) if seeds else None
-    return {"a": a, "b": b, "family": family, "tag": tag, "seeds": seeds, "pct": diffs}
+        diffs[domain] = mean_std([100 * (runs[a, tag, s]["ppl"][domain] / runs[b, tag_b, s]["ppl"][domain] - 1)
+                                  for s in seeds]) if seeds else None
+    return {"a": a, "b": b, "family": family, "tag": tag_b, "seeds": seeds, "pct": diffs}
 
 
 def run_bench(profile: str, out: Path, config: Path | None = None, seeds: list[int] | None = None) -> dict:
@@ -200,11 +212,16 @@ def run_bench(profile: str, out: Path, config: Path | None = None, seeds: list[i
     seeds = seeds or ([0] if profile == "quick" else [0, 1, 2])
     start = time.perf_counter()
     rows, lams = main_table(base, out, seeds, tune=profile == "full")
-    extra = sweep(base, out, seeds, "ablation", ABLATIONS) + sweep(base, out, seeds, "hetero", HETEROGENEITY) \
-        if profile == "full" else []
+    extra = host_steps_rows(base, out, seeds)
+    if profile == "full":
+        extra += sweep(base, out, seeds, "ablation", ABLATIONS) + sweep(base, out, seeds, "hetero", HETEROGENEITY)
     pairs = [paired(rows, "deepfusion", b, f) for f in FAMILIES for b in ("device-kd", "plain-fkd", "fedavg-moe",
                                                                           "expert-subset", "centralized-converged")]
-    pairs += [paired(extra, "deepfusion", "device-kd", "qwen_moe", tag) for tag in sorted({r["tag"] for r in extra})]
+    for tag in sorted({r["tag"] for r in extra}):
+        if tag.startswith("host_steps"):  # main deepfusion against the hosts given more steps
+            pairs += [paired(rows + extra, "deepfusion", m, "qwen_moe", "", tag) for m in ("fedavg-moe", "expert-subset")]
+        else:
+            pairs.append(paired(extra, "deepfusion", "device-kd", "qwen_moe", tag))
     results = {"profile": profile, "config": str(config or default_config_path("bench-quick")), "seeds": seeds,
                "lambda": lams, "rows": rows + extra, "table": aggregate(rows + extra), "paired": pairs,
                "bench_seconds": round(time.perf_counter() - start, 1)}

@@ -106,7 +106,7 @@ def write(results: dict, out: Path, command: str | None = None) -> None:
           "(replayed knowledge runs add the recording's). Mean ± std over seeds where there are several.",
           "## Methods", *table(results), "", "## Targets", *targets(results), "",
           "## Paired differences (same seed, same device uploads)", *paired_lines(results), ""]
-    for tag in sorted({t["tag"] for t in results["table"] if t["tag"].startswith(("ablation", "hetero"))}):
+    for tag in sorted({t["tag"] for t in results["table"] if t["tag"]}):
         md += [f"## {tag}", *table(results, tag), ""]
     if results.get("lambda"):
         md += ["## λ tuned on validation text (seed 0)", "", *[f"- {k}: λ = {v}" for k, v in results["lambda"].items()], ""]

@@ -69,8 +69,10 @@ def build_server(cfg: ServerConfig, method: str, vocab_size: int, proxy: torch.T
     if method == "deepfusion":
         vaa = ViewAlignedAttention(model.config.hidden_size, len(device_ids), len(layers), cfg.vaa_heads,
                                    cfg.vaa_dim).to(torch_device)
-    params = list(model.parameters()) + (list(vaa.parameters()) if vaa else [])
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    groups = [{"params": list(model.parameters())}]
+    if vaa:  # a view is a few numbers that must find its device's calibration within a few hundred steps
+        groups.append({"params": list(vaa.parameters()), "lr": cfg.lr * cfg.vaa_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
     return Server(cfg, method, model, vaa, layers, optimizer, proxy, device_ids, generator, torch_device)
 

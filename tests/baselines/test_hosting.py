@@ -136,3 +136,11 @@ def test_hosting_methods_on_the_smoke_federation(smoke_config, tmp_path, method)
         assert all(lines[1]["hosted"][d] for d in per)
     assert all(v > 0 for v in summary["device_peak_mem_bytes"].values())
     assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_hosts_split_the_matched_budget_unless_given_their_own_steps():
+    from deepfusion.config import ServerConfig
+
+    assert hosting.steps_per_host(ServerConfig(steps=50), 6) == 9  # 6 x 9 >= 50 blocks-steps, as one server round
+    assert hosting.steps_per_host(ServerConfig(steps=4), 8) == 1
+    assert hosting.steps_per_host(ServerConfig(steps=50, host_steps=30), 6) == 30

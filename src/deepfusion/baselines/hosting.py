@@ -10,7 +10,9 @@ expert-subset  a device hosts every parameter that is not a routed expert (embed
                and every other parameter over all devices.
 
 Token budget: a round trains the global model on server.steps x server.batch_size private blocks in all,
-split evenly over the round's devices: the blocks one distillation round's server step sees.
+split evenly over the round's devices: the blocks one distillation round's server step sees. (FedAvg
+averages the devices' parallel steps, so per token it progresses less than one server step; server.host_steps
+gives every host more steps, and the global model more tokens, to show that this is not all that holds it back.)
 
 A round, as a recipe:
     sent = offer(model, host_info, round)         server: the hosted weights (+ full routers) as a packet
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from deepfusion.baselines.weights import WeightsPacket, validate_upload
-from deepfusion.config import DeviceConfig
+from deepfusion.config import DeviceConfig, ServerConfig
 from deepfusion.device import train_peak_bytes
 from deepfusion.knowledge import PacketError
 from deepfusion.models import autocast, build_device_model
@@ -262,6 +264,7 @@ def hosted_share(model: PreTrainedModel, info: HostInfo) -> float:
     return hosted / total
 
 
-def steps_per_host(total_steps: int, hosts: int) -> int:
-    """Split the round's server steps evenly over its hosts (at least one step each)."""
-    return max(1, math.ceil(total_steps / max(hosts, 1)))
+def steps_per_host(cfg: ServerConfig, hosts: int) -> int:
+    """Local steps of each host this round: server.host_steps if set, else the round's server.steps split
+    evenly over its hosts (at least one each), so the global model trains on the matched token budget."""
+    return cfg.host_steps or max(1, math.ceil(cfg.steps / max(hosts, 1)))

@@ -253,7 +253,7 @@ def _hosting_round(cfg: FederationConfig, server, hosts: dict[str, hosting.Host]
                    r: int, per_device: dict, tick) -> dict:
     """Weights down, local training on the hosted MoE, weights up, FedAvg (per expert for expert-subset)."""
     t0 = time.perf_counter()
-    settings = {"steps": hosting.steps_per_host(cfg.server.steps, len(hosts)), "batch_size": cfg.server.batch_size,
+    settings = {"steps": hosting.steps_per_host(cfg.server, len(hosts)), "batch_size": cfg.server.batch_size,
                 "lr": cfg.server.lr}
     sent = {d: hosting.offer(server.model, d, infos[d], r, settings) for d in hosts}
     payloads = _exchange(cfg, r, per_device, tick, lambda d: sent[d].to_bytes(),

@@ -153,7 +153,7 @@ def _hosting_round(grid: Grid, cfg: FederationConfig, roster: Roster, server, in
     waiting = [d for d in new if d not in infos]
     for device in waiting:
         roster.miss(device, r, 0, 0, "it has not said what it can host (query.host failed)")
-    settings = {"steps": hosting.steps_per_host(cfg.server.steps, len(ids)), "batch_size": cfg.server.batch_size,
+    settings = {"steps": hosting.steps_per_host(cfg.server, len(ids)), "batch_size": cfg.server.batch_size,
                 "lr": cfg.server.lr}  # the local engine's split of the round's steps over every configured host
     sent = {d: hosting.offer(server.model, d, infos[d], r, settings) for d in ids if d in infos}
     replies = roster.send(grid, r, "train.weights", lambda d: weights_content(sent[d]), timeout,
