@@ -133,3 +133,23 @@ def test_server_state_round_trips_to_identical_training():
     for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(x, y), name
     assert torch.equal(a.vaa.gate, b.vaa.gate)
+
+
+def test_vaa_final_average_puts_plain_fkds_teacher_on_the_final_head():
+    """With vaa_final = "average" and no weight on the views, deepfusion's loss is plain-fkd's."""
+    from deepfusion.server import kd_loss
+
+    df = make_server("deepfusion", vaa_final="average", vaa_mix=0.0)
+    fkd = make_server("plain-fkd")
+    packets = {d: packet_for(df, d) for d in DEVICES}
+    targets = stack_targets(df, packets)
+    weights = reliability_weights(df, targets)
+    single = aggregate(targets, weights, V, 4)
+    targets.final = aggregate(targets, weights, V, 4)
+    idx = torch.tensor([0, 3])
+    out = df.model(input_ids=df.proxy[idx], output_hidden_states=True)
+    mixed = kd_loss(df, out, idx, targets, weights)
+    alone = kd_loss(fkd, out, idx, single, torch.ones(1, P))
+    assert torch.allclose(mixed, alone)
+    targets.final = None  # per device again: a different loss
+    assert not torch.allclose(kd_loss(df, out, idx, targets, weights), alone)

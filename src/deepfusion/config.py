@@ -118,6 +118,7 @@ class ServerConfig:
     vaa_mix: float = 0.5  # share of each device's KD weight on its VAA view (the rest on the final head)
     vaa_positions: float = 0.25  # share of each batch's positions the views are trained on (they are few numbers)
     vaa_lr_scale: float = 1.0  # the views' learning rate, as a multiple of lr
+    vaa_final: str = "devices"  # deepfusion's final-head term: per device ("devices") or vs their average ("average")
     reliability: bool = True  # weight devices by their agreement with the proxy's next tokens
     min_devices: int = 1  # a round needs at least this many valid packets to distil
     device_timeout: float = 0.0  # seconds a device may take per round before its answer is dropped (0: no limit)
@@ -147,6 +148,8 @@ class ServerConfig:
             _fail("server", "vaa_mix", self.vaa_mix, "must be in [0, 1]")
         if not self.device_timeout >= 0:
             _fail("server", "device_timeout", self.device_timeout, "must be >= 0 seconds (0: no limit)")
+        if self.vaa_final not in ("devices", "average"):
+            _fail("server", "vaa_final", self.vaa_final, "allowed: devices, average")
         if not self.vaa_lr_scale > 0:
             _fail("server", "vaa_lr_scale", self.vaa_lr_scale, "must be > 0 (a multiple of lr)")
         if not 0.0 < self.vaa_positions <= 1.0:

@@ -58,6 +58,7 @@ class Targets:
     ids: torch.Tensor  # (K, P, T-1, k) long
     probs: torch.Tensor  # (K, P, T-1, k) float
     tail: torch.Tensor  # (K, P, T-1) float
+    final: Targets | None = None  # deepfusion with vaa_final = "average": the final head's single teacher
 
 
 def build_server(cfg: ServerConfig, method: str, vocab_size: int, proxy: torch.Tensor, device_ids: list[str],
@@ -178,16 +179,24 @@ def router_aux_loss(model: PreTrainedModel, router_logits) -> torch.Tensor:
     return coef * load_balancing_loss_func(router_logits, num_experts, cfg.num_experts_per_tok)
 
 
+def _batch(targets: Targets, weights: torch.Tensor, blocks_idx: torch.Tensor, device: torch.device):
+    """The batch's rows of the round's targets: ids, probs (K, N, k), tail, weights (K, N), N = B*(T-1)."""
+    T1 = targets.ids.shape[2]
+    pick = lambda t: t[:, blocks_idx].flatten(1, 2).to(device)  # noqa: E731
+    w = weights[:, blocks_idx].unsqueeze(-1).expand(-1, -1, T1).flatten(1, 2).to(device)
+    return pick(targets.ids), pick(targets.probs), pick(targets.tail), w
+
+
 def kd_loss(server: Server, out, blocks_idx: torch.Tensor, targets: Targets, weights: torch.Tensor) -> torch.Tensor:
     """λ-free distillation term for one batch; T² keeps gradients comparable across temperatures."""
     T = server.cfg.temperature
-    B, L = out.logits.shape[:2]
     final = out.logits[:, :-1].flatten(0, 1)  # (N, V), N = B*(T-1)
-    ids = targets.ids[:, blocks_idx].flatten(1, 2).to(final.device)  # (K, N, k)
-    probs = targets.probs[:, blocks_idx].flatten(1, 2).to(final.device)  # (K, N, k)
-    tail = targets.tail[:, blocks_idx].flatten(1, 2).to(final.device)  # (K, N)
-    w = weights[:, blocks_idx].unsqueeze(-1).expand(-1, -1, L - 1).flatten(1, 2).to(final.device)  # (K, N)
-    loss = topk_kl_shared(final.float() / T, ids, probs, tail, w)  # every device vs the final head
+    ids, probs, tail, w = _batch(targets, weights, blocks_idx, final.device)  # (K, N, k) x2, (K, N) x2
+    if targets.final is None:
+        loss = topk_kl_shared(final.float() / T, ids, probs, tail, w)  # every device vs the final head
+    else:  # the devices' weighted average vs the final head; each device still has its view below
+        one = torch.ones(1, weights.shape[1])
+        loss = topk_kl_shared(final.float() / T, *_batch(targets.final, one, blocks_idx, final.device))
     if server.vaa is not None:
         # A view is a few numbers: a sample of positions trains it, at a fraction of K vocab-wide KLs.
         n = max(1, int(server.cfg.vaa_positions * final.shape[0]))
@@ -241,6 +250,8 @@ def server_round(server: Server, payloads: dict[str, bytes], round: int) -> dict
     if server.method == "plain-fkd":
         targets = aggregate(targets, weights, server.model.config.vocab_size, server.cfg.topk)
         weights = torch.ones(1, weights.shape[1])
+    elif server.vaa is not None and server.cfg.vaa_final == "average":
+        targets.final = aggregate(targets, weights, server.model.config.vocab_size, server.cfg.topk)
     losses = distill(server, targets, weights, server.cfg.steps)
     result = {"accepted": sorted(packets), "rejected": rejected, "losses": losses,
               "device_weight": {server.device_ids[v]: round_(float(weights[i].mean()))
