@@ -198,6 +198,12 @@ def paired(rows: list[dict], a: str, b: str, family: str, tag: str = "", tag_b: 
     return {"a": a, "b": b, "family": family, "tag": tag_b, "seeds": seeds, "pct": diffs}
 
 
+def _shown(path: Path) -> str:
+    """A path as a reader of RESULTS.md can use it: relative to the working directory when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def run_bench(profile: str, out: Path, config: Path | None = None, seeds: list[int] | None = None) -> dict:
     """Run a profile and write its results; returns the results object."""
     from deepfusion import report
@@ -222,7 +228,7 @@ def run_bench(profile: str, out: Path, config: Path | None = None, seeds: list[i
             pairs += [paired(rows + extra, "deepfusion", m, "qwen_moe", "", tag) for m in ("fedavg-moe", "expert-subset")]
         else:
             pairs.append(paired(extra, "deepfusion", "device-kd", "qwen_moe", tag))
-    results = {"profile": profile, "config": str(config or default_config_path("bench-quick")), "seeds": seeds,
+    results = {"profile": profile, "config": _shown(config or default_config_path("bench-quick")), "seeds": seeds,
                "lambda": lams, "rows": rows + extra, "table": aggregate(rows + extra), "paired": pairs,
                "bench_seconds": round(time.perf_counter() - start, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=1))

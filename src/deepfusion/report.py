@@ -103,8 +103,13 @@ def write(results: dict, out: Path, command: str | None = None) -> None:
           "Perplexity is token perplexity on held-out test text per domain; `vs centralized` is relative to "
           "`centralized-converged` (the upper bound); bytes count serialised messages both ways; device peak "
           "memory is the largest device's measured training step; wall time includes the devices' time "
-          "(replayed knowledge runs add the recording's). Mean ± std over seeds where there are several.",
-          "## Methods", *table(results), "", "## Targets", *targets(results), "",
+          "(replayed knowledge runs add the recording's). Mean ± std over seeds where there are several. Budget: "
+          "every method trains the global model on server.steps × batch blocks per round (fedavg-moe / "
+          "expert-subset split them over their hosts; the host_steps table gives each host its own steps "
+          "instead); centralized-converged trains until validation stops improving or max_rounds.", "",
+          "## Methods", *table(results), "", "## Targets", "",
+          "The issue's targets for deepfusion, checked as measured; the README's Results section and "
+          "benchmarks/NOTES.md discuss every miss and what we tried.", "", *targets(results), "",
           "## Paired differences (same seed, same device uploads)", *paired_lines(results), ""]
     for tag in sorted({t["tag"] for t in results["table"] if t["tag"]}):
         md += [f"## {tag}", *table(results, tag), ""]
