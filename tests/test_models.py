@@ -69,3 +69,23 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("family", list(MOE_PRESETS))
+def test_default_experts_kernel_gives_the_same_gradients_twice_on_two_threads(family):
+    """A seed must reproduce a run. DeepseekV2 with grouped_mm failed this in 4 of 5 tries on the 2-core CPU."""
+    def gradients():
+        torch.manual_seed(0)
+        model = build_global_moe(family, "small", vocab_size=512)
+        x = torch.randint(512, (4, 32), generator=torch.Generator().manual_seed(1))
+        model(input_ids=x, labels=x).loss.backward()
+        return [p.grad for p in model.parameters() if p.grad is not None]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = gradients()
+        for _ in range(3):
+            assert all(torch.equal(a, b) for a, b in zip(first, gradients()))
+    finally:
+        torch.set_num_threads(threads)

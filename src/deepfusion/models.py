@@ -29,7 +29,10 @@ from transformers import (
 
 # Measured on the 2-core CPU (benchmarks/experts.md, `python -m deepfusion.bench experts`): batched_mm was
 # 17-27x slower than the other two; grouped_mm and eager were within noise, grouped_mm ahead in 3 of 4 pairs.
-DEFAULT_EXPERTS_IMPL = "grouped_mm"
+# But DeepseekV2's grouped_mm backward is not deterministic on more than one CPU thread (the same step twice
+# gives different gradients; qwen_moe's does not, nor does eager): deepseek_moe takes eager, so a seed
+# reproduces its run (tests/test_models.py checks both families).
+DEFAULT_EXPERTS_IMPL = {"qwen_moe": "grouped_mm", "deepseek_moe": "eager"}
 
 
 # ---- global MoE presets -------------------------------------------------------------------------
@@ -131,8 +134,9 @@ _DEVICE_CLASSES = {"qwen2": Qwen2ForCausalLM, "llama": LlamaForCausalLM}
 # ---- building, loading, exporting ---------------------------------------------------------------
 
 def build_global_moe(family: str, size: str, vocab_size: int, pretrained: str | None = None,
-                     experts_impl: str = DEFAULT_EXPERTS_IMPL) -> PreTrainedModel:
+                     experts_impl: str | None = None) -> PreTrainedModel:
     """The global MoE: from a local pretrained directory, else a preset with random init (seeded by caller)."""
+    experts_impl = experts_impl or DEFAULT_EXPERTS_IMPL[family]
     if pretrained:
         path = Path(pretrained)
         if not (path / "config.json").is_file():

@@ -157,7 +157,7 @@ def transformers_config(raw: dict, vocab_size: int | None = None) -> tuple[type[
 def build_on_meta(cls: type[PreTrainedModel], config: PreTrainedConfig) -> PreTrainedModel:
     """The real class with every tensor on the meta device: real shapes and dtypes, no storage."""
     if "Moe" in cls.__name__:
-        config._experts_implementation = "grouped_mm"  # the project's default MoE kernel (models.DEFAULT_EXPERTS_IMPL)
+        config._experts_implementation = "grouped_mm"  # qwen_moe's default kernel (models.DEFAULT_EXPERTS_IMPL)
     with torch.device("meta"):
         return cls(config).train()
 
