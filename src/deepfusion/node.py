@@ -175,8 +175,7 @@ def start_host(setup: Setup, device_id: str, data_dir: str | None) -> hosting.Ho
     batch = torch.randint(vocab, (cfg.server.batch_size, d.seq_len),
                           generator=torch.Generator().manual_seed(cfg.seed)).to(torch_device)
     if cfg.method == "expert-subset":
-        host.budget_bytes = hosting.memory_budget(dc, vocab, d.seq_len, torch_device)
-        host.experts, host.peak_mem_bytes = hosting.fit_experts(moe, host.budget_bytes, batch)
+        hosting.fit_host(host, vocab, batch)
     else:  # the whole MoE; its weights are irrelevant to the measure
         whole = AutoModelForCausalLM.from_config(moe).to(torch_device)
         host.peak_mem_bytes = train_peak_bytes(whole, batch, hosting.moe_loss)

@@ -7,8 +7,8 @@ node. Slow: both methods on the smoke federation through the Flower simulation a
 
 What must agree, and why it does: each node builds its host as the local engine does (same private blocks,
 same generator seed) and runs the same `hosting.host_round` on the same WeightsPacket bytes, so every upload is
-the local engine's upload, byte for byte (`wire.weights_digest`: the packet's sha256 with its header's keys
-sorted), as long as the global weights sent down are: in every round for
+the local engine's upload, byte for byte (`wire.weights_digest`: the sha256 of the packet's canonical bytes),
+as long as the global weights sent down are: in every round for
 expert-subset (both engines average with `hosting.average`), in round 1 only for fedavg-moe, whose later rounds
 start from Flower's FedAvg, which sums (w_k / W) x_k in numpy where `hosting.average` sums w_k x_k / W in torch
 (last-bit differences; perplexities agree to the printed digit, REL_PPL allows 0.1 %).

@@ -119,6 +119,13 @@ def fit_experts(global_config: PretrainedConfig, budget: int, batch: torch.Tenso
     return lo, peaks[lo]
 
 
+def fit_host(host: Host, vocab_size: int, batch: torch.Tensor) -> None:
+    """expert-subset, once per host (either engine): its memory budget and the most routed experts per layer
+    whose training step on `batch` fits it, measured."""
+    host.budget_bytes = memory_budget(host.cfg, vocab_size, batch.shape[1], host.torch_device)
+    host.experts, host.peak_mem_bytes = fit_experts(host.global_config, host.budget_bytes, batch)
+
+
 def host_round(host: Host, down: bytes) -> bytes:
     """One device round: rebuild the hosted MoE from the server's weights, train it, send it back."""
     sent = WeightsPacket.from_bytes(down)

@@ -61,8 +61,7 @@ def setup_hosts(cfg: FederationConfig, data: FederationData, model, torch_device
         host = hosting.Host(dc, data.private[dc.id], torch.Generator().manual_seed(cfg.seed * 1000 + i + 1),
                             torch_device, model.config, None, peak_mem_bytes=whole)
         if subset:
-            host.budget_bytes = hosting.memory_budget(dc, vocab, cfg.data.seq_len, torch_device)
-            host.experts, host.peak_mem_bytes = hosting.fit_experts(model.config, host.budget_bytes, batch)
+            hosting.fit_host(host, vocab, batch)
         hosts[dc.id] = host
         infos[dc.id] = hosting.HostInfo(host.experts, offset=i)
     return hosts, infos

@@ -96,11 +96,9 @@ def weights_packet(msg: Message) -> WeightsPacket:
 
 
 def weights_digest(blob: bytes) -> str:
-    """sha256 of a WeightsPacket's bytes with its header's keys sorted: safetensors orders metadata by a hash map,
-    so equal packets may differ in bytes (knowledge packets canonicalise theirs; weights packets do not)."""
-    n = int.from_bytes(blob[:8], "little")
-    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True).encode()
-    return hashlib.sha256(header + blob[8 + n:]).hexdigest()
+    """sha256 of a WeightsPacket's bytes: `WeightsPacket.to_bytes` writes them canonically (sorted header,
+    as knowledge packets), so equal weights give equal digests."""
+    return hashlib.sha256(blob).hexdigest()
 
 
 def message_bytes(msg: Message) -> int:
