@@ -1,19 +1,19 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DeepseekV2ForCausalLM, Qwen2MoeForCausalLM
+from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, Qwen2MoeForCausalLM
 
 from deepfusion.config import ConfigError
-from deepfusion.models import (DEVICE_PRESETS, MOE_PRESETS, build_device_model, build_global_moe, export_model,
+from deepfusion.models import (DEVICE_PRESETS, MOE_PRESETS, routed_experts, build_device_model, build_global_moe, export_model,
                                load_model, n_params, resolve_device)
 
 
-@pytest.mark.parametrize("family, cls", [("qwen_moe", Qwen2MoeForCausalLM), ("deepseek_moe", DeepseekV2ForCausalLM)])
+@pytest.mark.parametrize("family, cls", [("qwen_moe", Qwen2MoeForCausalLM), ("deepseek_moe", DeepseekV3ForCausalLM)])
 def test_moe_presets_are_real_moe_classes_with_routed_and_shared_experts(family, cls):
     for size in MOE_PRESETS[family]:
         model = build_global_moe(family, size, vocab_size=300)
         assert isinstance(model, cls)
         cfg = model.config
-        routed = getattr(cfg, "num_experts", None) or cfg.n_routed_experts
+        routed = routed_experts(cfg)
         shared = getattr(cfg, "shared_expert_intermediate_size", 0) or getattr(cfg, "n_shared_experts", 0)
         assert routed > cfg.num_experts_per_tok >= 1 and shared > 0
 

@@ -13,16 +13,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-# Devices send knowledge packets (the paper's method and its two ablations).
-KNOWLEDGE_METHODS = ("deepfusion", "plain-fkd", "device-kd")
+# The paper's protocol (recipes/deepfusion.py): devices upload their trained LLM once; the server clusters,
+# distils (VAA) and fuses. Its ablations and OFA-KD run the same pipeline with one part changed (ONESHOT_VARIANTS).
+ONESHOT_METHODS = ("deepfusion", "deepfusion-no-vaa", "deepfusion-logits-only", "deepfusion-no-clustering", "ofa-kd")
+# The multi-round knowledge protocol (beyond the paper): devices send top-k predictions every round.
+KNOWLEDGE_METHODS = ("multiround-views", "plain-fkd", "device-kd")
 # Devices host the global MoE, or the experts that fit them, and send weights (baselines/hosting.py).
 HOSTING_METHODS = ("fedavg-moe", "expert-subset")
 # The server trains alone: on the proxy set (the floor) or on everyone's pooled data (the upper bound).
 SERVER_METHODS = ("proxy-only", "centralized", "centralized-converged")
-METHODS = (*KNOWLEDGE_METHODS, *HOSTING_METHODS, *SERVER_METHODS, "local-only")
+METHODS = (*ONESHOT_METHODS, *KNOWLEDGE_METHODS, *HOSTING_METHODS, *SERVER_METHODS, "local-only")
 GLOBAL_FAMILIES = ("qwen_moe", "deepseek_moe")
-DEVICE_FAMILIES = ("qwen2", "llama")
+DEVICE_FAMILIES = ("qwen2", "llama", "gpt2", "olmo", "bloom")
 ATTACKS = ("uniform", "shifted", "inverted")
+UPLOAD_DTYPES = ("float16", "bfloat16")
+CLUSTER_METHODS = ("kmeans", "random")
+FEATURE_KD = ("vaa", "ofa", "none")
+TUNE_LOSSES = ("keep", "ce")
+ROUTER_INITS = ("domains", "random")
+SHARED_RULES = ("auto", "mean", "zero")
+SECTIONS = ("data", "server", "pretrain", "clustering", "distill", "tune")
 
 
 class ConfigError(ValueError):
@@ -45,6 +55,8 @@ class DataConfig:
     val_blocks: int = 32  # validation blocks per domain: proxy text left out of the proxy set (early stopping, λ tuning)
     tokenizer: str | None = None  # local pretrained tokenizer dir; None: train BPE on the proxy corpus
     vocab_size: int = 8192  # BPE vocabulary size when training one
+    private_split: str = "even"  # devices sharing a source: "even" (round-robin) or "uneven" (Dirichlet shares)
+    split_alpha: float = 1.0  # Dirichlet concentration of the uneven split (smaller: more uneven)
 
     def validate(self) -> None:
         for key in ("proxy_frac", "test_frac"):
@@ -56,6 +68,10 @@ class DataConfig:
         for key, lo in (("seq_len", 8), ("proxy_blocks", 2), ("test_blocks", 1), ("val_blocks", 0), ("vocab_size", 300)):
             if getattr(self, key) < lo:
                 _fail("data", key, getattr(self, key), f"must be >= {lo}")
+        if self.private_split not in ("even", "uneven"):
+            _fail("data", "private_split", self.private_split, "allowed: even, uneven")
+        if not (self.split_alpha > 0 and math.isfinite(self.split_alpha)):
+            _fail("data", "split_alpha", self.split_alpha, "must be finite and > 0")
 
 
 @dataclass
@@ -73,6 +89,13 @@ class DeviceConfig:
     dp_noise: float = 0.0  # σ: Gaussian noise on uploads, in units of dp_clip (0: no differential privacy; privacy.py)
     dp_clip: float = 1.0  # C: L2 norm each position's distribution is clipped to (1 never clips a distribution)
     dp_delta: float = 1e-5  # δ of the (ε, δ)-DP guarantee that summary.json reports
+    # The paper's protocol (Phase 0): train from the type's public checkpoint until local validation stops improving.
+    checkpoint: str | None = None  # local directory of this type's public checkpoint; None: made from the public text
+    max_steps: int = 300  # cap on local training steps
+    eval_every: int = 25  # steps between local validation checks
+    patience: int = 2  # checks without a better local validation loss before training stops
+    val_frac: float = 0.1  # share of the private blocks held out for local validation
+    upload_dtype: str = "float16"  # the weights' dtype on the wire: float16 | bfloat16
 
     def validate(self, where: str) -> None:
         if not self.id or not self.id.replace("_", "").replace("-", "").isalnum():
@@ -99,6 +122,13 @@ class DeviceConfig:
             _fail(where, "dp_clip", self.dp_clip, "must be finite and > 0")
         if not 0.0 < self.dp_delta < 1.0:
             _fail(where, "dp_delta", self.dp_delta, "must be in (0, 1), well below 1 / (number of devices)")
+        for key in ("max_steps", "eval_every", "patience"):
+            if getattr(self, key) < 1:
+                _fail(where, key, getattr(self, key), "must be >= 1")
+        if not 0.0 < self.val_frac < 0.5:
+            _fail(where, "val_frac", self.val_frac, "must be in (0, 0.5)")
+        if self.upload_dtype not in UPLOAD_DTYPES:
+            _fail(where, "upload_dtype", self.upload_dtype, f"allowed: {', '.join(UPLOAD_DTYPES)}")
 
 
 @dataclass
@@ -106,6 +136,7 @@ class ServerConfig:
     family: str = "qwen_moe"  # global MoE family: qwen_moe | deepseek_moe
     size: str = "small"  # preset name in models.MOE_PRESETS[family]
     pretrained: str | None = None  # local pretrained MoE directory (overrides family/size)
+    dense_base: str | None = None  # deepfusion: local directory of the MoE's dense base; None: made from the public text
     steps: int = 40  # distillation steps per round
     batch_size: int = 8  # proxy blocks per step
     lr: float = 2e-3
@@ -157,6 +188,109 @@ class ServerConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """[pretrain] The public checkpoints (paper §V-A: devices start from GPT-2, TinyLlama, ...): every device
+    type and the MoE's dense base, trained on the public text and cached by content hash (checkpoints.py)."""
+
+    steps: int = 200  # optimiser steps per model
+    batch_size: int = 16
+    lr: float = 3e-3
+    seed: int = 0  # fixed apart from the training seed: a public checkpoint is the same for every run
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size"):
+            if getattr(self, key) < 1:
+                _fail("pretrain", key, getattr(self, key), "must be >= 1")
+        if not self.lr > 0:
+            _fail("pretrain", "lr", self.lr, "must be > 0")
+
+
+@dataclass
+class ClusteringConfig:
+    """[clustering] Phase I (paper §IV-B, Eq. 6): the devices' data embeddings, clustered into K domains."""
+
+    domains: int = 0  # K; 0: the MoE's routed experts / fine-grained experts per dense FFN (upcycling.py)
+    method: str = "kmeans"  # kmeans (Eq. 6) | random (the no-clustering ablation: same K, devices dealt at random)
+    embed_dim: int = 32  # e_n's dimensions: the encoder's output projected on the public text's principal axes
+    embed_texts: int = 64  # private documents a device embeds (their mean is e_n)
+
+    def validate(self) -> None:
+        if self.domains < 0:
+            _fail("clustering", "domains", self.domains, "must be >= 0 (0: from the MoE's experts)")
+        if self.method not in CLUSTER_METHODS:
+            _fail("clustering", "method", self.method, f"allowed: {', '.join(CLUSTER_METHODS)}")
+        for key, lo in (("embed_dim", 2), ("embed_texts", 1)):
+            if getattr(self, key) < lo:
+                _fail("clustering", key, getattr(self, key), f"must be >= {lo}")
+
+
+@dataclass
+class DistillConfig:
+    """[distill] Phase II (paper §IV-C, Eqs. 7-11): per domain, L = CE + α Σ_j MSE(F_j^T, F_j^S') + β KL."""
+
+    steps: int = 200  # optimiser steps per domain
+    batch_size: int = 8  # public blocks per step
+    lr: float = 1e-3
+    alpha: float = 1.0  # α: weight of the feature term (VAA's MSE, or OFA's per-stage loss)
+    beta: float = 1.0  # β: weight of the logit KL
+    ce: bool = True  # keep L_CE (false: the logits-only ablation)
+    temperature: float = 1.0  # T of the logit KL
+    features: str = "vaa"  # vaa (Fig. 5) | ofa (OFA-KD's stage branches into logit space) | none
+    stages: int = 4  # J: representation stages of teacher and student
+    patches: int = 32  # P_q: stage-patches VAA attends over, P_q / J per stage
+    dim: int = 64  # d: VAA's attention width
+    heads: int = 4  # VAA's attention heads
+    causal: bool = True  # a patch attends only to patches of its own or earlier positions (the LM is causal)
+    ofa_gamma: float = 1.0  # OFA-KD's modulating exponent on the target class
+
+    def validate(self) -> None:
+        for key, lo in (("steps", 0), ("batch_size", 1), ("stages", 1), ("patches", 1), ("dim", 1), ("heads", 1)):
+            if getattr(self, key) < lo:
+                _fail("distill", key, getattr(self, key), f"must be >= {lo}")
+        for key in ("alpha", "beta"):
+            if not (getattr(self, key) >= 0 and math.isfinite(getattr(self, key))):
+                _fail("distill", key, getattr(self, key), "must be finite and >= 0")
+        for key in ("lr", "temperature", "ofa_gamma"):
+            if not getattr(self, key) > 0:
+                _fail("distill", key, getattr(self, key), "must be > 0")
+        if self.features not in FEATURE_KD:
+            _fail("distill", "features", self.features, f"allowed: {', '.join(FEATURE_KD)}")
+        if self.patches % self.stages:
+            _fail("distill", "patches", self.patches, f"must be a multiple of stages = {self.stages} (P_q / J per stage)")
+        if self.dim % self.heads:
+            _fail("distill", "dim", self.dim, f"must be a multiple of heads = {self.heads}")
+
+
+@dataclass
+class TuneConfig:
+    """[tune] Phase III (paper §IV-D, Eqs. 12-13): fuse the K students into the MoE, then tune with the experts
+    frozen (embeddings, attention, router, norms, output) on the public data."""
+
+    steps: int = 300  # most tuning steps (early stopping on validation may end it sooner)
+    batch_size: int = 8
+    lr: float = 5e-4
+    loss: str = "keep"  # ce: the paper's (cross-entropy + router loss); keep: + λ KL to the domain teachers
+    kl_weight: float = 1.0  # λ of the knowledge-keeping KL
+    topk: int = 32  # the teachers' mixture is kept as top-k + tail per position (knowledge.topk_kl)
+    eval_every: int = 25  # steps between validation checks
+    patience: int = 4  # checks without a better validation perplexity before tuning stops
+    router_init: str = "domains"  # domains: each domain's experts answer its text | random
+    shared: str = "auto"  # shared expert: mean (of the students' FFNs) | zero | auto (mean when widths allow)
+
+    def validate(self) -> None:
+        for key, lo in (("steps", 0), ("batch_size", 1), ("topk", 1), ("eval_every", 1), ("patience", 1)):
+            if getattr(self, key) < lo:
+                _fail("tune", key, getattr(self, key), f"must be >= {lo}")
+        if not self.lr > 0:
+            _fail("tune", "lr", self.lr, "must be > 0")
+        if not (self.kl_weight >= 0 and math.isfinite(self.kl_weight)):
+            _fail("tune", "kl_weight", self.kl_weight, "must be finite and >= 0")
+        for key, allowed in (("loss", TUNE_LOSSES), ("router_init", ROUTER_INITS), ("shared", SHARED_RULES)):
+            if getattr(self, key) not in allowed:
+                _fail("tune", key, getattr(self, key), f"allowed: {', '.join(allowed)}")
+
+
+@dataclass
 class FederationConfig:
     name: str = "federation"
     method: str = "deepfusion"  # one of METHODS (README: Methods)
@@ -165,6 +299,10 @@ class FederationConfig:
     device: str = "auto"  # torch device for server and devices: auto | cpu | cuda | cuda:N
     data: DataConfig = field(default_factory=DataConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     devices: list[DeviceConfig] = field(default_factory=list)
 
     def validate(self) -> FederationConfig:
@@ -174,8 +312,8 @@ class FederationConfig:
             _fail("federation", "rounds", self.rounds, "must be >= 1")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             _fail("federation", "device", self.device, "allowed: auto, cpu, cuda, cuda:N")
-        self.data.validate()
-        self.server.validate()
+        for section in (self.data, self.server, self.pretrain, self.clustering, self.distill, self.tune):
+            section.validate()
         if not self.devices:
             _fail("devices", "devices", [], "a federation needs at least one [[devices]] entry")
         seen: set[str] = set()
@@ -210,7 +348,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
-    if hint is DataConfig or hint is ServerConfig:
+    if dataclasses.is_dataclass(hint):
         return _build(hint, value, key)
     if hint == list[DeviceConfig]:
         if not isinstance(value, list):
@@ -261,6 +399,6 @@ def from_dict(raw: dict[str, Any]) -> FederationConfig:
     """The inverse of to_dict (a resumed run reads its config back from its checkpoint)."""
     raw = {k: v for k, v in raw.items()}
     raw["devices"] = [{k: v for k, v in d.items() if v is not None} for d in raw["devices"]]
-    for section in ("data", "server"):
-        raw[section] = {k: v for k, v in raw[section].items() if v is not None}
+    for section in SECTIONS:
+        raw[section] = {k: v for k, v in raw.get(section, {}).items() if v is not None}
     return _build(FederationConfig, raw, "federation").validate()

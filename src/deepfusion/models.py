@@ -15,10 +15,16 @@ from deepfusion.config import ConfigError
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    DeepseekV2Config,
-    DeepseekV2ForCausalLM,
+    BloomConfig,
+    BloomForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    OlmoConfig,
+    OlmoForCausalLM,
     PreTrainedConfig,
     PreTrainedModel,
     Qwen2Config,
@@ -57,23 +63,25 @@ def qwen_moe_small(vocab_size: int) -> Qwen2MoeConfig:
     )
 
 
-def deepseek_moe_tiny(vocab_size: int) -> DeepseekV2Config:
+def deepseek_moe_tiny(vocab_size: int) -> DeepseekV3Config:
     """Tests only: DeepSeek-MoE layout (first layer dense, then fine-grained routed + shared experts)."""
-    return DeepseekV2Config(
+    return DeepseekV3Config(
         vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=32,
+        num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=64,
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+        n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0,
         kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
         max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
     )
 
 
-def deepseek_moe_small(vocab_size: int) -> DeepseekV2Config:
+def deepseek_moe_small(vocab_size: int) -> DeepseekV3Config:
     """DeepSeek-MoE at CPU scale: 4 layers (1 dense), 16 fine-grained experts (top-4) + 2 shared."""
-    return DeepseekV2Config(
+    return DeepseekV3Config(
         vocab_size=vocab_size, hidden_size=192, num_hidden_layers=4, num_attention_heads=6,
         num_key_value_heads=6, intermediate_size=384, moe_intermediate_size=96,
         n_routed_experts=16, n_shared_experts=2, num_experts_per_tok=4, first_k_dense_replace=1,
+        n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0,
         kv_lora_rank=64, q_lora_rank=None, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
     )
@@ -83,7 +91,7 @@ MOE_PRESETS: dict[str, dict[str, Callable[[int], PreTrainedConfig]]] = {
     "qwen_moe": {"tiny": qwen_moe_tiny, "small": qwen_moe_small},
     "deepseek_moe": {"tiny": deepseek_moe_tiny, "small": deepseek_moe_small},
 }
-_MOE_CLASSES = {"qwen_moe": Qwen2MoeForCausalLM, "deepseek_moe": DeepseekV2ForCausalLM}
+_MOE_CLASSES = {"qwen_moe": Qwen2MoeForCausalLM, "deepseek_moe": DeepseekV3ForCausalLM}
 
 
 # ---- on-device dense presets --------------------------------------------------------------------
@@ -124,11 +132,98 @@ def llama_base(vocab_size: int) -> LlamaConfig:
                        tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
 
 
+def llama_tinyllama(vocab_size: int) -> LlamaConfig:
+    """TinyLlama's layout at CPU scale: deep and narrow, grouped-query attention (4 query heads per kv head),
+    FFN 2.75x the width (TinyLlama-1.1B: 22 layers of 2048, 32/4 heads, FFN 5632)."""
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=6, num_attention_heads=8,
+                       num_key_value_heads=2, intermediate_size=352, max_position_embeddings=512,
+                       tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+
+
+# GPT-2 (learned positions, LayerNorm, GELU MLP 4x): GPT-2 is 12 x 768, GPT-2 Medium 24 x 1024.
+def gpt2_tiny(vocab_size: int) -> GPT2Config:
+    return GPT2Config(vocab_size=vocab_size, n_positions=512, n_embd=32, n_layer=1, n_head=2,
+                      tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+
+
+def gpt2_small(vocab_size: int) -> GPT2Config:
+    return GPT2Config(vocab_size=vocab_size, n_positions=512, n_embd=128, n_layer=4, n_head=4,
+                      tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+
+
+def gpt2_medium(vocab_size: int) -> GPT2Config:
+    return GPT2Config(vocab_size=vocab_size, n_positions=512, n_embd=192, n_layer=6, n_head=6,
+                      tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+
+
+# OLMo (non-parametric LayerNorm, SwiGLU 4x, rotary): OLMo-1B is 16 x 2048, 16 heads, FFN 8192.
+def olmo_tiny(vocab_size: int) -> OlmoConfig:
+    return OlmoConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
+                      tie_word_embeddings=True, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+
+
+def olmo_small(vocab_size: int) -> OlmoConfig:
+    return OlmoConfig(vocab_size=vocab_size, hidden_size=160, num_hidden_layers=5, num_attention_heads=5,
+                      num_key_value_heads=5, intermediate_size=640, max_position_embeddings=512,
+                      tie_word_embeddings=True, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+
+
+# BLOOM (ALiBi positions, LayerNorm, GELU MLP 4x, embedding LayerNorm): BLOOM-1.1B is 24 x 1536, 16 heads.
+def bloom_tiny(vocab_size: int) -> BloomConfig:
+    return BloomConfig(vocab_size=vocab_size, hidden_size=32, n_layer=1, n_head=2, tie_word_embeddings=True,
+                       bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def bloom_small(vocab_size: int) -> BloomConfig:
+    return BloomConfig(vocab_size=vocab_size, hidden_size=144, n_layer=6, n_head=8, tie_word_embeddings=True,
+                       bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
 DEVICE_PRESETS: dict[str, dict[str, Callable[[int], PreTrainedConfig]]] = {
     "qwen2": {"tiny": qwen2_tiny, "small": qwen2_small, "base": qwen2_base},
-    "llama": {"tiny": llama_tiny, "small": llama_small, "base": llama_base},
+    "llama": {"tiny": llama_tiny, "small": llama_small, "tinyllama": llama_tinyllama, "base": llama_base},
+    "gpt2": {"tiny": gpt2_tiny, "small": gpt2_small, "medium": gpt2_medium},
+    "olmo": {"tiny": olmo_tiny, "small": olmo_small},
+    "bloom": {"tiny": bloom_tiny, "small": bloom_small},
 }
-_DEVICE_CLASSES = {"qwen2": Qwen2ForCausalLM, "llama": LlamaForCausalLM}
+_DEVICE_CLASSES = {"qwen2": Qwen2ForCausalLM, "llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel,
+                   "olmo": OlmoForCausalLM, "bloom": BloomForCausalLM}
+
+
+# ---- the MoE's dense base model -----------------------------------------------------------------
+# The dense LLM the global MoE is upcycled from (paper Fig. 1, Phase II's student): the MoE's embeddings,
+# attention, norms and output, with one dense FFN of width F = intermediate_size per layer. Its FFN splits
+# into F / moe_intermediate_size fine-grained experts (upcycling.py).
+
+def dense_base_config(moe: PreTrainedConfig) -> PreTrainedConfig:
+    """The dense base of a Qwen-MoE (a Qwen2 dense model, as Qwen1.5-MoE was upcycled from Qwen-1.8B) or of
+    a DeepSeek-MoE (the same class with every layer dense: DeepSeek's attention has no separate dense class)."""
+    if moe.model_type == "qwen2_moe":
+        return Qwen2Config(
+            vocab_size=moe.vocab_size, hidden_size=moe.hidden_size, num_hidden_layers=moe.num_hidden_layers,
+            num_attention_heads=moe.num_attention_heads, num_key_value_heads=moe.num_key_value_heads,
+            intermediate_size=moe.intermediate_size, hidden_act=moe.hidden_act, rms_norm_eps=moe.rms_norm_eps,
+            max_position_embeddings=moe.max_position_embeddings, rope_parameters=dict(moe.rope_parameters),
+            tie_word_embeddings=moe.tie_word_embeddings, bos_token_id=moe.bos_token_id,
+            eos_token_id=moe.eos_token_id)
+    if moe.model_type == "deepseek_v3":
+        dense = DeepseekV3Config.from_dict(moe.to_dict())
+        dense.first_k_dense_replace = moe.num_hidden_layers
+        return dense
+    raise ConfigError(f"config error: no dense base rule for MoE model type {moe.model_type!r}; "
+                      "supported: qwen2_moe, deepseek_v3")
+
+
+def build_dense_base(moe: PreTrainedConfig) -> PreTrainedModel:
+    config = dense_base_config(moe)
+    return Qwen2ForCausalLM(config) if config.model_type == "qwen2" else DeepseekV3ForCausalLM(config)
+
+
+def global_moe_config(family: str, size: str, vocab_size: int) -> PreTrainedConfig:
+    config = MOE_PRESETS[family][size](vocab_size)
+    config._experts_implementation = DEFAULT_EXPERTS_IMPL[family]
+    return config
 
 
 # ---- building, loading, exporting ---------------------------------------------------------------
@@ -147,13 +242,22 @@ def build_global_moe(family: str, size: str, vocab_size: int, pretrained: str | 
             raise ConfigError(f"config error: [server] pretrained MoE vocab {model.config.vocab_size} < federation vocab {vocab_size}; "
                              "use the model's own tokenizer (data.tokenizer = the model directory)")
         return model
-    config = MOE_PRESETS[family][size](vocab_size)
+    config = global_moe_config(family, size, vocab_size)
     config._experts_implementation = experts_impl
     return _MOE_CLASSES[family](config)
 
 
 def build_device_model(family: str, size: str, vocab_size: int) -> PreTrainedModel:
     return _DEVICE_CLASSES[family](DEVICE_PRESETS[family][size](vocab_size))
+
+
+def routed_experts(config: PreTrainedConfig) -> int:
+    """Routed experts per MoE layer (Qwen-MoE calls them num_experts, DeepSeek n_routed_experts)."""
+    return config.n_routed_experts if hasattr(config, "n_routed_experts") else config.num_experts
+
+
+def set_routed_experts(config: PreTrainedConfig, n: int) -> None:
+    setattr(config, "n_routed_experts" if hasattr(config, "n_routed_experts") else "num_experts", n)
 
 
 def n_params(model: torch.nn.Module) -> int:

@@ -26,8 +26,8 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss
 from deepfusion.config import SERVER_METHODS, ServerConfig
 from deepfusion.knowledge import (KnowledgePacket, PacketError, id_dtype, to_targets, topk_kl, topk_kl_shared,
                                   validate_packet)
-from deepfusion.models import autocast, build_global_moe
-from deepfusion.vaa import ViewAlignedAttention, stage_layers, stage_logits
+from deepfusion.models import autocast, build_global_moe, routed_experts
+from deepfusion.logit_views import ViewAlignedAttention, stage_layers, stage_logits
 
 log = logging.getLogger("deepfusion.server")
 
@@ -174,7 +174,7 @@ def aggregate(targets: Targets, weights: torch.Tensor, vocab_size: int, k: int, 
 
 def router_aux_loss(model: PreTrainedModel, router_logits) -> torch.Tensor:
     cfg = model.config
-    num_experts = getattr(cfg, "num_experts", None) or cfg.n_routed_experts
+    num_experts = routed_experts(cfg)
     coef = getattr(cfg, "router_aux_loss_coef", 0.01)
     return coef * load_balancing_loss_func(router_logits, num_experts, cfg.num_experts_per_tok)
 

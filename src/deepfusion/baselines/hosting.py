@@ -36,12 +36,14 @@ from deepfusion.baselines.weights import WeightsPacket, validate_upload
 from deepfusion.config import DeviceConfig, ServerConfig
 from deepfusion.device import train_peak_bytes
 from deepfusion.knowledge import PacketError
-from deepfusion.models import autocast, build_device_model
+from deepfusion.models import autocast, build_device_model, routed_experts, set_routed_experts
 
 log = logging.getLogger("deepfusion.hosting")
 
-# Parameters indexed by routed expert on dim 0: the fused expert weights and the router's rows.
-_ROUTED = re.compile(r"model\.layers\.(\d+)\.mlp\.(?:experts\.(?:gate_up_proj|down_proj)|gate\.weight)$")
+# Parameters indexed by routed expert on dim 0: the fused expert weights, the router's rows and DeepSeek-V3's
+# per-expert score correction bias.
+_ROUTED = re.compile(r"model\.layers\.(\d+)\.mlp\.(?:experts\.(?:gate_up_proj|down_proj)|gate\.weight"
+                     r"|gate\.e_score_correction_bias)$")
 _PROBE = "probe.router."  # full router rows sent to a subset host so it can count usage over all experts
 _USAGE = "usage."  # a subset host's router counts per layer, (E,), uploaded with its weights
 
@@ -77,7 +79,7 @@ def hosted_config(global_config: PretrainedConfig, experts: int | None) -> Pretr
     """The global architecture with `experts` routed experts per layer (the real class, smaller)."""
     config = copy.deepcopy(global_config)
     if experts is not None:
-        config.num_experts = experts  # DeepSeek maps num_experts to n_routed_experts
+        set_routed_experts(config, experts)
     return config
 
 
@@ -108,7 +110,7 @@ def fit_experts(global_config: PretrainedConfig, budget: int, batch: torch.Tenso
         return train_peak_bytes(AutoModelForCausalLM.from_config(hosted_config(global_config, m)).to(batch.device),
                                 batch, moe_loss)
 
-    lo, hi = global_config.num_experts_per_tok, global_config.num_experts
+    lo, hi = global_config.num_experts_per_tok, routed_experts(global_config)
     peaks = {lo: peak(lo)}
     if peaks[lo] > budget:
         return lo, peaks[lo]
@@ -192,7 +194,7 @@ def choose_experts(info: HostInfo, layers: list[int], num_experts: int) -> dict[
 def offer(model: PreTrainedModel, device_id: str, info: HostInfo, round: int, settings: dict) -> WeightsPacket:
     """The round's down message: the hosted slice of the global weights, plus full routers to count usage."""
     layers = moe_layers(model)
-    hosted = choose_experts(info, layers, model.config.num_experts)
+    hosted = choose_experts(info, layers, routed_experts(model.config))
     tensors = {}
     for name, t in model.state_dict().items():
         layer = routed_layer(name)

@@ -1,7 +1,7 @@
 import torch
 
 from deepfusion.models import build_global_moe
-from deepfusion.vaa import ViewAlignedAttention, stage_layers, stage_logits
+from deepfusion.logit_views import ViewAlignedAttention, stage_layers, stage_logits
 
 
 def test_stage_layers_are_evenly_spaced_and_include_the_last():
