@@ -16,6 +16,7 @@ import torch
 from deepfusion.config import DataConfig, FederationConfig, to_dict
 from deepfusion.data import (DataError, Split, balanced_proxy, load_source, load_tokenizer, pack_blocks,
                              proxy_leftover, resolve_data_dir, split_documents, train_tokenizer)
+from deepfusion.data.splits import share_documents
 
 log = logging.getLogger("deepfusion")
 
@@ -71,12 +72,11 @@ def prepare_data(cfg: FederationConfig, data_dir: str | None = None, private: bo
                           {dev.id: dev.source for dev in cfg.devices}, root)
 
 
-def device_private(cfg: FederationConfig, device_id: str, tokenizer, root: Path,
-                   split: Split | None = None) -> torch.Tensor:
-    """One device's (N, T) private blocks, from its own source alone (a device on its own node calls this).
+def device_documents(cfg: FederationConfig, device_id: str, root: Path, split: Split | None = None) -> list:
+    """One device's private documents, from its own source alone (a device on its own node calls this).
 
-    Devices configured on one source share its private documents round-robin. `split` skips re-reading
-    the source when the caller has split it already (prepare_data does, for every device at once).
+    Devices configured on one source share its private documents (data.private_split: even or uneven).
+    `split` skips re-reading the source when the caller has split it already.
     """
     ids = [x.id for x in cfg.devices]
     if device_id not in ids:
@@ -86,12 +86,24 @@ def device_private(cfg: FederationConfig, device_id: str, tokenizer, root: Path,
     if split is None:
         split = split_documents(load_source(dev.source, root, dev.domain), d.seed, d.proxy_frac, d.test_frac)
     sharing = [x.id for x in cfg.devices if x.source == dev.source]
-    mine = split.private[sharing.index(dev.id)::len(sharing)]  # devices on one source split it
-    blocks = pack_blocks(tokenizer, mine, d.seq_len)
+    shares = share_documents(split.private, len(sharing), d.private_split == "uneven", d.split_alpha, d.seed)
+    return shares[sharing.index(dev.id)]
+
+
+def device_private(cfg: FederationConfig, device_id: str, tokenizer, root: Path,
+                   split: Split | None = None) -> torch.Tensor:
+    """One device's (N, T) private blocks (its documents, packed)."""
+    blocks = pack_blocks(tokenizer, device_documents(cfg, device_id, root, split), cfg.data.seq_len)
     if len(blocks) == 0:
-        raise DataError(f"device {dev.id!r}: source {dev.source!r} gives no private block of {d.seq_len} "
+        source = next(x.source for x in cfg.devices if x.id == device_id)
+        raise DataError(f"device {device_id!r}: source {source!r} gives no private block of {cfg.data.seq_len} "
                         "tokens; give it more data or lower data.seq_len")
     return blocks
+
+
+def device_seed(cfg: FederationConfig, device_id: str) -> int:
+    """A device's training seed: distinct per device, fixed by the run's seed, the same on every engine."""
+    return cfg.seed * 1000 + [d.id for d in cfg.devices].index(device_id) + 1
 
 
 def held_out_blocks(tokenizer, docs: list, d: DataConfig) -> torch.Tensor:

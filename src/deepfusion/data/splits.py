@@ -45,6 +45,27 @@ def split_documents(docs: list[Document], seed: int, proxy_frac: float, test_fra
     return Split(private=ranked[b2:], proxy=ranked[b1:b2], test=ranked[:b1])
 
 
+def share_documents(docs: list[Document], n_devices: int, uneven: bool, alpha: float, seed: int) -> list[list[Document]]:
+    """Deal one source's private documents to the n devices that share it.
+
+    even:   round-robin (every device gets the same number of documents, ±1).
+    uneven: the paper's "distributed randomly and unevenly" (§V-A): device shares q ~ Dirichlet(alpha · 1_n),
+            drawn once per (seed, source); every device first gets one document, the rest go to devices drawn
+            from q document by document. alpha = 1 makes every split of the unit interval equally likely;
+            smaller alpha is more uneven.
+    """
+    if not uneven or n_devices == 1:
+        return [docs[i::n_devices] for i in range(n_devices)]
+    if len(docs) < n_devices:
+        raise DataError(f"got {len(docs)} private documents for {n_devices} devices on source {docs[0].source!r}; "
+                        "each device needs at least one; use fewer devices on it or a larger source")
+    digest = hashlib.sha256(f"{seed}:share:{docs[0].source}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "big"))
+    q = rng.dirichlet(np.full(n_devices, alpha))
+    owner = np.concatenate([np.arange(n_devices), rng.choice(n_devices, size=len(docs) - n_devices, p=q)])
+    return [[doc for doc, o in zip(docs, owner) if o == i] for i in range(n_devices)]
+
+
 def pack_blocks(tokenizer, docs: list[Document], seq_len: int) -> torch.Tensor:
     """Encode docs, end each with eos, concatenate and cut into (N, seq_len) blocks; drop the tail."""
     if seq_len < 1:
