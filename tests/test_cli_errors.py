@@ -42,11 +42,12 @@ def fails_with_one_line(capsys, argv, *needles):
     out, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc == 2, (rc, err)
-    assert len(lines) == 1 and lines[0].startswith("deepfusion: "), err
-    assert "Traceback" not in out + err
+    # stderr also carries the run's log lines (stdout is for results): the error is its one last line
+    assert lines and lines[-1].startswith("deepfusion: ") and sum(x.startswith("deepfusion:") for x in lines) == 1, err
+    assert "Traceback" not in out + err and out == "", (out, err)
     for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
+        assert needle in lines[-1], (needle, lines[-1])
+    return lines[-1]
 
 
 def test_the_test_federation_is_valid(tmp_path):
@@ -70,8 +71,10 @@ def test_missing_config_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("edit, needles", [
     (dict(server='family = "gpt"\n'), ["[server] family = 'gpt'", "qwen_moe"]),  # unknown global family
-    (dict(device='family = "mamba"'), ["[devices.0] family = 'mamba'", "qwen2"]),  # unknown device family
-    (dict(device='size = "huge"'), ["[devices.0] size = 'huge'", "tiny"]),
+    (dict(device='family = "mamba"'), ["[[devices]] #1 (id 'a') family = 'mamba'", "qwen2"]),  # unknown device family
+    (dict(device='size = "huge"'), ["[[devices]] #1 (id 'a') size = 'huge'", "tiny"]),
+    (dict(device='size = "tiny"\n[[devices]]\nid = "b"\nsource = "medquad:cdc"\nsize = "huge"'),
+     ["[[devices]] #2 (id 'b') size = 'huge'"]),  # the second device is #2, not [devices.1]
     (dict(top='rounds = "many"\n'), ["rounds = 'many'", "int"]),
     (dict(server="lam = -1.0\n"), ["[server] lam = -1.0", ">= 0"]),
 ])
@@ -137,3 +140,40 @@ def test_an_output_path_that_is_a_file(tmp_path, capsys):
     (tmp_path / "taken").write_text("not a directory")
     fails_with_one_line(capsys, ["run", "--config", config(tmp_path), "--data-dir", tmp_path / "data",
                                  "--out", tmp_path / "taken"], "taken")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only tmpfs (needs root); elsewhere mkdir is made to fail as a read-only disk does."""
+    import os
+    import subprocess
+
+    where = tmp_path / "ro"
+    where.mkdir()
+    if os.geteuid() == 0 and not subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(where)],
+                                                capture_output=True).returncode:
+        yield where
+        subprocess.run(["umount", str(where)], check=True)
+        return
+    import errno
+    from pathlib import Path
+
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if str(self).startswith(str(where)):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **k)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Path, "mkdir", mkdir)
+    yield where
+    mp.undo()
+
+
+def test_os_errors_are_plain_words(tmp_path, capsys, read_only_dir):
+    """Not "[Errno 30] Read-only file system: '...'"."""
+    line = fails_with_one_line(capsys, ["run", "--config", config(tmp_path), "--data-dir", tmp_path / "data",
+                                        "--out", read_only_dir / "run"],
+                               f"cannot write to {read_only_dir / 'run'}: read-only file system")
+    assert "Errno" not in line

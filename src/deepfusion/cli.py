@@ -1,6 +1,9 @@
-"""`deepfusion run | eval | generate`: the command-line contract other tools depend on.
+"""`deepfusion run | eval | generate | bench`: the command line, and the contract other tools depend on.
 
-User errors (config, data, model paths) end in one line on stderr and exit code 2, never a traceback.
+Results go to stdout (run and eval print one JSON object), logs to stderr. A user error (config, data, model
+paths, disk, a taken run directory) ends in one line on stderr and exit code 2, never a traceback; Ctrl-C
+ends in one line saying what was saved and how to continue, exit code 130. A run writes into its run
+directory under `rundir.claim`'s rules (rundir.py).
 """
 
 from __future__ import annotations
@@ -8,25 +11,49 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from deepfusion.config import KNOWLEDGE_METHODS, METHODS, ConfigError, load_config
+from deepfusion.rundir import RunDirError, RunInterrupted, claim, resume_command, user_message
 
 ENGINES = ("local", "flower")
+DESCRIPTION = """DeepFusion: train a global Mixture-of-Experts from heterogeneous on-device language models
+by federated knowledge distillation, then evaluate the exported model or generate text with it."""
+EPILOG = """examples:
+  deepfusion run --config configs/smoke-multiround.toml --out runs/smoke   a tiny federation, seconds on a CPU
+  deepfusion run --resume runs/smoke --rounds 4                            continue it, two rounds more
+  deepfusion eval --model runs/smoke/model                                 per-domain perplexity, as JSON
+  deepfusion generate --model runs/smoke/model --prompt "The heart"
+
+Results go to stdout, logs to stderr. `deepfusion COMMAND --help` describes each command."""
+log = logging.getLogger("deepfusion")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = _parser().parse_args(argv)
-    _setup_logging(args.verbose if hasattr(args, "verbose") else False)
+    args.command_line = shlex.join(["deepfusion", *argv])  # what a run directory's lock says holds it
+    _setup_logging(getattr(args, "verbose", False))
     from deepfusion.data import DataError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, OSError) as e:  # user errors (config, data, paths, disk): one line, no traceback
+    except RunInterrupted as e:
         print(f"deepfusion: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # eval, generate, bench: nothing of theirs needs saving
+        print("deepfusion: interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, DataError, RunDirError, OSError) as e:  # user errors: one line, no traceback
+        print(f"deepfusion: {user_message(e)}", file=sys.stderr)
         return 2
 
+
+# ---- run ----------------------------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
     if args.resume and args.engine != "local":  # a Flower run's device states live on its SuperNodes
@@ -34,20 +61,25 @@ def cmd_run(args: argparse.Namespace) -> int:
                           "the start (its devices keep their state on their nodes)")
     if args.resume:
         return _resume(args)
-    if not args.out:
-        raise ConfigError("deepfusion run needs --out DIR (or --resume DIR to continue a killed run)")
     cfg = load_config(args.config, method=args.method, rounds=args.rounds, seed=args.seed)
-    if args.engine == "local":
-        from deepfusion.engines.local import run
-    else:  # Flower's Simulation Runtime on this machine; across machines: `flwr run` (README)
-        from deepfusion.engines.flower.simulation import run
+    run = _runner(args.engine)
     if args.replay and (args.engine != "local" or cfg.method not in KNOWLEDGE_METHODS):
         raise ConfigError(f"--replay records and replays knowledge uploads: it needs --engine local and one of "
                           f"{', '.join(KNOWLEDGE_METHODS)} (got --engine {args.engine}, method {cfg.method!r})")
     extra = {"replay": Path(args.replay)} if args.replay else {}
-    result = run(cfg, Path(args.out), data_dir=args.data_dir, progress=not args.no_progress, **extra)
+    resume_with = "" if args.engine == "flower" else _resume_with(args, Path(args.out))
+    with claim(args.out, overwrite=args.overwrite, command=args.command_line, resume_with=resume_with) as run_dir:
+        result = run(cfg, run_dir.path, data_dir=args.data_dir, progress=not args.no_progress, **extra)
     _print_brief(result)
     return 0
+
+
+def _runner(engine: str):
+    if engine == "local":
+        from deepfusion.engines.local import run
+    else:  # Flower's Simulation Runtime on this machine; across machines: `flwr run` (README)
+        from deepfusion.engines.flower.simulation import run
+    return run
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -56,12 +88,33 @@ def _resume(args: argparse.Namespace) -> int:
     from deepfusion.engines.local import run
 
     out = Path(args.resume)
-    cfg = from_dict(_readable_checkpoint(out / "checkpoint" / "state.pt")["config"])
+    ignored = [flag for flag, given in (("--config", args.config), ("--method", args.method), ("--seed", args.seed),
+                                        ("--replay", args.replay), ("--overwrite", args.overwrite or None))
+               if given is not None]
+    if ignored:
+        raise ConfigError(f"--resume {out} continues that run with the config it was started with (its checkpoint's); "
+                          f"{' and '.join(ignored)} would be ignored: drop {'them' if len(ignored) > 1 else 'it'}, "
+                          "or start a new run with --out")
+    state = _readable_checkpoint(out / "checkpoint" / "state.pt")
+    cfg, done = from_dict(state["config"]), len(state["metrics"])
+    if args.rounds is not None and args.rounds < done:
+        raise ConfigError(f"--rounds {args.rounds}: {out} has completed {done} rounds already; a resumed run can only "
+                          f"run longer: give --rounds > {done}, or leave it out to finish the {cfg.rounds} planned")
+    finished = (out / "summary.json").is_file()
+    if finished and (args.rounds or 0) <= done:
+        raise ConfigError(f"--resume {out}: that run has finished ({done} rounds, summary.json); nothing to continue; "
+                          f"to train it longer give --rounds > {done}")
     if args.rounds:  # the one setting a resume may change: run longer than first planned
         cfg.rounds = args.rounds
-    result = run(cfg, out, data_dir=args.data_dir, progress=not args.no_progress, resume=True)
+    with claim(out, resume=True, command=args.command_line, resume_with=_resume_with(args, out)) as run_dir:
+        result = run(cfg, run_dir.path, data_dir=args.data_dir, progress=not args.no_progress, resume=True)
     _print_brief(result)
     return 0
+
+
+def _resume_with(args: argparse.Namespace, out: Path) -> str:
+    """The exact command that continues this run (the config is in its checkpoint; the data dir is not)."""
+    return resume_command(out) + (f" --data-dir {shlex.quote(args.data_dir)}" if args.data_dir else "")
 
 
 def _readable_checkpoint(path: Path) -> dict:
@@ -71,7 +124,7 @@ def _readable_checkpoint(path: Path) -> dict:
 
     try:
         state = load_checkpoint(path)
-        state["config"]
+        state["config"], state["metrics"]
     except FileNotFoundError:
         raise
     except Exception as e:  # torch.load of damaged or foreign bytes raises many types
@@ -86,21 +139,62 @@ def _print_brief(result: dict) -> None:
     print(json.dumps(brief))
 
 
+# ---- eval, generate, bench ---------------------------------------------------------------------------
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from deepfusion.federation import prepare_data
-    from deepfusion.models import load_model, resolve_device
+    from deepfusion.models import resolve_device
     from deepfusion.server import evaluate
 
     device = resolve_device(args.device)
-    cfg = load_config(args.config)
-    model = load_model(args.model, device)  # first: a wrong --model should be named as such
+    model = _load_exported(Path(args.model), device)  # first: a wrong --model should be named as such
+    cfg, source = _eval_config(args.config, Path(args.model))
     cfg.data.tokenizer = args.model  # evaluate with the model's own tokenizer
     data = prepare_data(cfg, args.data_dir)
+    log.info("eval: config from %s; data from %s (held-out text of %s)", source, data.data_dir,
+             ", ".join(data.test_sets))
     with torch.no_grad():
         print(json.dumps(evaluate(model, data.test_sets, device)))
     return 0
+
+
+def _eval_config(config: str | None, model_dir: Path):
+    """--config, else the config of the run the model came from (RUN/summary.json, else RUN/checkpoint),
+    else the default config with a warning: its sources may not be the ones the model was trained on."""
+    from deepfusion.config import default_config_path, from_dict
+
+    if config:
+        return load_config(config), config
+    run = model_dir.resolve().parent
+    summary, ckpt = run / "summary.json", run / "checkpoint" / "state.pt"
+    if summary.is_file():
+        try:
+            return from_dict(json.loads(summary.read_text())["config"]), str(summary)
+        except (ValueError, KeyError, TypeError):
+            log.warning("eval: %s holds no readable config; trying %s", summary, ckpt)
+    if ckpt.is_file():
+        return from_dict(_readable_checkpoint(ckpt)["config"]), str(ckpt)
+    log.warning("eval: no --config, and no run next to %s (%s or %s): using the default config, whose sources "
+                "may not be the ones this model was trained on; pass --config", model_dir, summary.name,
+                "checkpoint/state.pt")
+    return load_config(None), str(default_config_path("default"))
+
+
+def _load_exported(path: Path, device):
+    """An exported model, or one line: missing (load_model says so) or damaged (a truncated model.safetensors)."""
+    from deepfusion.data import DataError
+    from deepfusion.models import load_model
+
+    try:
+        return load_model(path, device)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors, json and transformers raise many types for damaged files
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise DataError(f"--model {path}: cannot load the exported model ({why}); a file in it is truncated or "
+                        "damaged; export it again (rerun, or --resume the run) or copy it anew") from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -115,52 +209,74 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from deepfusion.data import load_tokenizer
-    from deepfusion.models import load_model, resolve_device
+    from deepfusion.models import resolve_device
 
+    if not args.prompt:
+        raise ConfigError('--prompt is empty: give the text to continue, e.g. --prompt "The heart"')
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1 (the number of tokens to generate)")
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise ConfigError(f"--temperature {args.temperature}: must be >= 0 (0: greedy decoding; 0.7-1.0: sampling)")
     device = resolve_device(args.device)
-    model = load_model(args.model, device)
+    model = _load_exported(Path(args.model), device)
     tokenizer = load_tokenizer(Path(args.model))
     torch.manual_seed(args.seed)
     inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
-    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                         temperature=args.temperature if args.temperature > 0 else None, top_k=50 if args.temperature > 0 else None,
+    sample = args.temperature > 0
+    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=sample,
+                         temperature=args.temperature if sample else None, top_k=50 if sample else None,
                          pad_token_id=tokenizer.pad_token_id)
     print(tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deepfusion", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+# ---- parser and logging -------------------------------------------------------------------------------
 
-    run = sub.add_parser("run", help="run a federation and export the global MoE")
-    run.add_argument("--config", help="federation TOML (default: configs/default.toml)")
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deepfusion", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"deepfusion {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a federation and export the global MoE",
+                         description="Run a federation (or continue one) and export its global MoE. Writes "
+                                     "DIR/summary.json, metrics.jsonl, model/ and checkpoint/; prints a JSON "
+                                     "summary on stdout.")
+    where = run.add_argument_group("where (one of these is required)").add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", metavar="DIR", help="a new run directory: summary.json, metrics.jsonl, model/, "
+                       "checkpoint/ (refused if it holds a run: see --resume, --overwrite)")
+    where.add_argument("--resume", metavar="DIR", help="continue the run in DIR after its last completed round, "
+                       "with the config it was started with")
+    run.add_argument("--overwrite", action="store_true", help="replace the run already in --out DIR (removes only "
+                     "what a run writes there)")
+    run.add_argument("--config", help="federation TOML (default: the shipped default config)")
     run.add_argument("--method", choices=METHODS, help="override the config's method")
     run.add_argument("--engine", choices=ENGINES, default="local",
                      help="local: in-process (default); flower: Flower's Simulation Runtime, one SuperNode per device")
-    run.add_argument("--rounds", type=int, help="override the number of rounds")
+    run.add_argument("--rounds", type=int, help="override the number of rounds (with --resume: run to this many)")
     run.add_argument("--seed", type=int, help="override the training seed")
     run.add_argument("--data-dir", help="data directory (else $DEEPFUSION_DATA, ../shared/data, user cache)")
-    run.add_argument("--out", help="output directory: summary.json, metrics.jsonl, model/, checkpoint/")
-    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR after its last completed round")
     run.add_argument("--replay", metavar="DIR", help="record the devices' uploads in DIR, or replay them if this "
                      "device side is recorded there (compare server-side methods on identical knowledge)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=cmd_run)
 
-    ev = sub.add_parser("eval", help="per-domain perplexity of an exported model, as JSON")
+    ev = sub.add_parser("eval", help="per-domain perplexity of an exported model, as JSON",
+                        description="Per-domain perplexity of an exported model on its run's held-out text, as "
+                                    "JSON on stdout; which config and data it used goes to stderr.")
     ev.add_argument("--model", required=True, help="an exported model directory (DIR/model)")
-    ev.add_argument("--config", help="federation TOML naming the sources and splits (default: configs/default.toml)")
+    ev.add_argument("--config", help="federation TOML naming the sources and splits (default: the config of the "
+                    "run the model came from, DIR/summary.json or DIR/checkpoint)")
     ev.add_argument("--data-dir")
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser("generate", help="continue a prompt with an exported model")
-    gen.add_argument("--model", required=True)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=48)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    gen.add_argument("--model", required=True, help="an exported model directory (DIR/model)")
+    gen.add_argument("--prompt", required=True, help="the text to continue (not empty)")
+    gen.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate, >= 1 (default 48)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding, else > 0 (default 0.8)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=cmd_generate)
@@ -173,16 +289,44 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", help="federation TOML (default: configs/bench-quick.toml)")
     bench.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
     bench.set_defaults(func=cmd_bench)
+
     return p
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deepfusion")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def _setup_logging(verbose: bool) -> None:
+    """Our log lines on stderr (stdout carries results only); third-party noise a user cannot act on off."""
+    from rich.console import Console
     from rich.logging import RichHandler
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
+                        force=True)
     for noisy in ("transformers", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Silenced, each a notice about the libraries' own future, not about anything the user passed:
+    #   Flower: "DEPRECATED FEATURE: The `run_simulation` function is deprecated" (our --engine flower uses it
+    #     on purpose: `flwr run` cannot take this CLI's --config/--out; engines/flower/simulation.py)
+    #   Ray: FutureWarning "Tip: In future versions of Ray, Ray will no longer override accelerator visible
+    #     devices env var if num_gpus=0" (we size the simulation's GPUs ourselves)
+    #   transformers: the "Loading weights" / "Writing model shards" progress bars of every load and export
+    logging.getLogger("flwr").addFilter(_not_run_simulation_deprecation)  # one object: added once, however often
+    warnings.filterwarnings("ignore", message=r"Tip: In future versions of Ray", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _not_run_simulation_deprecation(record: logging.LogRecord) -> bool:
+    return "`run_simulation` function is deprecated" not in record.getMessage()
 
 
 if __name__ == "__main__":

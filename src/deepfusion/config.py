@@ -40,7 +40,17 @@ class ConfigError(ValueError):
 
 
 def _fail(section: str, key: str, value: Any, why: str) -> None:
-    raise ConfigError(f"config error: [{section}] {key} = {value!r}: {why}")
+    raise ConfigError(f"config error: {_at(section)} {key} = {value!r}: {why}")
+
+
+def _at(section: str) -> str:
+    """Where in the TOML: "[server]", or a device as `device_at` names it."""
+    return section if section.startswith("[") else f"[{section}]"
+
+
+def device_at(i: int, device_id: Any = None) -> str:
+    """The i-th (0-based) [[devices]] table counted from 1, with its id if it has one: [[devices]] #2 (id 'ghr')."""
+    return f"[[devices]] #{i + 1}" + (f" (id {device_id!r})" if isinstance(device_id, str) and device_id else "")
 
 
 @dataclass
@@ -318,9 +328,9 @@ class FederationConfig:
             _fail("devices", "devices", [], "a federation needs at least one [[devices]] entry")
         seen: set[str] = set()
         for i, d in enumerate(self.devices):
-            d.validate(f"devices.{i}")
+            d.validate(device_at(i, d.id))
             if d.id in seen:
-                _fail(f"devices.{i}", "id", d.id, "device ids must be unique")
+                _fail(device_at(i, d.id), "id", d.id, "device ids must be unique")
             seen.add(d.id)
         if self.server.min_devices > len(self.devices):
             _fail("server", "min_devices", self.server.min_devices, f"only {len(self.devices)} devices are configured")
@@ -330,12 +340,12 @@ class FederationConfig:
 def _build(cls: type, raw: Any, where: str) -> Any:
     """Build dataclass `cls` from a TOML table, rejecting unknown keys and wrong types by name."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"config error: [{where}] must be a table, got {type(raw).__name__}")
+        raise ConfigError(f"config error: {_at(where)} must be a table, got {type(raw).__name__}")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ConfigError(f"config error: [{where}] unknown key {unknown[0]!r}; allowed: {', '.join(sorted(names))}")
+        raise ConfigError(f"config error: {_at(where)} unknown key {unknown[0]!r}; allowed: {', '.join(sorted(names))}")
     kwargs = {}
     for key, value in raw.items():
         kwargs[key] = _coerce(hints[key], value, where, key)
@@ -344,7 +354,8 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     except TypeError as e:  # a required key is missing
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw]
-        raise ConfigError(f"config error: [{where}] missing required key {missing[0]!r}" if missing else str(e)) from None
+        raise ConfigError(f"config error: {_at(where)} missing required key {missing[0]!r}" if missing
+                          else str(e)) from None
 
 
 def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
@@ -353,7 +364,8 @@ def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
     if hint == list[DeviceConfig]:
         if not isinstance(value, list):
             _fail(where, key, value, "must be an array of tables [[devices]]")
-        return [_build(DeviceConfig, v, f"devices.{i}") for i, v in enumerate(value)]
+        return [_build(DeviceConfig, v, device_at(i, v.get("id") if isinstance(v, dict) else None))
+                for i, v in enumerate(value)]
     allowed = _allowed_types(hint)
     if isinstance(value, bool) and bool not in allowed:
         _fail(where, key, value, f"must be {' or '.join(t.__name__ for t in allowed)}")

@@ -17,6 +17,7 @@ from deepfusion.config import DataConfig, FederationConfig, to_dict
 from deepfusion.data import (DataError, Split, balanced_proxy, load_source, load_tokenizer, pack_blocks,
                              proxy_leftover, resolve_data_dir, split_documents, train_tokenizer)
 from deepfusion.data.splits import share_documents
+from deepfusion.rundir import write_atomically
 
 log = logging.getLogger("deepfusion")
 
@@ -120,18 +121,15 @@ def cache_dir() -> Path:
 # ---- outputs ------------------------------------------------------------------------------------
 
 def write_json_atomic(path: Path, obj: object) -> None:
-    """Write then rename, so a killed run never leaves a half-written file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
-    os.replace(tmp, path)
+    """Write then rename, so a killed run or a full disk never leaves a half-written file (rundir.py)."""
+    write_atomically(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=False).encode()))
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """One file per run, replaced each round by write-then-rename: a kill leaves the previous round intact."""
+    """One file per run, replaced each round by write-then-rename: a kill or a full disk leaves the previous
+    round intact and no temporary file (rundir.write_atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: torch.save(state, f), tmp=path.with_suffix(".tmp"))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -142,9 +140,8 @@ def load_checkpoint(path: Path) -> dict:
 
 def rewrite_metrics(out_dir: Path, records: list[dict]) -> None:
     """On resume: metrics.jsonl becomes exactly the checkpoint's completed rounds (a kill may leave one more line)."""
-    tmp = out_dir / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, out_dir / "metrics.jsonl")
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    write_atomically(out_dir / "metrics.jsonl", lambda f: f.write(text.encode()))
 
 
 def append_metrics(out_dir: Path, record: dict) -> None:
@@ -165,7 +162,8 @@ def summary(cfg: FederationConfig, last: dict, comm: dict, peaks: dict, wall: fl
         "ppl_by_source": last["ppl_by_source"],
         "comm_bytes": comm,
         "device_peak_mem_bytes": peaks,
-        "wall_seconds": round(wall, 2),
+        "wall_seconds": round(wall, 2),  # a resumed run: the total over its stretches (extra lists each)
+        "wall_seconds_stretches": [round(wall, 2)],
         **extra,
         "config": to_dict(cfg),
     }

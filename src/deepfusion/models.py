@@ -265,11 +265,33 @@ def n_params(model: torch.nn.Module) -> int:
 
 
 def export_model(model: PreTrainedModel, tokenizer, out_dir: Path) -> Path:
-    """Write a plain MoE checkpoint + tokenizer that AutoModelForCausalLM/AutoTokenizer load."""
+    """Write a plain MoE checkpoint + tokenizer that AutoModelForCausalLM/AutoTokenizer load.
+
+    The special token ids go into config.json and generation_config.json, so `generate` and `pipeline`
+    stop at end of text: eos is the tokenizer's (documents are separated by it); bos and pad fall back to
+    eos when the tokenizer has none. The tokenizer's model_max_length becomes the model's positions, so
+    `truncation=True` cuts at what the model can read.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    eos = tokenizer.eos_token_id
+    ids = {"eos_token_id": eos, "bos_token_id": _or(tokenizer.bos_token_id, eos),
+           "pad_token_id": _or(tokenizer.pad_token_id, eos)}
+    for cfg in filter(None, (model.config, getattr(model, "generation_config", None))):
+        for key, value in ids.items():
+            setattr(cfg, key, value)
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    before = tokenizer.model_max_length
+    tokenizer.model_max_length = positions or before  # only the exported copy: the run's tokenizer packs long text
+    try:
+        tokenizer.save_pretrained(out_dir)
+    finally:
+        tokenizer.model_max_length = before
     return out_dir
+
+
+def _or(value, fallback):
+    return fallback if value is None else value
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:

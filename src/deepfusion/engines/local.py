@@ -97,8 +97,11 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
     ckpt = out_dir / "checkpoint" / "state.pt"
     per_device = {d: {"up": 0, "down": 0, "rounds": []} for d in (*devices, *hosts)}
     records: list[dict] = []
+    before: list[float] = []  # earlier stretches' seconds (a resumed run), each up to its last checkpoint
     if resume:
-        per_device, records = _restore(load_checkpoint(ckpt), server, devices, hosts, infos, stopper)
+        state = load_checkpoint(ckpt)
+        per_device, records = _restore(state, server, devices, hosts, infos, stopper)
+        before = state.get("wall_seconds_stretches", [])
         log.info("resumed after round %d of %d from %s", len(records), rounds, ckpt)
     rewrite_metrics(out_dir, records)
     with _progress(progress) as bar:
@@ -140,7 +143,8 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
             save_checkpoint(ckpt, {"config": to_dict(cfg), "round": r, "server": server_state(server),
                                    "devices": {d: device_state(dev) for d, dev in devices.items()},
                                    "hosts": _hosts_state(hosts, infos), "stopper": stopper.state() if stopper else None,
-                                   "comm": per_device, "metrics": records})
+                                   "comm": per_device, "metrics": records,
+                                   "wall_seconds_stretches": [*before, round(time.perf_counter() - start, 2)]})
             log.info("[ROUND %d/%d] ppl %s | accepted %d rejected %d | %.1fs", r, rounds, metrics["ppl"],
                      len(result.get("accepted", [])), len(result.get("rejected", {})), records[-1]["seconds_round"])
             bar.advance(task)
@@ -163,7 +167,9 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
     side = recorded.load_devices(cfg.rounds) if replaying else _devices_side(devices, hosts, infos, server, data)
     if recorded and not replaying:
         recorded.save_devices(cfg.rounds, side)
-    result = summary(cfg, last, comm, side.pop("peaks"), time.perf_counter() - start, {**extra, **side})
+    stretches = [*before, round(time.perf_counter() - start, 2)]
+    result = summary(cfg, last, comm, side.pop("peaks"), sum(stretches),
+                     {**extra, **side, "wall_seconds_stretches": stretches})
     result["rounds"] = len(records)
     if replaying:
         result["replayed_from"] = str(recorded.dir)
