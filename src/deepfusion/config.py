@@ -63,6 +63,7 @@ class DataConfig:
     proxy_blocks: int = 256  # proxy blocks, drawn equally from each domain (balanced: see DESIGN §2)
     test_blocks: int = 48  # held-out blocks per source for evaluation (fixed, so rounds are comparable)
     val_blocks: int = 32  # validation blocks per domain: proxy text left out of the proxy set (early stopping, λ tuning)
+    qa_pairs: int = 64  # held-out QA pairs per source whose answers are scored (qa_log_ppl, qa_accuracy); 0: none
     tokenizer: str | None = None  # local pretrained tokenizer dir; None: train BPE on the proxy corpus
     vocab_size: int = 8192  # BPE vocabulary size when training one
     private_split: str = "even"  # devices sharing a source: "even" (round-robin) or "uneven" (Dirichlet shares)
@@ -75,7 +76,8 @@ class DataConfig:
                 _fail("data", key, v, "must be in (0, 0.5)")
         if self.proxy_frac + self.test_frac >= 0.8:
             _fail("data", "proxy_frac", self.proxy_frac, "proxy_frac + test_frac must leave devices >= 20% private data")
-        for key, lo in (("seq_len", 8), ("proxy_blocks", 2), ("test_blocks", 1), ("val_blocks", 0), ("vocab_size", 300)):
+        for key, lo in (("seq_len", 8), ("proxy_blocks", 2), ("test_blocks", 1), ("val_blocks", 0), ("qa_pairs", 0),
+                        ("vocab_size", 300)):
             if getattr(self, key) < lo:
                 _fail("data", key, getattr(self, key), f"must be >= {lo}")
         if self.private_split not in ("even", "uneven"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ import torch
 from deepfusion.config import DataConfig, FederationConfig, to_dict
 from deepfusion.data import (DataError, Split, balanced_proxy, load_source, load_tokenizer, pack_blocks,
                              proxy_leftover, resolve_data_dir, split_documents, train_tokenizer)
+from deepfusion.data.qa import qa_examples
 from deepfusion.data.splits import share_documents
 from deepfusion.rundir import write_atomically
 
@@ -32,6 +33,8 @@ class FederationData:
     validation: dict[str, tuple[str, torch.Tensor]]  # domain -> (domain, (N, T) proxy blocks never trained on)
     device_source: dict[str, str]  # device id -> its source spec
     data_dir: Path
+    # source -> (domain, (ids (M, T), mask (M, T))): held-out QA pairs whose answers are scored (data/qa.py)
+    qa_sets: dict[str, tuple[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
 
 def prepare_data(cfg: FederationConfig, data_dir: str | None = None, private: bool = True) -> FederationData:
@@ -66,11 +69,16 @@ def prepare_data(cfg: FederationConfig, data_dir: str | None = None, private: bo
 
     test_sets = {source: (domains[source], held_out_blocks(tokenizer, split.test, d))
                  for source, split in splits.items()}
+    qa_sets = {}  # from the test documents alone: answers as unseen as the test blocks
+    for source, split in splits.items():
+        ids, mask = qa_examples(tokenizer, split.test, d.seq_len, d.qa_pairs)
+        if len(ids):  # jsonl/text sources have no QA pairs
+            qa_sets[source] = (domains[source], (ids, mask))
     log.info("data: %d devices, proxy %d blocks %s, test %s", len(cfg.devices), len(proxy),
              {k: proxy_domains.count(k) for k in sorted(set(proxy_domains))},
              {s: len(b) for s, (_, b) in test_sets.items()})
     return FederationData(tokenizer, blocks, proxy, proxy_domains, test_sets, validation,
-                          {dev.id: dev.source for dev in cfg.devices}, root)
+                          {dev.id: dev.source for dev in cfg.devices}, root, qa_sets)
 
 
 def device_documents(cfg: FederationConfig, device_id: str, root: Path, split: Split | None = None) -> list:

@@ -15,7 +15,6 @@ The distillation term depends on the method:
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ from deepfusion.config import SERVER_METHODS, ServerConfig
 from deepfusion.knowledge import (KnowledgePacket, PacketError, id_dtype, to_targets, topk_kl, topk_kl_shared,
                                   validate_packet)
 from deepfusion.models import autocast, build_global_moe, routed_experts
+from deepfusion.evaluation import evaluate  # noqa: F401  (moved; engines and the CLI import it from here)
 from deepfusion.logit_views import ViewAlignedAttention, stage_layers, stage_logits
 
 log = logging.getLogger("deepfusion.server")
@@ -263,29 +263,6 @@ def server_round(server: Server, payloads: dict[str, bytes], round: int) -> dict
 
 def round_(x: float) -> float:
     return float(f"{x:.4g}")
-
-
-# ---- evaluating ---------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(model: PreTrainedModel, test_sets: dict[str, tuple[str, torch.Tensor]], torch_device: torch.device,
-             batch: int = 16) -> dict:
-    """Token perplexity exp(mean next-token NLL) per source and per domain (token-weighted)."""
-    model.eval()
-    by_source, domain_nll, domain_count = {}, {}, {}
-    for source, (domain, blocks) in test_sets.items():
-        nll, count = 0.0, 0
-        for s in range(0, len(blocks), batch):
-            b = blocks[s:s + batch].to(torch_device)
-            with autocast(torch_device):
-                logits = model(input_ids=b).logits[:, :-1]
-            nll += F.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten(), reduction="sum").item()
-            count += b[:, 1:].numel()
-        by_source[source] = round_(math.exp(nll / count))
-        domain_nll[domain] = domain_nll.get(domain, 0.0) + nll
-        domain_count[domain] = domain_count.get(domain, 0) + count
-    by_domain = {d: round_(math.exp(domain_nll[d] / domain_count[d])) for d in domain_nll}
-    return {"ppl": by_domain, "ppl_by_source": by_source}
 
 
 # ---- checkpointing ------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """Loaders: the real corpora parse cleanly; broken inputs give a DataError naming the file."""
 
 import json
+import re
+from dataclasses import replace
 
 import pytest
 
-from deepfusion.data import DataError, Document, load_jsonl, load_medquad, load_source, load_tatqa, load_text_dir
+from deepfusion.data import (DataError, Document, load_jsonl, load_medquad, load_source, load_tatqa, load_text_dir,
+                             split_documents)
 from deepfusion.data.corpora import MEDQUAD_SOURCES
 
 DOC = """<?xml version="1.0" encoding="UTF-8"?>
@@ -43,7 +46,8 @@ def test_medquad_fixture_cleans_text_and_skips_empty(tmp_path):
     medquad_dir(tmp_path, {"0001.xml": DOC, "0002.xml": EMPTY_DOC})
     docs = load_medquad(tmp_path, "cdc")
     assert docs == [Document("medquad:cdc", "medical", "0001",
-                             "Question: What is Thing ?\nAnswer: Thing is <rare> & odd.\nSecond paragraph.\n\n")]
+                             "Question: What is Thing ?\nAnswer: Thing is <rare> & odd.\nSecond paragraph.\n\n",
+                             (("What is Thing ?", "Thing is <rare> & odd.\nSecond paragraph."),))]
 
 
 @pytest.mark.parametrize("name", list(MEDQUAD_SOURCES))
@@ -82,7 +86,34 @@ def test_tatqa_fixture_renders_table_paragraphs_answers(tmp_path):
     assert doc == Document("tatqa:0/1", "finance", "u1",
                            " | 2019 | 2018\nSales | $ 1.5 | 1.2\n\nFirst.\nSecond.\n\n"
                            "Question: Change? Answer: -12.6 million\nQuestion: Which? Answer: a, b\n"
-                           "Question: Pct? Answer: 2%\n")
+                           "Question: Pct? Answer: 2%\n",
+                           (("Change?", "-12.6 million"), ("Which?", "a, b"), ("Pct?", "2%")))
+
+
+def test_medquad_real_file_qa_pairs_are_its_answered_pairs(shared_data, tmp_path):
+    # GARD 0002080 has two QAPairs, one of them with its answer removed (MedQuAD's copyright cut)
+    raw = (shared_data / "medquad" / "2_GARD_QA" / "0002080.xml").read_text()
+    assert raw.count("<QAPair ") == 2 and raw.count("<Answer></Answer>") == 1
+    medquad_dir(tmp_path, {"0002080.xml": raw})
+    [doc] = load_medquad(tmp_path, "cdc")
+    assert len(doc.qa) == 1 and doc.qa[0][0].endswith("?") and doc.qa[0][1].startswith("What are the signs")
+    assert "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in doc.qa) == doc.text
+    # and over a whole source: every QAPair but those with an empty answer
+    raws = [f.read_text() for f in sorted((shared_data / "medquad" / "9_CDC_QA").glob("*.xml"))]
+    answered = sum(r.count("<QAPair ") - len(re.findall(r"<Answer>\s*</Answer>|<Answer\s*/>", r)) for r in raws)
+    assert sum(len(d.qa) for d in load_medquad(shared_data, "cdc")) == answered > 100
+
+
+def test_tatqa_real_qa_pairs_are_its_questions(shared_data):
+    items = {i["table"]["uid"]: i for i in json.loads((shared_data / "tatqa" / "tatqa_dataset_dev.json").read_text())}
+    docs = load_tatqa(shared_data, 0, 1)
+    assert all(len(d.qa) == len(items[d.doc_id]["questions"]) for d in docs)
+    assert sum(len(d.qa) for d in docs) == 1668 and all(f"Question: {q} Answer: {a}\n" in d.text
+                                                        for d in docs for q, a in d.qa)
+    # the split hashes source and doc_id alone: QA pairs move no report between private, proxy and test
+    with_qa, without = (split_documents(x, 0, 0.2, 0.1) for x in (docs, [replace(d, qa=()) for d in docs]))
+    assert all([d.doc_id for d in getattr(with_qa, k)] == [d.doc_id for d in getattr(without, k)]
+               for k in ("private", "proxy", "test"))
 
 
 def test_tatqa_real_groups_partition_reports(shared_data):
@@ -160,6 +191,8 @@ def test_load_source_specs_and_cache(tmp_path, monkeypatch):
     assert len(load_source("tatqa:0/1", tmp_path)) == 2 == len(load_source("tatqa", tmp_path))
     assert load_source("jsonl:mine.jsonl", tmp_path)[0].domain == "mine"  # relative to cwd
     assert load_source("jsonl:mine.jsonl", tmp_path, domain="legal")[0].domain == "legal"
+    assert load_source("jsonl:mine.jsonl", tmp_path)[0].qa == ()  # users' text carries no QA pairs
+    assert load_source("tatqa", tmp_path, domain="fin")[0].qa == load_source("tatqa", tmp_path)[0].qa != ()
     # cached: a second load returns equal Documents without re-reading, and a fresh list each time
     first = load_source("medquad:cdc", tmp_path)
     (tmp_path / "medquad" / "9_CDC_QA" / "0001.xml").write_text("broken")

@@ -26,6 +26,8 @@ class Document:
     domain: str  # e.g. "medical"; proxy balancing and per-domain metrics group by it
     doc_id: str
     text: str
+    # (question, answer) pairs as the text states them (MedQuAD, TAT-QA); QA metrics score the answers
+    qa: tuple[tuple[str, str], ...] = ()
 
 
 MEDQUAD_SOURCES: dict[str, str] = {
@@ -49,6 +51,16 @@ def clean_text(s: str) -> str:
     return "\n".join(line for line in lines if line)
 
 
+def qa_prompt(source: str, question: str) -> str:
+    """A question as the source's text puts it, up to where its answer (' ' + answer) begins.
+
+    MedQuAD text reads 'Question: ..\\nAnswer: ..', TAT-QA text 'Question: .. Answer: ..'; scoring an answer
+    after the form the model trained on keeps QA metrics about the answer, not about the prompt.
+    """
+    sep = " " if source.partition(":")[0] == "tatqa" else "\n"
+    return f"Question: {question}{sep}Answer:"
+
+
 # --- MedQuAD ---------------------------------------------------------------------------------
 
 def _read_utf8(path: Path) -> bytes:
@@ -63,20 +75,24 @@ def _read_utf8(path: Path) -> bytes:
     return raw
 
 
-def _medquad_text(path: Path) -> str:
-    """'Question: ..\\nAnswer: ..\\n\\n' for every QA pair with a non-empty answer."""
+def _medquad_qa(path: Path) -> tuple[tuple[str, str], ...]:
+    """(question, answer) of every QA pair with a non-empty answer, cleaned."""
     try:
         root = ET.fromstring(_read_utf8(path))
     except ET.ParseError as e:
         raise DataError(f"{path}: not well-formed XML ({e}); "
                         "MedQuAD files are parsed as XML; restore the upstream file") from None
-    parts = []
+    pairs = []
     for pair in root.iter("QAPair"):
         answer = clean_text(pair.findtext("Answer") or "")
         if answer:  # MedQuAD removed some answers for copyright; those pairs carry no text
-            question = clean_text(pair.findtext("Question") or "")
-            parts.append(f"Question: {question}\nAnswer: {answer}\n\n")
-    return "".join(parts)
+            pairs.append((clean_text(pair.findtext("Question") or ""), answer))
+    return tuple(pairs)
+
+
+def _medquad_text(qa: tuple[tuple[str, str], ...]) -> str:
+    """'Question: ..\\nAnswer: ..\\n\\n' for every pair."""
+    return "".join(f"{qa_prompt('medquad', q)} {a}\n\n" for q, a in qa)
 
 
 def load_medquad(data_dir: Path, name: str) -> list[Document]:
@@ -92,9 +108,9 @@ def load_medquad(data_dir: Path, name: str) -> list[Document]:
         raise DataError(f"{folder}: holds no *.xml files; medquad:{name} needs MedQuAD XML; {LAYOUT_HINT}")
     docs = []
     for path in files:
-        text = _medquad_text(path)
-        if text:
-            docs.append(Document(f"medquad:{name}", "medical", path.stem, text))
+        qa = _medquad_qa(path)
+        if qa:
+            docs.append(Document(f"medquad:{name}", "medical", path.stem, _medquad_text(qa), qa))
     if not docs:
         raise DataError(f"{folder}: no QA pair has an answer; every file was empty; {LAYOUT_HINT}")
     return docs
@@ -124,15 +140,20 @@ def _tatqa_answer(q: dict) -> str:
     return f"{a} {scale}" if scale else str(a)
 
 
-def _tatqa_text(item: dict) -> str:
+def _tatqa_qa(item: dict) -> tuple[tuple[str, str], ...]:
+    """(question, rendered answer) of every question, in the report's order."""
+    questions = sorted(item["questions"], key=lambda q: int(q["order"]))
+    return tuple((clean_text(q["question"]), _tatqa_answer(q)) for q in questions)
+
+
+def _tatqa_text(item: dict, qa: tuple[tuple[str, str], ...]) -> str:
     """Table row by row, then paragraphs, then 'Question: .. Answer: ..' lines."""
     rows = [[" ".join(str(c).split()) for c in row] for row in item["table"]["table"]]
     table = "\n".join(" | ".join(r) for r in rows if any(r))
     paras = sorted(item["paragraphs"], key=lambda p: int(p["order"]))
     text = "\n".join(clean_text(p["text"]) for p in paras)
-    questions = sorted(item["questions"], key=lambda q: int(q["order"]))
-    qa = "\n".join(f"Question: {clean_text(q['question'])} Answer: {_tatqa_answer(q)}" for q in questions)
-    return f"{table}\n\n{text}\n\n{qa}\n"
+    lines = "\n".join(f"{qa_prompt('tatqa', q)} {a}" for q, a in qa)
+    return f"{table}\n\n{text}\n\n{lines}\n"
 
 
 def load_tatqa(data_dir: Path, group: int, n_groups: int) -> list[Document]:
@@ -156,7 +177,8 @@ def load_tatqa(data_dir: Path, group: int, n_groups: int) -> list[Document]:
         try:
             uid = item["table"]["uid"]
             if tatqa_group(uid, n_groups) == group:
-                docs.append(Document(f"tatqa:{group}/{n_groups}", "finance", uid, _tatqa_text(item)))
+                qa = _tatqa_qa(item)
+                docs.append(Document(f"tatqa:{group}/{n_groups}", "finance", uid, _tatqa_text(item, qa), qa))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DataError(f"{path}: report {i} does not have the TAT-QA structure "
                             f"({type(e).__name__}: {e}); each needs table.uid, table.table, "
