@@ -4,6 +4,7 @@
     python -m deepfusion.bench distill     # one distillation step per method, 6 devices
     python -m deepfusion.bench poison      # one adversarial device of six: damage with / without reliability
     python -m deepfusion.bench dp          # differential privacy on uploads: perplexity and (ε, δ) per noise level
+    python -m deepfusion.bench vaa         # one Phase II step: VAA vs no feature term vs OFA-KD (crosskd.time_steps)
 
 Timings are ratios within one run on one machine: compare rows, not machines.
 """
@@ -121,7 +122,7 @@ def bench_dp(out: Path, noise: tuple[float, ...] = (0.01, 0.05, 0.2, 100.0), con
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("experts", "distill", "poison", "dp"))
+    parser.add_argument("what", choices=("experts", "distill", "poison", "dp", "vaa"))
     parser.add_argument("--out", default="runs/bench", help="output directory for runs (poison, dp)")
     parser.add_argument("--config", type=Path, help="federation TOML (poison: reliability.toml, dp: smoke.toml)")
     parser.add_argument("--seed", type=int, help="dp: override the config's training seed")
@@ -130,6 +131,10 @@ def main(argv: list[str] | None = None) -> None:
         rows = bench_poison(Path(args.out), config=args.config)
     elif args.what == "dp":
         rows = bench_dp(Path(args.out), config=args.config, seed=args.seed)
+    elif args.what == "vaa":
+        from deepfusion.crosskd import time_steps
+
+        rows = time_steps()
     else:
         rows = bench_experts() if args.what == "experts" else bench_distill()
     for row in rows:
