@@ -94,9 +94,11 @@ def test_overwrite_replaces_the_run(finished, tmp_path, capsys):
 
 def test_a_second_run_into_a_running_directory_is_refused(tmp_path, capsys, data_dir):
     """The first run is a real `deepfusion run` process; the second exits 2 naming it, and the first's
-    metrics are its own rounds, once each. Its stdout, with stderr apart, is one JSON object (item 9)."""
+    metrics are its own rounds, once each. Its stdout, with stderr apart and its progress bar on, is one
+    JSON object (item 9)."""
     out = tmp_path / "shared"
-    first = subprocess.Popen([str(EXE), *map(str, run_args(out))], stdout=subprocess.PIPE,
+    with_bar = [a for a in map(str, run_args(out)) if a != "--no-progress"]
+    first = subprocess.Popen([str(EXE), *with_bar], stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True)
     try:
         deadline = time.time() + 120

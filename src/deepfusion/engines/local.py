@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from deepfusion.baselines import hosting
@@ -344,4 +345,4 @@ def _restore(state: dict, server, devices: dict[str, Device], hosts: dict, infos
 
 def _progress(enabled: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    disable=not enabled, transient=False)
+                    disable=not enabled, transient=False, console=Console(stderr=True))  # stdout: results only
