@@ -27,8 +27,9 @@ def data_dir() -> Path:
 
 @pytest.fixture
 def smoke_config(data_dir):
+    """The tiny multi-round federation (configs/smoke-multiround.toml), on the real corpora."""
     from deepfusion.config import default_config_path, load_config
 
-    cfg = load_config(default_config_path("smoke"))
+    cfg = load_config(default_config_path("smoke-multiround"))
     cfg.data.dir = str(data_dir)
     return cfg

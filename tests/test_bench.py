@@ -10,7 +10,7 @@ def test_experts_bench_times_every_kernel_of_both_families():
 
 def test_distill_bench_reports_ratios():
     rows = bench_distill(devices=2, vocab=64, blocks=4, seq=8, repeats=1, size="tiny")
-    assert [r["method"] for r in rows] == ["proxy-only", "device-kd", "deepfusion"]
+    assert [r["method"] for r in rows] == ["proxy-only", "device-kd", "multiround-views"]
     assert rows[0]["ratio_to_proxy_only"] == 1.0
 
 
@@ -20,7 +20,7 @@ def test_poison_bench_compares_against_the_clean_run(tmp_path, smoke_config):
     from deepfusion.bench import bench_poison
     from deepfusion.config import default_config_path
 
-    text = default_config_path("smoke").read_text().replace('seed = 0\nseq_len', f'seed = 0\ndir = "{smoke_config.data.dir}"\nseq_len')
+    text = default_config_path("smoke-multiround").read_text().replace('seed = 0\nseq_len', f'seed = 0\ndir = "{smoke_config.data.dir}"\nseq_len')
     text = text.replace("rounds = 2", "rounds = 1")  # four runs: the comparison's shape, not its numbers
     cfg = tmp_path / "smoke.toml"
     cfg.write_text(text)

@@ -29,6 +29,7 @@ def config(tmp_path, top="", server="", device="", source=None):
     path = tmp_path / "c.toml"
     source = source or corpus(tmp_path / "data")
     top = top if "rounds" in top else top + "rounds = 1\n"
+    top = top if "method" in top else top + 'method = "multiround-views"\n'
     device = device or 'size = "tiny"\nbatch_size = 2'
     path.write_text(f'{top}[data]\nseq_len = 16\nproxy_blocks = 4\ntest_blocks = 2\nvocab_size = 300\n'
                     f'[server]\nsize = "tiny"\nsteps = 1\nbatch_size = 2\n{server}'
@@ -82,6 +83,13 @@ def test_bad_config_values(tmp_path, capsys, edit, needles):
     fails_with_one_line(capsys, ["run", "--config", config(tmp_path, **edit), "--out", tmp_path / "o"], *needles)
 
 
+def test_the_round_loop_refuses_the_one_shot_pipeline(tmp_path, capsys):
+    """`deepfusion` is the paper's one-shot pipeline: the multi-round loop must not run it as an empty round loop."""
+    fails_with_one_line(capsys, ["run", "--config", config(tmp_path, top='method = "deepfusion"\n'), "--data-dir",
+                                 tmp_path / "data", "--out", tmp_path / "o"], "method = 'deepfusion'", "multiround-views")
+    assert not (tmp_path / "o").exists()
+
+
 def test_memory_budget_too_small_for_any_model(tmp_path, capsys):
     path = config(tmp_path, device='size = "auto"\nmemory_mb = 1\nbatch_size = 64')
     fails_with_one_line(capsys, ["run", "--config", path, "--data-dir", tmp_path / "data",
@@ -126,7 +134,7 @@ def test_resume_without_checkpoint(tmp_path, capsys):
 
 
 def test_eval_of_a_missing_model(tmp_path, capsys):
-    fails_with_one_line(capsys, ["eval", "--model", tmp_path / "nomodel"], "no exported model")
+    fails_with_one_line(capsys, ["eval", "--model", tmp_path / "nomodel", "--config", config(tmp_path)], "no exported model")
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has the GPU the config asks for")

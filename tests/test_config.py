@@ -13,13 +13,15 @@ DEVICE = '[[devices]]\nid = "a"\nsource = "medquad:cdc"\n'
 
 
 def test_shipped_configs_parse():
-    for name in ("default", "smoke"):
-        cfg = load_config(default_config_path(name))
-        assert cfg.devices
+    shipped = sorted(default_config_path("smoke").parent.glob("*.toml"))
+    assert {"multiround", "smoke", "smoke-multiround", "bench-quick", "reliability"} <= {p.stem for p in shipped}
+    for path in shipped:
+        assert load_config(path).devices, path
 
 
-def test_default_config_is_a_real_federation():
-    cfg = load_config()
+def test_multiround_config_is_a_real_federation():
+    cfg = load_config(default_config_path("multiround"))
+    assert cfg.method == "multiround-views"
     families = {d.family for d in cfg.devices}
     sizes = {d.size for d in cfg.devices}
     sources = [d.source for d in cfg.devices]
@@ -39,7 +41,10 @@ def test_cli_overrides_apply(tmp_path):
     ('[server]\nfamily = "gpt"\n' + DEVICE, ["family", "'gpt'", "qwen_moe"]),
     ('[server]\ntopk = "8"\n' + DEVICE, ["topk", "'8'", "int"]),
     ('[data]\nproxy_frac = 0.9\n' + DEVICE, ["proxy_frac", "0.9"]),
-    ('method = "fedprox"\n' + DEVICE, ["method", "fedprox", "deepfusion"]),
+    ('method = "fedprox"\n' + DEVICE, ["method", "fedprox", "deepfusion", "multiround-views"]),
+    ('[server]\nviews_mix = 1.5\n' + DEVICE, ["[server] views_mix = 1.5", "[0, 1]"]),
+    ('[server]\nviews_final = "mean"\n' + DEVICE, ["views_final", "devices, average"]),
+    ('[server]\nvaa_mix = 0.5\n' + DEVICE, ["unknown key 'vaa_mix'", "views_mix"]),  # renamed: the old key is refused
     ('rounds = 0\n' + DEVICE, ["rounds", "0"]),
     (DEVICE + 'family = "mamba"\n', ["[[devices]] #1 (id 'a') family = 'mamba'"]),  # counted from 1, named by id
     (DEVICE + 'size = "huge"\n', ["[[devices]] #1 (id 'a') size = 'huge'"]),

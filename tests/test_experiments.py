@@ -1,4 +1,4 @@
-"""deepfusion bench on the smoke federation: every method, both families, the report's files."""
+"""deepfusion bench on the smoke multi-round federation: every method, both families, the report's files."""
 
 import csv
 import json
@@ -27,7 +27,7 @@ def test_quick_bench_on_the_smoke_federation(tmp_path, data_dir, monkeypatch):
 
     monkeypatch.setenv("DEEPFUSION_DATA", str(data_dir))
     config = tmp_path / "smoke.toml"
-    config.write_text(default_config_path("smoke").read_text().replace("min_devices = 1", "min_devices = 1\nmax_rounds = 3"))
+    config.write_text(default_config_path("smoke-multiround").read_text().replace("min_devices = 1", "min_devices = 1\nmax_rounds = 3"))
     out = tmp_path / "bench"
     assert main(["bench", "--profile", "quick", "--out", str(out), "--config", str(config)]) == 0
     results = json.loads((out / "results.json").read_text())
@@ -38,12 +38,12 @@ def test_quick_bench_on_the_smoke_federation(tmp_path, data_dir, monkeypatch):
     assert len([x for x in lines if not x["tag"]]) == len(FAMILIES) * len(METHODS)
     assert {x["method"] for x in lines if x["tag"].startswith("host_steps")} == {"fedavg-moe", "expert-subset"}
     md = (out / "RESULTS.md").read_text()
-    assert "## Targets" in md and md.count("| deepfusion |") == len(FAMILIES)
+    assert "## Targets" in md and md.count("| multiround-views |") == len(FAMILIES)
     for png in ("ppl_per_round_qwen_moe", "ppl_per_round_deepseek_moe", "bytes_per_round", "device_peak_memory"):
         assert (out / f"{png}.png").stat().st_size > 5000
     rows = {(r["family"], r["method"]): r for r in results["rows"] if not r["tag"]}
     kd = rows["qwen_moe", "device-kd"]
-    assert kd["bytes_per_device_round"] == rows["deepseek_moe", "deepfusion"]["bytes_per_device_round"]  # same uploads
+    assert kd["bytes_per_device_round"] == rows["deepseek_moe", "multiround-views"]["bytes_per_device_round"]  # same uploads
     assert rows["qwen_moe", "fedavg-moe"]["bytes_per_device_round"] > rows["qwen_moe", "expert-subset"]["bytes_per_device_round"] > kd["bytes_per_device_round"]
     # local-only is read off the knowledge run's devices: it equals a real local-only run
     from deepfusion.config import load_config
@@ -54,9 +54,9 @@ def test_quick_bench_on_the_smoke_federation(tmp_path, data_dir, monkeypatch):
     real = run(cfg, tmp_path / "local-only", progress=False)
     assert rows["qwen_moe", "local-only"]["ppl"] == pytest.approx(real["ppl"], rel=1e-3)
     # a second bench over the same directory reuses every run
-    mtime = (out / "runs" / "main" / "qwen_moe" / "deepfusion-s0" / "summary.json").stat().st_mtime
+    mtime = (out / "runs" / "main" / "qwen_moe" / "multiround-views-s0" / "summary.json").stat().st_mtime
     assert main(["bench", "--profile", "quick", "--out", str(out), "--config", str(config)]) == 0
-    assert (out / "runs" / "main" / "qwen_moe" / "deepfusion-s0" / "summary.json").stat().st_mtime == mtime
+    assert (out / "runs" / "main" / "qwen_moe" / "multiround-views-s0" / "summary.json").stat().st_mtime == mtime
 
 
 @pytest.mark.parametrize("name", [*ABLATIONS, *HETEROGENEITY])

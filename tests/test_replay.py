@@ -39,6 +39,6 @@ def test_replay_is_refused_where_there_is_nothing_to_replay(tmp_path, capsys):
     from deepfusion.cli import main
     from deepfusion.config import default_config_path
 
-    args = ["run", "--config", str(default_config_path("smoke")), "--replay", str(tmp_path / "r"), "--out", str(tmp_path / "o")]
+    args = ["run", "--config", str(default_config_path("smoke-multiround")), "--replay", str(tmp_path / "r"), "--out", str(tmp_path / "o")]
     assert main([*args, "--method", "proxy-only"]) == 2
     assert "--replay" in capsys.readouterr().err

@@ -98,10 +98,10 @@ def projected(tmp_path_factory):
     return out, rows
 
 
-def test_expert_subset_lies_strictly_between_deepfusion_and_fedavg(projected):
+def test_expert_subset_lies_strictly_between_the_kd_methods_and_fedavg(projected):
     _, rows = projected
     by = lambda method: [r for r in rows if r["method"] == method]
-    fedavg, kd = by("fedavg-moe")[0], by("deepfusion")[0]
+    fedavg, kd = by("fedavg-moe")[0], by("multiround-views")[0]
     assert by("expert-subset")
     for r in by("expert-subset"):
         assert kd["round_bytes"] < r["round_bytes"] < fedavg["round_bytes"]
@@ -116,7 +116,7 @@ def test_kd_methods_cost_the_same_and_ship_no_weights(projected):
     assert {r["method"] for r in kd} == set(scale.KD_METHODS)
     strip = lambda r: {k: v for k, v in r.items() if k != "method"}
     assert all(strip(r) == strip(kd[0]) for r in kd)
-    header = kd[0]["up_bytes"] - 512 * 127 * 50  # the default proxy: 512 blocks x 127 positions, 50 bytes each
+    header = kd[0]["up_bytes"] - 512 * 127 * 50  # the multi-round proxy: 512 blocks x 127 positions, 50 bytes each
     assert 0 < header < 1024 and kd[0]["down_bytes"] < 4096
 
 

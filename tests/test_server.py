@@ -12,7 +12,7 @@ V, P, T = 64, 6, 9
 DEVICES = ["a", "b", "c"]
 
 
-def make_server(method="deepfusion", **cfg):
+def make_server(method="multiround-views", **cfg):
     proxy = torch.randint(V, (P, T), generator=torch.Generator().manual_seed(0))
     config = ServerConfig(**{"family": "qwen_moe", "size": "tiny", "steps": 2, "batch_size": 2, "topk": 4, **cfg})
     return build_server(config, method, V, proxy, DEVICES, 0, torch.device("cpu"))
@@ -74,7 +74,7 @@ def test_aggregate_of_identical_devices_is_that_device():
     assert torch.equal(agg.ids[0].sort(-1).values, targets.ids[0].sort(-1).values)
 
 
-@pytest.mark.parametrize("method", ["deepfusion", "device-kd", "plain-fkd", "proxy-only"])
+@pytest.mark.parametrize("method", ["multiround-views", "device-kd", "plain-fkd", "proxy-only"])
 def test_server_round_trains_every_method(method):
     server = make_server(method)
     before = {k: v.clone() for k, v in server.model.state_dict().items()}
@@ -83,16 +83,16 @@ def test_server_round_trains_every_method(method):
     assert all(torch.isfinite(torch.tensor(v)) for v in result["losses"].values())
     changed = [k for k, v in server.model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed
-    if method in ("deepfusion", "device-kd"):
+    if method in ("multiround-views", "device-kd"):
         assert result["losses"]["kd"] > 0 and set(result["device_weight"]) == set(DEVICES)
-    if method == "deepfusion":
+    if method == "multiround-views":
         assert set(result["views"]) == set(DEVICES)
 
 
 def test_distillation_moves_the_moe_towards_the_devices():
     """With devices that know the proxy text, KD lowers the MoE's proxy loss faster than the KD-free floor."""
     torch.manual_seed(0)
-    for method in ("device-kd", "deepfusion"):
+    for method in ("device-kd", "multiround-views"):
         server = make_server(method, lam=1.0, lr=1e-2)
         packets = {d: packet_for(server, d, oracle_logits(server)) for d in DEVICES}
         targets = stack_targets(server, packets)
@@ -132,14 +132,14 @@ def test_server_state_round_trips_to_identical_training():
     server_round(b, payloads, 1)
     for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(x, y), name
-    assert torch.equal(a.vaa.gate, b.vaa.gate)
+    assert torch.equal(a.views.gate, b.views.gate)
 
 
-def test_vaa_final_average_puts_plain_fkds_teacher_on_the_final_head():
-    """With vaa_final = "average" and no weight on the views, deepfusion's loss is plain-fkd's."""
+def test_views_final_average_puts_plain_fkds_teacher_on_the_final_head():
+    """With views_final = "average" and no weight on the views, multiround-views' loss is plain-fkd's."""
     from deepfusion.server import kd_loss
 
-    df = make_server("deepfusion", vaa_final="average", vaa_mix=0.0)
+    df = make_server("multiround-views", views_final="average", views_mix=0.0)
     fkd = make_server("plain-fkd")
     packets = {d: packet_for(df, d) for d in DEVICES}
     targets = stack_targets(df, packets)

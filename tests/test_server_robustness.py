@@ -25,7 +25,7 @@ from deepfusion.server import (build_server, load_server_state, packet_byte_cap,
 
 V, P, T, K = 64, 3, 6, 4
 N = P * (T - 1)  # proxy positions a packet must cover
-SERVER = build_server(ServerConfig(family="qwen_moe", size="tiny", steps=1, batch_size=2, topk=K), "deepfusion", V,
+SERVER = build_server(ServerConfig(family="qwen_moe", size="tiny", steps=1, batch_size=2, topk=K), "multiround-views", V,
                       torch.randint(V, (P, T), generator=torch.Generator().manual_seed(0)), ["a", "b"], 0,
                       torch.device("cpu"))
 

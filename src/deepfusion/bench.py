@@ -64,7 +64,7 @@ def bench_distill(devices: int = 6, vocab: int = 8192, blocks: int = 64, seq: in
     targets = Targets(torch.arange(devices), torch.randint(vocab, (devices, blocks, seq - 1, k)), raw[..., :k], raw[..., k])
     weights = torch.full((devices, blocks), 1.0 / devices)
     rows = []
-    for method in ("proxy-only", "device-kd", "deepfusion"):
+    for method in ("proxy-only", "device-kd", "multiround-views"):
         server = build_server(ServerConfig(size=size, batch_size=min(8, blocks)), method, vocab, proxy, [f"d{i}" for i in range(devices)], 0,
                               torch.device("cpu"))
         tg = None if method == "proxy-only" else targets
@@ -105,7 +105,7 @@ def bench_dp(out: Path, noise: tuple[float, ...] = (0.01, 0.05, 0.2, 100.0), con
 
     rows = []
     for sigma in (None, 0.0, *noise):  # None: proxy-only, what the server learns with no device at all
-        cfg = load_config(config or default_config_path("smoke"), seed=seed)
+        cfg = load_config(config or default_config_path("smoke-multiround"), seed=seed)
         if sigma is None:
             cfg.method = "proxy-only"
         for d in cfg.devices:
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("experts", "distill", "poison", "dp", "vaa"))
     parser.add_argument("--out", default="runs/bench", help="output directory for runs (poison, dp)")
-    parser.add_argument("--config", type=Path, help="federation TOML (poison: reliability.toml, dp: smoke.toml)")
+    parser.add_argument("--config", type=Path, help="federation TOML (poison: reliability.toml, dp: smoke-multiround.toml)")
     parser.add_argument("--seed", type=int, help="dp: override the config's training seed")
     args = parser.parse_args(argv)
     if args.what == "poison":

@@ -155,13 +155,14 @@ class ServerConfig:
     lam: float = 1.0  # λ: weight of the distillation term against the proxy cross-entropy
     topk: int = 8  # k of the devices' top-k predictions
     temperature: float = 1.0  # T at which devices soften their predictions
-    vaa_stages: int = 4  # MoE depths VAA attends over (evenly spaced, the last included)
-    vaa_heads: int = 2  # attention heads over stages
-    vaa_dim: int = 16  # key/query width per head: small, so a view can express little but its view
-    vaa_mix: float = 0.5  # share of each device's KD weight on its VAA view (the rest on the final head)
-    vaa_positions: float = 0.25  # share of each batch's positions the views are trained on (they are few numbers)
-    vaa_lr_scale: float = 1.0  # the views' learning rate, as a multiple of lr
-    vaa_final: str = "devices"  # deepfusion's final-head term: per device ("devices") or vs their average ("average")
+    # multiround-views: the per-device logit views (logit_views.py)
+    views_stages: int = 4  # MoE depths the views attend over (evenly spaced, the last included)
+    views_heads: int = 2  # attention heads over stages
+    views_dim: int = 16  # key/query width per head: small, so a view can express little but its view
+    views_mix: float = 0.5  # share of each device's KD weight on its logit view (the rest on the final head)
+    views_positions: float = 0.25  # share of each batch's positions the views are trained on (they are few numbers)
+    views_lr_scale: float = 1.0  # the views' learning rate, as a multiple of lr
+    views_final: str = "devices"  # the final-head term: per device ("devices") or vs their average ("average")
     reliability: bool = True  # weight devices by their agreement with the proxy's next tokens
     min_devices: int = 1  # a round needs at least this many valid packets to distil
     device_timeout: float = 0.0  # seconds a device may take per round before its answer is dropped (0: no limit)
@@ -177,8 +178,8 @@ class ServerConfig:
             _fail("server", "family", self.family, f"allowed: {', '.join(GLOBAL_FAMILIES)}")
         if self.pretrained is None and self.size not in MOE_PRESETS[self.family]:
             _fail("server", "size", self.size, f"allowed for {self.family}: {', '.join(MOE_PRESETS[self.family])}")
-        for key, lo in (("steps", 0), ("batch_size", 1), ("topk", 1), ("vaa_stages", 1), ("vaa_heads", 1),
-                        ("vaa_dim", 1), ("min_devices", 1), ("round_retries", 0), ("host_steps", 0), ("patience", 1), ("max_rounds", 1)):
+        for key, lo in (("steps", 0), ("batch_size", 1), ("topk", 1), ("views_stages", 1), ("views_heads", 1),
+                        ("views_dim", 1), ("min_devices", 1), ("round_retries", 0), ("host_steps", 0), ("patience", 1), ("max_rounds", 1)):
             if getattr(self, key) < lo:
                 _fail("server", key, getattr(self, key), f"must be >= {lo}")
         if not self.lr > 0:
@@ -187,16 +188,16 @@ class ServerConfig:
             _fail("server", "lam", self.lam, "must be >= 0 (weight of the distillation term)")
         if not self.temperature > 0:
             _fail("server", "temperature", self.temperature, "must be > 0")
-        if not 0.0 <= self.vaa_mix <= 1.0:
-            _fail("server", "vaa_mix", self.vaa_mix, "must be in [0, 1]")
+        if not 0.0 <= self.views_mix <= 1.0:
+            _fail("server", "views_mix", self.views_mix, "must be in [0, 1]")
         if not self.device_timeout >= 0:
             _fail("server", "device_timeout", self.device_timeout, "must be >= 0 seconds (0: no limit)")
-        if self.vaa_final not in ("devices", "average"):
-            _fail("server", "vaa_final", self.vaa_final, "allowed: devices, average")
-        if not self.vaa_lr_scale > 0:
-            _fail("server", "vaa_lr_scale", self.vaa_lr_scale, "must be > 0 (a multiple of lr)")
-        if not 0.0 < self.vaa_positions <= 1.0:
-            _fail("server", "vaa_positions", self.vaa_positions, "must be in (0, 1]")
+        if self.views_final not in ("devices", "average"):
+            _fail("server", "views_final", self.views_final, "allowed: devices, average")
+        if not self.views_lr_scale > 0:
+            _fail("server", "views_lr_scale", self.views_lr_scale, "must be > 0 (a multiple of lr)")
+        if not 0.0 < self.views_positions <= 1.0:
+            _fail("server", "views_positions", self.views_positions, "must be in (0, 1]")
 
 
 @dataclass

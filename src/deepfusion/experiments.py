@@ -31,7 +31,8 @@ log = logging.getLogger("deepfusion.bench")
 FAMILIES = ("qwen_moe", "deepseek_moe")
 # Table order: the upper bounds, the federated-MoE baselines, the floor, the distillation methods, the reference.
 METHODS = ("centralized-converged", "centralized", "fedavg-moe", "expert-subset", "proxy-only",
-           "plain-fkd", "device-kd", "deepfusion", "local-only")
+           "plain-fkd", "device-kd", "multiround-views", "local-only")
+VIEWS = "multiround-views"  # the method the bench's targets, pairs and sweeps are about
 LAMBDAS = (0.5, 1.0, 2.0, 4.0)  # the grid each distillation method's λ is tuned over (full profile)
 
 
@@ -106,17 +107,17 @@ def tune_lambda(base: FederationConfig, root: Path, family: str, method: str) ->
 
 
 def main_table(base: FederationConfig, root: Path, seeds: list[int], tune: bool) -> tuple[list[dict], dict]:
-    """Every method x family x seed. The deepfusion run of each seed records the devices' uploads first."""
+    """Every method x family x seed. The multiround-views run of each seed records the devices' uploads first."""
     rows, lams = [], {}
     for family in FAMILIES if tune else ():
-        for method in ("deepfusion", "device-kd", "plain-fkd"):
+        for method in (VIEWS, "device-kd", "plain-fkd"):
             lams[family, method] = tune_lambda(base, root, family, method)
     for seed in seeds:
         for family in FAMILIES:
             for method in METHODS:
                 if method == "local-only":  # the knowledge runs' devices are local-only's: same seeds, same steps
                     rows.append(local_only_row(next(r for r in rows if (r["method"], r["family"], r["seed"]) ==
-                                                    ("deepfusion", family, seed))))
+                                                    (VIEWS, family, seed))))
                     continue
                 lam = lams.get((family, method), base.server.lam)
                 rows.append(run_one(base, root, family, method, seed, change=lambda c, lam=lam: setattr(c.server, "lam", lam)))
@@ -140,26 +141,26 @@ def _miscalibrated(c: FederationConfig) -> None:  # the default mix, half the de
         d.local_steps = max(1, d.local_steps // 6) if i % 2 else d.local_steps
 
 
-# deepfusion (qwen_moe) with one knob changed at a time, device-kd beside it (k and T change the devices' side).
+# multiround-views (qwen_moe) with one knob changed at a time, device-kd beside it (k and T change the devices' side).
 ABLATIONS = {
-    "vaa_stages=2": lambda c: setattr(c.server, "vaa_stages", 2),
-    "vaa_dim=4": lambda c: setattr(c.server, "vaa_dim", 4),
-    "vaa_dim=64": lambda c: setattr(c.server, "vaa_dim", 64),
-    "vaa_mix=1.0": lambda c: setattr(c.server, "vaa_mix", 1.0),
+    "views_stages=2": lambda c: setattr(c.server, "views_stages", 2),
+    "views_dim=4": lambda c: setattr(c.server, "views_dim", 4),
+    "views_dim=64": lambda c: setattr(c.server, "views_dim", 64),
+    "views_mix=1.0": lambda c: setattr(c.server, "views_mix", 1.0),
     "reliability=off": lambda c: setattr(c.server, "reliability", False),
     "topk=2": lambda c: setattr(c.server, "topk", 2),
     "topk=32": lambda c: setattr(c.server, "topk", 32),
     "temperature=2": lambda c: setattr(c.server, "temperature", 2.0),
 }
-# From one family and size to mixed families, sizes and calibration: where does VAA beat device-kd?
+# From one family and size to mixed families, sizes and calibration: where do the logit views beat device-kd?
 HETEROGENEITY = {"1-uniform": _uniform, "2-families": _two_families, "3-families+sizes": None,
                  "4-+calibration": _miscalibrated}
 
 
 def sweep(base: FederationConfig, root: Path, seeds: list[int], prefix: str, changes: dict) -> list[dict]:
-    """deepfusion and device-kd (paired, replayed) under each change, qwen_moe."""
+    """multiround-views and device-kd (paired, replayed) under each change, qwen_moe."""
     return [run_one(base, root, "qwen_moe", method, seed, tag=f"{prefix}-{name}", change=change)
-            for name, change in changes.items() for seed in seeds for method in ("deepfusion", "device-kd")]
+            for name, change in changes.items() for seed in seeds for method in (VIEWS, "device-kd")]
 
 
 # ---- summarising ------------------------------------------------------------------------------------
@@ -221,13 +222,13 @@ def run_bench(profile: str, out: Path, config: Path | None = None, seeds: list[i
     extra = host_steps_rows(base, out, seeds)
     if profile == "full":
         extra += sweep(base, out, seeds, "ablation", ABLATIONS) + sweep(base, out, seeds, "hetero", HETEROGENEITY)
-    pairs = [paired(rows, "deepfusion", b, f) for f in FAMILIES for b in ("device-kd", "plain-fkd", "fedavg-moe",
-                                                                          "expert-subset", "centralized-converged")]
+    pairs = [paired(rows, VIEWS, b, f) for f in FAMILIES for b in ("device-kd", "plain-fkd", "fedavg-moe",
+                                                                    "expert-subset", "centralized-converged")]
     for tag in sorted({r["tag"] for r in extra}):
-        if tag.startswith("host_steps"):  # main deepfusion against the hosts given more steps
-            pairs += [paired(rows + extra, "deepfusion", m, "qwen_moe", "", tag) for m in ("fedavg-moe", "expert-subset")]
+        if tag.startswith("host_steps"):  # main multiround-views against the hosts given more steps
+            pairs += [paired(rows + extra, VIEWS, m, "qwen_moe", "", tag) for m in ("fedavg-moe", "expert-subset")]
         else:
-            pairs.append(paired(extra, "deepfusion", "device-kd", "qwen_moe", tag))
+            pairs.append(paired(extra, VIEWS, "device-kd", "qwen_moe", tag))
     results = {"profile": profile, "config": _shown(config or default_config_path("bench-quick")), "seeds": seeds,
                "lambda": lams, "rows": rows + extra, "table": aggregate(rows + extra), "paired": pairs,
                "bench_seconds": round(time.perf_counter() - start, 1)}

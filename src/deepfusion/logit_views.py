@@ -1,24 +1,28 @@
-"""View-Aligned Attention (VAA): one "view" of the global MoE per device, built from several depths.
+"""Logit views (multiround-views): one "view" of the global MoE per device, mixed from several depths.
 
 A small dense device model and a deep sparse MoE see the same text differently: a shallow model's
-predictions look like the MoE's *shallower* features, and each device has its own calibration. VAA
-gives device k a prediction VAA_k(H) whose view is aligned with that device, so the KL against the
-device's top-k knowledge compares like with like.
+predictions look like the MoE's *shallower* features, and each device has its own calibration. A view
+gives device k a prediction view_k(H), a mix of the MoE's stage logits aligned with that device, so the
+KL against the device's top-k knowledge compares like with like. This is the multi-round knowledge
+protocol's (beyond the paper) server-side head. It works in logit space: intermediate MoE features are
+projected through the LM head and compared with the device's final predictions, which makes it close to
+the paper's OFA-KD baseline, not to the paper's VAA (feature-space attention between teacher and student
+stages, DESIGN §2).
 
 For every token t and view k:
     n_s      = final_norm(h_s)                       stage features, s = chosen MoE depths (last included)
     z_s      = lm_head(n_s)                          one LM-head pass per stage, shared by all views
     q_kt     = W_q n_L[t] + e_k                      query: last stage + the view's learned embedding
     a_kts    = softmax_s(q_kt . W_k n_s[t] / sqrt(d) + b_ks)   attention across stages (per head, averaged)
-    VAA_k    = (z_L + tanh(g_k) * (sum_s a_kts z_s - z_L)) / exp(log_temp_k)
+    view_k   = (z_L + tanh(g_k) * (sum_s a_kts z_s - z_L)) / exp(log_temp_k)
 
-Design (DESIGN §2, two CPU probes): an expressive side path learned each device's knowledge itself and
-the exported backbone learned less, so a view can express little but its *view* — which depths, how
+Design (two CPU probes while it was built): an expressive side path learned each device's knowledge itself and
+the exported backbone learned less, so a view can express little but its *view*: which depths, how
 much, what temperature. W_q/W_k are shared and narrow, per view there are heads*(dim+stages)+2 numbers,
 and everything starts as the identity on the final head (g = 0, e = 0, W_q = 0, b = 0, temp = 1):
-at initialisation DeepFusion is exactly per-device KD. Mixing in logit space is exact because the LM
-head is linear, and costs one head pass per stage instead of one per view. VAA is training-only:
-the exported model is a plain MoE checkpoint.
+at initialisation multiround-views is exactly per-device KD (device-kd). Mixing in logit space is exact
+because the LM head is linear, and costs one head pass per stage instead of one per view. The views are
+training-only: the exported model is a plain MoE checkpoint.
 """
 
 from __future__ import annotations
@@ -56,8 +60,8 @@ def stage_logits(hidden_states: tuple[torch.Tensor, ...], final_logits: torch.Te
     return torch.stack(feats), torch.stack(logits)  # (S, N, d), (S, N, V)
 
 
-class ViewAlignedAttention(nn.Module):
-    """All views VAA_1..VAA_K in one module, computed in one batched pass."""
+class LogitViews(nn.Module):
+    """All views view_1..view_K in one module, computed in one batched pass."""
 
     def __init__(self, hidden_size: int, num_views: int, num_stages: int, heads: int = 2, dim: int = 16):
         super().__init__()
@@ -68,7 +72,7 @@ class ViewAlignedAttention(nn.Module):
         nn.init.zeros_(self.query.weight)  # uniform attention at start; the gate hides it anyway
         self.view_embedding = nn.Parameter(torch.zeros(num_views, heads, dim))
         self.stage_bias = nn.Parameter(torch.zeros(num_views, heads, num_stages))
-        self.gate = nn.Parameter(torch.zeros(num_views))  # 0: VAA_k is the final head at init
+        self.gate = nn.Parameter(torch.zeros(num_views))  # 0: view_k is the final head at init
         self.log_temp = nn.Parameter(torch.zeros(num_views))
 
     def attention(self, feats: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ An engine that runs devices away from the server (the Flower ClientApp) calls th
 `cfg.seed * 1000 + i + 1`, same private blocks), so both engines send the same packet bytes.
 
 Two kinds of device, by method:
-    NodeDevice      knowledge methods (deepfusion, plain-fkd, device-kd): its own small LLM (device.py)
+    NodeDevice      knowledge methods (multiround-views, plain-fkd, device-kd): its own small LLM (device.py)
     hosting.Host    fedavg-moe, expert-subset: it hosts the global MoE, or the part that fits its memory
                     (baselines/hosting.py); the weights come from the server every round
 

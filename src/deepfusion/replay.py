@@ -1,13 +1,13 @@
 """Record a federation's device uploads once; replay them, byte for byte, for other server-side methods.
 
-Why: in the knowledge methods (deepfusion, device-kd, plain-fkd) devices train and label the proxy set
+Why: in the knowledge methods (multiround-views, device-kd, plain-fkd) devices train and label the proxy set
 the same way whatever the server later does with their knowledge, and whichever global MoE it trains.
 So the benchmark records one run's upload bytes per round and device, and feeds the same bytes to every
 other knowledge method and global family: the same experiment, paired (every method distils identical
 knowledge), at a fraction of the CPU time. tests/test_replay.py checks a replayed run equals a live one.
 
 A recording is keyed by everything the devices' side depends on (data, devices, seed, k, T, privacy,
-fault settings) and nothing the server alone decides (method, global family, steps, λ, VAA).
+fault settings) and nothing the server alone decides (method, global family, steps, λ, the logit views).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ storage, so a 16-billion-parameter model "trains" one step in about a second on 
   - the training peak of one device step: weights, gradients and AdamW state as the optimiser creates them,
     plus the activations autograd keeps for backward (measured with saved_tensors_hooks);
   - bytes on the wire: safetensors size of the weights a method ships, the real `Instruction` JSON, and a
-    real `KnowledgePacket` of the default federation's proxy set;
+    real `KnowledgePacket` of the multi-round federation's proxy set (configs/multiround.toml);
   - per method, bytes per device per round and device memory, and the server's traffic for N devices.
 
     python -m deepfusion.scale --out benchmarks/scale
@@ -61,7 +61,7 @@ from deepfusion.knowledge import encode_knowledge
 DEVICE_COUNTS = (10, 100, 1_000, 10_000)  # federation sizes for the server's traffic per round
 BUDGETS_GIB = (8, 16, 24, 32, 48, 80)  # device memory: phones and laptops (8-24 GiB) up to one data-centre GPU
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # our runs ship fp32; bf16 halves weight traffic
-KD_METHODS = ("deepfusion", "device-kd", "plain-fkd")  # same wire cost: no weights travel, only knowledge
+KD_METHODS = ("multiround-views", "device-kd", "plain-fkd")  # same wire cost: no weights travel, only knowledge
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ DEVICE_MODELS = (
 
 def scale_config_dir() -> Path:
     """configs/scale in a checkout, found the way the federation configs are."""
-    return default_config_path("default").parent / "scale"
+    return default_config_path("multiround").parent / "scale"
 
 
 def read_config(name: str) -> dict:
@@ -438,7 +438,7 @@ def model_row(x: Measured) -> dict:
 
 def project(out_dir: Path, config: Path | None = None, command: str | None = None) -> list[dict]:
     """Build every shipped model on meta, measure, and write out_dir/{scale.json, scale.csv, SCALE.md}."""
-    cfg = load_config(config or default_config_path("default"))
+    cfg = load_config(config or default_config_path("multiround"))
     batch, seq_len, k = cfg.devices[0].batch_size, cfg.data.seq_len, cfg.server.topk
     positions = cfg.data.proxy_blocks * (seq_len - 1)  # P * (T - 1): every proxy position with a next token
     rows, budgets, models = [], [], []
@@ -450,7 +450,7 @@ def project(out_dir: Path, config: Path | None = None, command: str | None = Non
         budgets += budget_rows(moe, devices)
         models += [model_row(moe)] + [model_row(d) for d in devices]
     settings = {"proxy_blocks": cfg.data.proxy_blocks, "seq_len": seq_len, "positions": positions, "topk": k,
-                "device_batch": batch, "config": str(config or "configs/default.toml"),
+                "device_batch": batch, "config": str(config or "configs/multiround.toml"),
                 "command": command or f"python -m deepfusion.scale --out {out_dir}", "machine": machine(),
                 "torch": torch.__version__, "transformers": transformers.__version__}
     write_outputs(Path(out_dir), settings, models, rows, budgets)
@@ -515,7 +515,7 @@ def _model_table(models: list[dict]) -> str:
 
 
 def _label(row: dict) -> str:
-    return "deepfusion = device-kd = plain-fkd" if row["method"] in KD_METHODS else row["method"]
+    return "multiround-views = device-kd = plain-fkd" if row["method"] in KD_METHODS else row["method"]
 
 
 def _per_device_table(rows: list[dict]) -> str:
@@ -540,8 +540,8 @@ def _totals_table(rows: list[dict]) -> str:
 def _budget_table(budgets: list[dict]) -> str:
     lines = [[b["global_model"], f"{b['budget_gib']} GiB", str(b["expert_subset_m"] or "does not fit"),
               ", ".join(b["kd_devices_that_fit"]) or "none"] for b in budgets]
-    return _table(["global MoE", "budget", "expert-subset: m (experts per layer)", "deepfusion: on-device LLMs that fit"],
-                  lines)
+    return _table(["global MoE", "budget", "expert-subset: m (experts per layer)",
+                   "multiround-views: on-device LLMs that fit"], lines)
 
 
 def _headline(rows: list[dict]) -> str:
@@ -551,10 +551,10 @@ def _headline(rows: list[dict]) -> str:
         mine = [r for r in rows if r["global_model"] == g]
         fed = next(r for r in mine if r["method"] == "fedavg-moe")
         sub = min((r for r in mine if r["method"] == "expert-subset"), key=lambda r: r["device_params"])
-        kd = [r for r in mine if r["method"] == "deepfusion"]
+        kd = [r for r in mine if r["method"] == KD_METHODS[0]]
         out.append(f"- **{g}**: per device per round, fedavg-moe moves {human_bytes(fed['round_bytes'])} and needs "
                    f"{human_gib(fed['device_memory_bytes'])}; expert-subset with the fewest experts ({sub['variant']}) "
-                   f"{human_bytes(sub['round_bytes'])} and {human_gib(sub['device_memory_bytes'])}; deepfusion "
+                   f"{human_bytes(sub['round_bytes'])} and {human_gib(sub['device_memory_bytes'])}; multiround-views "
                    f"{human_bytes(kd[0]['round_bytes'])} ({100 * kd[0]['round_bytes'] / fed['round_bytes']:.4f}% of "
                    f"fedavg-moe) and {human_gib(min(r['device_memory_bytes'] for r in kd))} to "
                    f"{human_gib(max(r['device_memory_bytes'] for r in kd))}, the on-device LLM's training step.")
@@ -563,7 +563,7 @@ def _headline(rows: list[dict]) -> str:
 
 def markdown(settings: dict, models: list[dict], rows: list[dict], budgets: list[dict]) -> str:
     s = settings
-    kd = next(r for r in rows if r["method"] == "deepfusion")
+    kd = next(r for r in rows if r["method"] == KD_METHODS[0])
     return f"""# Scale projection: the paper's global MoEs, measured on the meta device
 
 Command: `{s['command']}`
@@ -611,7 +611,7 @@ An expert-subset device must hold every non-routed-expert parameter plus at leas
   on a real model (tests/test_scale.py). fp32 as our runs ship, and bf16. Expert-subset hosts every
   non-routed-expert tensor plus m routed experts per MoE layer, and ships exactly those, both ways.
 - **Instruction** ({human_bytes(kd['down_bytes'])} down, KD methods): `len(device.Instruction(...).to_bytes())`, built as
-  `engines/local.py` builds it for the default federation (it lists the {s['proxy_blocks']} proxy block indices).
+  `engines/local.py` builds it for the multi-round federation (it lists the {s['proxy_blocks']} proxy block indices).
 - **KnowledgePacket** ({human_bytes(kd['up_bytes'])} up, KD methods): `len(packet.to_bytes())` of a real packet of
   {s['positions']:,} positions made by `knowledge.encode_knowledge` from random logits of the MoE's vocabulary (64
   positions encoded, their rows repeated: the size depends on shapes, not values). Per position: k ids in the
@@ -650,7 +650,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for scale.json, scale.csv, SCALE.md")
     parser.add_argument("--config", default=None, help="federation TOML whose proxy set and device batch to use "
-                                                       "(default: configs/default.toml)")
+                                                       "(default: configs/multiround.toml)")
     args = parser.parse_args(argv)
     command = "python -m deepfusion.scale --out " + args.out + (f" --config {args.config}" if args.config else "")
     rows = project(Path(args.out), Path(args.config) if args.config else None, command)

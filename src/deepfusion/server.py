@@ -1,4 +1,4 @@
-"""The server: receive knowledge packets, distil them into the global MoE through VAA, evaluate.
+"""The multi-round server: receive knowledge packets, distil them into the global MoE, evaluate.
 
 One server round is a plain recipe:
     packets  = receive(payloads)                 validate every upload, reject bad ones with a reason
@@ -6,10 +6,10 @@ One server round is a plain recipe:
     weights  = reliability_weights(targets)      (K, B) how much each device is trusted on each block
     distill(server, targets, weights, steps)     L = CE + λ T² KD + router aux
 The distillation term depends on the method:
-    deepfusion   per device, (1 - mix) KL(p_k || final head) + mix KL(p_k || VAA_k(H))
-    device-kd    per device, KL(p_k || final head)
-    plain-fkd    KL(weighted average of the p_k || final head)
-    proxy-only   none (the floor: the proxy set's cross-entropy alone)
+    multiround-views  per device, (1 - mix) KL(p_k || final head) + mix KL(p_k || view_k(H)) (logit_views.py)
+    device-kd         per device, KL(p_k || final head)
+    plain-fkd         KL(weighted average of the p_k || final head)
+    proxy-only        none (the floor: the proxy set's cross-entropy alone)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from deepfusion.knowledge import (KnowledgePacket, PacketError, id_dtype, to_tar
                                   validate_packet)
 from deepfusion.models import autocast, build_global_moe, routed_experts
 from deepfusion.evaluation import evaluate  # noqa: F401  (moved; engines and the CLI import it from here)
-from deepfusion.logit_views import ViewAlignedAttention, stage_layers, stage_logits
+from deepfusion.logit_views import LogitViews, stage_layers, stage_logits
 
 log = logging.getLogger("deepfusion.server")
 
@@ -40,8 +40,8 @@ class Server:
     cfg: ServerConfig
     method: str
     model: PreTrainedModel
-    vaa: ViewAlignedAttention | None
-    layers: list[int]  # MoE depths VAA attends over
+    views: LogitViews | None  # multiround-views only
+    layers: list[int]  # MoE depths the views attend over
     optimizer: torch.optim.Optimizer
     proxy: torch.Tensor  # (P, T) public proxy blocks (centralized: everyone's private blocks pooled with them)
     device_ids: list[str]  # view k belongs to device_ids[k]
@@ -58,24 +58,24 @@ class Targets:
     ids: torch.Tensor  # (K, P, T-1, k) long
     probs: torch.Tensor  # (K, P, T-1, k) float
     tail: torch.Tensor  # (K, P, T-1) float
-    final: Targets | None = None  # deepfusion with vaa_final = "average": the final head's single teacher
+    final: Targets | None = None  # multiround-views with views_final = "average": the final head's single teacher
 
 
 def build_server(cfg: ServerConfig, method: str, vocab_size: int, proxy: torch.Tensor, device_ids: list[str],
                  seed: int, torch_device: torch.device) -> Server:
     torch.manual_seed(seed)
     model = build_global_moe(cfg.family, cfg.size, vocab_size, cfg.pretrained).to(torch_device)
-    layers = stage_layers(model.config.num_hidden_layers, cfg.vaa_stages)
-    vaa = None
-    if method == "deepfusion":
-        vaa = ViewAlignedAttention(model.config.hidden_size, len(device_ids), len(layers), cfg.vaa_heads,
-                                   cfg.vaa_dim).to(torch_device)
+    layers = stage_layers(model.config.num_hidden_layers, cfg.views_stages)
+    views = None
+    if method == "multiround-views":
+        views = LogitViews(model.config.hidden_size, len(device_ids), len(layers), cfg.views_heads,
+                           cfg.views_dim).to(torch_device)
     groups = [{"params": list(model.parameters())}]
-    if vaa:  # a view is a few numbers that must find its device's calibration within a few hundred steps
-        groups.append({"params": list(vaa.parameters()), "lr": cfg.lr * cfg.vaa_lr_scale})
+    if views:  # a view is a few numbers that must find its device's calibration within a few hundred steps
+        groups.append({"params": list(views.parameters()), "lr": cfg.lr * cfg.views_lr_scale})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
-    return Server(cfg, method, model, vaa, layers, optimizer, proxy, device_ids, generator, torch_device)
+    return Server(cfg, method, model, views, layers, optimizer, proxy, device_ids, generator, torch_device)
 
 
 # ---- receiving ----------------------------------------------------------------------------------
@@ -197,17 +197,17 @@ def kd_loss(server: Server, out, blocks_idx: torch.Tensor, targets: Targets, wei
     else:  # the devices' weighted average vs the final head; each device still has its view below
         one = torch.ones(1, weights.shape[1])
         loss = topk_kl_shared(final.float() / T, *_batch(targets.final, one, blocks_idx, final.device))
-    if server.vaa is not None:
+    if server.views is not None:
         # A view is a few numbers: a sample of positions trains it, at a fraction of K vocab-wide KLs.
-        n = max(1, int(server.cfg.vaa_positions * final.shape[0]))
+        n = max(1, int(server.cfg.views_positions * final.shape[0]))
         pos = torch.randperm(final.shape[0], generator=server.generator)[:n].to(final.device)  # (n,)
         hidden = tuple(h[:, :-1].flatten(0, 1)[pos] for h in out.hidden_states)  # (n, d) each
         feats, logits = stage_logits(hidden, final[pos], server.layers, server.model.model.norm,
                                      server.model.lm_head)  # (S, n, d), (S, n, V)
-        views = server.vaa(feats.float(), logits.float(), targets.views.to(final.device))  # (K, n, V)
+        views = server.views(feats.float(), logits.float(), targets.views.to(final.device))  # (K, n, V)
         view_kl = topk_kl(views.flatten(0, 1) / T, ids[:, pos].flatten(0, 1), probs[:, pos].flatten(0, 1),
                           tail[:, pos].flatten(0, 1), weight=w[:, pos].flatten())  # over (K*n) rows
-        loss = (1 - server.cfg.vaa_mix) * loss + server.cfg.vaa_mix * view_kl
+        loss = (1 - server.cfg.views_mix) * loss + server.cfg.views_mix * view_kl
     return loss * T * T
 
 
@@ -220,7 +220,7 @@ def distill(server: Server, targets: Targets | None, weights: torch.Tensor | Non
         idx = torch.randint(len(server.proxy), (server.cfg.batch_size,), generator=server.generator)
         blocks = server.proxy[idx].to(server.torch_device)  # (B, T)
         with autocast(server.torch_device):
-            out = model(input_ids=blocks, output_hidden_states=server.vaa is not None, output_router_logits=True)
+            out = model(input_ids=blocks, output_hidden_states=server.views is not None, output_router_logits=True)
             ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), blocks[:, 1:].flatten())
             aux = router_aux_loss(model, out.router_logits)
             kd = kd_loss(server, out, idx, targets, weights) if targets is not None else torch.zeros((), device=ce.device)
@@ -250,14 +250,14 @@ def server_round(server: Server, payloads: dict[str, bytes], round: int) -> dict
     if server.method == "plain-fkd":
         targets = aggregate(targets, weights, server.model.config.vocab_size, server.cfg.topk)
         weights = torch.ones(1, weights.shape[1])
-    elif server.vaa is not None and server.cfg.vaa_final == "average":
+    elif server.views is not None and server.cfg.views_final == "average":
         targets.final = aggregate(targets, weights, server.model.config.vocab_size, server.cfg.topk)
     losses = distill(server, targets, weights, server.cfg.steps)
     result = {"accepted": sorted(packets), "rejected": rejected, "losses": losses,
               "device_weight": {server.device_ids[v]: round_(float(weights[i].mean()))
                                 for i, v in enumerate(targets.views.tolist())} if server.method != "plain-fkd" else {}}
-    if server.vaa is not None:
-        result["views"] = {server.device_ids[v]: server.vaa.describe()[v] for v in targets.views.tolist()}
+    if server.views is not None:
+        result["views"] = {server.device_ids[v]: server.views.describe()[v] for v in targets.views.tolist()}
     return result
 
 
@@ -268,9 +268,9 @@ def round_(x: float) -> float:
 # ---- checkpointing ------------------------------------------------------------------------------
 
 def server_state(server: Server) -> dict:
-    """Everything a killed server needs to continue exactly: weights, VAA, optimiser, step, RNGs."""
+    """Everything a killed server needs to continue exactly: weights, logit views, optimiser, step, RNGs."""
     return {"step": server.step, "model": server.model.state_dict(),
-            "vaa": server.vaa.state_dict() if server.vaa is not None else None,
+            "views": server.views.state_dict() if server.views is not None else None,
             "optimizer": server.optimizer.state_dict(), "generator": server.generator.get_state(),
             "torch_rng": torch.get_rng_state()}
 
@@ -278,8 +278,8 @@ def server_state(server: Server) -> dict:
 def load_server_state(server: Server, state: dict) -> None:
     server.step = state["step"]
     server.model.load_state_dict(state["model"])
-    if server.vaa is not None:
-        server.vaa.load_state_dict(state["vaa"])
+    if server.views is not None:
+        server.views.load_state_dict(state["views"])
     server.optimizer.load_state_dict(state["optimizer"])
     server.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])

@@ -60,7 +60,7 @@ def test_centralized_converged_stops_and_exports_its_best_round(smoke_config, tm
     assert lines[best - 1]["ppl"] == summary["ppl"]  # the exported weights are the best round's
     from deepfusion.config import default_config_path
 
-    assert main(["eval", "--model", str(tmp_path / "model"), "--config", str(default_config_path("smoke")),
+    assert main(["eval", "--model", str(tmp_path / "model"), "--config", str(default_config_path("smoke-multiround")),
                  "--data-dir", smoke_config.data.dir]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["ppl"]["medical"] == pytest.approx(summary["ppl"]["medical"], rel=1e-3)

@@ -104,7 +104,7 @@ def test_flowers_fedavg_equals_hosting_average_for_fedavg_moe(as_a_task):
 
 def test_a_host_survives_its_node(tmp_path):
     """What a host keeps between rounds on a SuperNode: its generator, tokens trained and what it measured."""
-    cfg = load_config(default_config_path("smoke"))
+    cfg = load_config(default_config_path("smoke-multiround"))
     cfg.method = "expert-subset"
     model = moe()
     described = json.dumps({**json.loads(model.config.to_json_string()), "experts_implementation": "grouped_mm"})
@@ -158,12 +158,12 @@ def runs(tmp_path_factory):
             for key, value in OFFLINE.items():
                 mp.setenv(key, value)
             for method in ("fedavg-moe", "expert-subset"):
-                cfg = load_config(default_config_path("smoke"), method=method)
+                cfg = load_config(default_config_path("smoke-multiround"), method=method)
                 cfg.data.dir = str(SHARED_DATA)
                 local_dir, flower_dir = tmp_path_factory.mktemp(f"local-{method}"), tmp_path_factory.mktemp(method)
                 packets = local_run(cfg, local_dir)
                 assert main(["run", "--engine", "flower", "--method", method, "--config",
-                             str(default_config_path("smoke")), "--data-dir", str(SHARED_DATA), "--out",
+                             str(default_config_path("smoke-multiround")), "--data-dir", str(SHARED_DATA), "--out",
                              str(flower_dir), "--no-progress"]) == 0
                 out[method] = local_dir, flower_dir, packets
     finally:

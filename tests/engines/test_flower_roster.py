@@ -70,7 +70,7 @@ def packet(msg: Message, device: str) -> Message:
 
 
 def cfg():
-    return load_config(default_config_path("smoke"))  # devices cdc, nhlbi, finance
+    return load_config(default_config_path("smoke-multiround"))  # devices cdc, nhlbi, finance
 
 
 def test_nodes_join_as_the_devices_they_name_and_an_unknown_one_is_left_out(caplog):

@@ -28,7 +28,7 @@ OFFLINE = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}  # n
 def smoke_path():
     from deepfusion.config import default_config_path
 
-    return default_config_path("smoke")
+    return default_config_path("smoke-multiround")
 
 
 def smoke(**overrides):
@@ -80,7 +80,7 @@ def flower_run(tmp_path_factory):
 
 def test_flower_run_writes_the_local_engines_outputs(flower_run):
     summary = json.loads((flower_run / "summary.json").read_text())
-    assert summary["engine"] == "flower" and summary["method"] == "deepfusion" and summary["rounds"] == 2
+    assert summary["engine"] == "flower" and summary["method"] == "multiround-views" and summary["rounds"] == 2
     assert set(summary["ppl"]) == {"medical", "finance"}
     assert set(summary["devices"]) == set(summary["device_peak_mem_bytes"]) == {"cdc", "nhlbi", "finance"}
     assert all(d["ppl_own_source"] > 1 and d["arch"].endswith("/tiny") for d in summary["devices"].values())
@@ -90,7 +90,8 @@ def test_flower_run_writes_the_local_engines_outputs(flower_run):
     assert all(x["accepted"] == ["cdc", "finance", "nhlbi"] and x["losses"]["kd"] > 0 for x in lines)
     assert lines[-1]["ppl"] == summary["ppl"]
     model = AutoModelForCausalLM.from_pretrained(flower_run / "model")
-    assert model.config.model_type == "qwen2_moe" and not any("vaa" in k for k in model.state_dict())
+    views = ("view_embedding", "stage_bias", "log_temp")  # LogitViews' own parameters: training-only
+    assert model.config.model_type == "qwen2_moe" and not any(k.endswith(views) for k in model.state_dict())
 
 
 def test_same_packet_bytes_and_perplexities_as_the_local_engine(flower_run, local_run):
@@ -121,7 +122,7 @@ def test_comm_bytes_give_payload_and_flower_message_bytes(flower_run, local_run)
 
 
 def test_device_kd_runs_on_flower(tmp_path, monkeypatch):
-    """deepfusion runs above, plain-fkd in the deployment test; the third method that crosses a network."""
+    """multiround-views runs above, plain-fkd in the deployment test; the third method that crosses a network."""
     for key, value in OFFLINE.items():
         monkeypatch.setenv(key, value)
     from deepfusion.engines.flower.simulation import run
@@ -129,7 +130,7 @@ def test_device_kd_runs_on_flower(tmp_path, monkeypatch):
     summary = run(smoke(method="device-kd", rounds=1), tmp_path, progress=False)
     line = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert summary["method"] == "device-kd" and line["accepted"] == ["cdc", "finance", "nhlbi"]
-    assert line["losses"]["kd"] > 0 and "views" not in line  # per-device KD, no VAA
+    assert line["losses"]["kd"] > 0 and "views" not in line  # per-device KD, no logit views
     assert torch.isfinite(torch.tensor(list(summary["ppl"].values()))).all()
 
 

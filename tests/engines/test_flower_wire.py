@@ -24,7 +24,7 @@ def as_a_task(monkeypatch):
 
 
 def setup_of(version: str = __version__) -> Setup:
-    cfg = load_config(default_config_path("smoke"))
+    cfg = load_config(default_config_path("smoke-multiround"))
     return Setup(cfg, {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": "{}"},
                  torch.randint(512, (4, 32)))
 
@@ -50,9 +50,10 @@ def test_setup_from_another_deepfusion_version_is_refused_with_what_to_do(monkey
 
 
 def test_run_config_becomes_typed_settings_and_names_bad_keys():
-    s = run_settings({"config": "smoke", "rounds": 3, "round-timeout": 30, "seed": 1})
-    assert (s.config, s.rounds, s.round_timeout, s.seed) == ("smoke", 3, 30.0, 1)
-    assert s.federation().rounds == 3 and s.federation().seed == 1 and s.federation().name == "smoke"
+    s = run_settings({"config": "smoke-multiround", "rounds": 3, "round-timeout": 30, "seed": 1})
+    assert (s.config, s.rounds, s.round_timeout, s.seed) == ("smoke-multiround", 3, 30.0, 1)
+    assert s.federation().rounds == 3 and s.federation().seed == 1 and s.federation().name == "smoke-multiround"
+    assert run_settings({}).federation().method == "multiround-views"  # the app's default config runs on Flower
     with pytest.raises(ConfigError, match="unknown key 'round'; allowed: config, out"):
         run_settings({"round": 3})
     with pytest.raises(ConfigError, match="rounds = '3': must be int"):

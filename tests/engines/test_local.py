@@ -20,7 +20,7 @@ def smoke_run(tmp_path_factory):
     if not (SHARED_DATA / "medquad").is_dir():
         pytest.skip("real corpora not found")
     out = tmp_path_factory.mktemp("smoke")
-    rc = main(["run", "--config", str(default_config_path("smoke")), "--data-dir", str(SHARED_DATA),
+    rc = main(["run", "--config", str(default_config_path("smoke-multiround")), "--data-dir", str(SHARED_DATA),
                "--out", str(out), "--no-progress"])
     assert rc == 0
     return out
@@ -31,7 +31,7 @@ def test_outputs_follow_the_contract(smoke_run):
     for key in ("method", "global_family", "rounds", "ppl", "ppl_by_source", "comm_bytes",
                 "device_peak_mem_bytes", "wall_seconds"):
         assert key in summary
-    assert summary["method"] == "deepfusion" and summary["global_family"] == "qwen_moe"
+    assert summary["method"] == "multiround-views" and summary["global_family"] == "qwen_moe"
     assert set(summary["ppl"]) == {"medical", "finance"}
     assert set(summary["ppl_by_source"]) == {"medquad:cdc", "medquad:nhlbi", "tatqa:0/2"}
     devices = {"cdc", "nhlbi", "finance"}
@@ -56,7 +56,8 @@ def test_exported_model_loads_with_auto_classes_and_generates(smoke_run, capsys)
     model = AutoModelForCausalLM.from_pretrained(smoke_run / "model")
     tok = AutoTokenizer.from_pretrained(smoke_run / "model")
     assert model.config.model_type == "qwen2_moe"
-    assert not any("vaa" in k for k in model.state_dict())  # VAA is training-only
+    views = ("view_embedding", "stage_bias", "log_temp")  # LogitViews' own parameters
+    assert not any(k.endswith(views) for k in model.state_dict())  # the logit views are training-only
     ids = tok("The heart", return_tensors="pt")
     assert model(**ids).logits.shape[-1] == len(tok)
     assert main(["generate", "--model", str(smoke_run / "model"), "--prompt", "The heart", "--max-new-tokens", "5"]) == 0
@@ -67,7 +68,7 @@ def test_eval_command_reproduces_the_summary(smoke_run, capsys):
     from deepfusion.config import default_config_path
     from tests.conftest import SHARED_DATA
 
-    assert main(["eval", "--model", str(smoke_run / "model"), "--config", str(default_config_path("smoke")),
+    assert main(["eval", "--model", str(smoke_run / "model"), "--config", str(default_config_path("smoke-multiround")),
                  "--data-dir", str(SHARED_DATA)]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     summary = json.loads((smoke_run / "summary.json").read_text())
@@ -111,6 +112,6 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "rounds" in err and "Traceback" not in err
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[[devices]]\nid = "a"\nsource = "medquad:cdc"\n')
+    cfg.write_text('method = "multiround-views"\n[[devices]]\nid = "a"\nsource = "medquad:cdc"\n')
     assert main(["run", "--config", str(cfg), "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     assert "nowhere" in capsys.readouterr().err

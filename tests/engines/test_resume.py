@@ -25,7 +25,7 @@ def test_sigkill_then_resume_matches_an_unbroken_run(tmp_path, data_dir):
     where an unbroken run ends. Tolerance: none. With the same machine and thread count the arithmetic is
     bit-identical, so the test demands equal perplexities in every round and bit-equal exported weights."""
     config = tmp_path / "c.toml"
-    config.write_text(default_config_path("smoke").read_text().replace("rounds = 2", "rounds = 4")
+    config.write_text(default_config_path("smoke-multiround").read_text().replace("rounds = 2", "rounds = 4")
                       .replace("steps = 4", "steps = 30"))  # long enough rounds to be killed inside one
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count: bit-identical arithmetic
     common = ["--config", str(config), "--data-dir", str(data_dir), "--no-progress"]

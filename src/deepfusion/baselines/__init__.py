@@ -7,5 +7,6 @@
     weights.py       the weights wire format those two exchange (safetensors + metadata), validated
     local-only       needs no module: each device's own model on its own domain (engines/local.py)
 
-`proxy-only`, `plain-fkd` and `device-kd` are server-side variants of DeepFusion's own round (server.py).
+`proxy-only`, `plain-fkd` and `device-kd` are server-side variants of the multi-round knowledge protocol's round
+(`multiround-views`, server.py).
 """

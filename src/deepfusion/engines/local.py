@@ -6,7 +6,7 @@ checkpoint, log. Every message still goes through the same bytes as on a network
 measured, not estimated.
 
 What a round's device step is depends on the method (config.py):
-    knowledge methods  deepfusion, plain-fkd, device-kd: an instruction down, a knowledge packet up
+    knowledge methods  multiround-views, plain-fkd, device-kd: an instruction down, a knowledge packet up
     hosting methods    fedavg-moe, expert-subset: weights down, trained weights up (baselines/hosting.py)
     server methods     proxy-only, centralized, centralized-converged: no devices
     local-only         devices train alone and are evaluated on their own domain; there is no global model
@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from deepfusion.baselines import hosting
 from deepfusion.baselines.centralized import EarlyStopping, pooled_blocks, validation_score
-from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, FederationConfig, to_dict
+from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ONESHOT_METHODS, ConfigError, FederationConfig, to_dict
 from deepfusion.device import (Device, Instruction, build_device, describe, device_state, evaluate_device,
                                load_device_state, local_train, measure_train_peak, run_round, train_peak_bytes)
 from deepfusion.federation import (FederationData, append_metrics, load_checkpoint, prepare_data, rewrite_metrics,
@@ -75,6 +75,9 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
     `replay` (knowledge methods): a directory of recorded device uploads (replay.py). A run whose device
     side is recorded there replays it without building devices; otherwise it runs them and records.
     """
+    if cfg.method in ONESHOT_METHODS:  # not a round loop: without this check its rounds would silently do nothing
+        raise ConfigError(f"config error: method = {cfg.method!r} is the paper's one-shot pipeline, which this round "
+                          "loop does not run; the multi-round knowledge protocol is method = 'multiround-views'")
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)

@@ -24,7 +24,7 @@ from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 
 from deepfusion.baselines import hosting
-from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ConfigError, FederationConfig, to_dict
+from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ONESHOT_METHODS, ConfigError, FederationConfig, to_dict
 from deepfusion.device import Instruction
 from deepfusion.engines.flower.roster import Roster
 from deepfusion.engines.flower.wire import (RunSettings, content, run_settings, weights_content, weights_digest,
@@ -59,6 +59,9 @@ app = make_app()
 
 
 def check_method(cfg: FederationConfig) -> None:
+    if cfg.method in ONESHOT_METHODS:  # its one-shot upload of a whole device model has no Flower round here
+        raise ConfigError(f"config error: method = {cfg.method!r} (the paper's one-shot pipeline) does not run on "
+                          f"the flower engine; the flower engine runs {', '.join(FLOWER_METHODS)}")
     if cfg.method not in FLOWER_METHODS:
         raise ConfigError(f"config error: method = {cfg.method!r} does not run on the flower engine: its devices "
                           f"send nothing over a network; the flower engine runs {', '.join(FLOWER_METHODS)}; "

@@ -141,7 +141,7 @@ def failure(reply: Message | None, timeout: float) -> str | None:
 
 @dataclass
 class RunSettings:
-    config: str = "default"  # federation TOML: a path, or the name of a shipped config (default, smoke)
+    config: str = "multiround"  # federation TOML: a path or a shipped config's name (multiround, smoke-multiround)
     out: str = "runs/flower"  # output directory, on the machine that runs the ServerApp
     data_dir: str = ""  # data directory there; "" = the config's data.dir, $DEEPFUSION_DATA, ../shared/data, cache
     method: str = ""  # "" = the config's
