@@ -182,11 +182,18 @@ def test_router_from_domains_tells_medquad_from_tatqa(data_dir, tmp_path):
     assert held["routing_accuracy"] > 0.65 and min(held["layers"].values()) > 0.6
 
 
-def test_router_needs_every_domain_and_matching_shapes():
-    config = moe_config("deepseek_moe")
+def test_a_domain_without_public_blocks_gets_no_tokens_and_bad_inputs_are_refused():
+    config = moe_config("deepseek_moe")  # K = 4
     moe = upcycling.fuse(config, students(config, [0]) * upcycling.num_domains(config))
-    with pytest.raises(ValueError, match=r"domains \[3\] of 4 have no public block"):
-        upcycling.init_router(moe, torch.randint(V, (6, 8)), torch.tensor([0, 1, 2, 0, 1, 2]))
+    report = upcycling.init_router(moe, torch.randint(V, (6, 8)), torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert report["empty_domains"] == [3]
+    gate = moe.model.layers[1].mlp.gate.weight  # (K*g, d)
+    assert not gate[6:].any() and gate[:6].any()
+    with torch.no_grad():
+        logits = moe(input_ids=torch.randint(V, (4, 16)), output_router_logits=True).router_logits[0]  # (B*T, E)
+    assert not (logits.argmax(-1) // 2 == 3).any()
+    with pytest.raises(ValueError, match=r"block domains \[0, 4\]; this MoE holds K = 4"):
+        upcycling.init_router(moe, torch.randint(V, (2, 8)), torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="one domain per block"):
         upcycling.init_router(moe, torch.randint(V, (6, 8)), torch.arange(4))
 

@@ -125,7 +125,8 @@ def _check_students(config, students: list[dict[str, torch.Tensor]]) -> None:
     K = num_domains(config)
     if len(students) != K:
         raise ConfigError(f"config error: fuse got {len(students)} students for a MoE of {K} domains ("
-                          f"{routed_experts(config)} experts / {experts_per_ffn(config)} per FFN); give one per domain")
+                          f"{routed_experts(config)} experts / {experts_per_ffn(config)} per FFN); "
+                          "give one per domain")
     with torch.device("meta"):
         want = {k: v.shape for k, v in build_dense_base(config).state_dict().items()}
     for i, sd in enumerate(students):
@@ -246,31 +247,35 @@ def _router_stats(moe, public: torch.Tensor, block_domain: torch.Tensor, batch_s
 
 def _check_public(moe, public: torch.Tensor, block_domain: torch.Tensor) -> None:
     K = num_domains(moe)
-    if public.ndim != 2 or block_domain.shape != (len(public),):
+    if public.ndim != 2 or block_domain.shape != (len(public),) or len(public) == 0:
         raise ValueError(f"got public {tuple(public.shape)} and block_domain {tuple(block_domain.shape)}; "
-                         "init_router needs (N, T) token blocks and one domain per block (N,)")
-    missing = sorted(set(range(K)) - set(block_domain.tolist()))
-    if missing:
-        raise ValueError(f"domains {missing} of {K} have no public block; a domain's router rows come from its "
-                         "blocks' centroid; give every domain public blocks (block_domain in [0, K))")
+                         "init_router needs (N, T) token blocks, N > 0, and one domain per block (N,)")
+    if block_domain.min() < 0 or block_domain.max() >= K:
+        raise ValueError(f"got block domains {sorted(set(block_domain.tolist()))}; this MoE holds K = {K} domains, "
+                         "so each must be in [0, K); number the domains as the students are ordered")
 
 
 def routing_accuracy(moe, public: torch.Tensor, block_domain: torch.Tensor, batch_size: int = 16) -> dict:
     """Per MoE layer, the share of public tokens whose top-1 expert is one of their block's domain's; chance is
-    the largest domain's share of the tokens (always answering that domain)."""
+    the largest domain's share of the tokens (always answering that domain); empty_domains have no block."""
     _check_public(moe, public, block_domain)
     stats = _router_stats(moe, public, block_domain, batch_size)
     tokens = public.numel()
     layers = {i: s["hits"] / tokens for (i, _), s in zip(_routers(moe), stats)}
-    chance = float(torch.bincount(block_domain).max()) / len(block_domain)
-    return {"routing_accuracy": sum(layers.values()) / len(layers), "layers": layers, "chance": chance}
+    per_domain = torch.bincount(block_domain, minlength=num_domains(moe))  # (K,)
+    return {"routing_accuracy": sum(layers.values()) / len(layers), "layers": layers,
+            "chance": float(per_domain.max()) / len(block_domain),
+            "empty_domains": [i for i, n in enumerate(per_domain.tolist()) if n == 0]}
 
 
 def _domain_rows(s: dict) -> torch.Tensor:
-    """Linear discriminant rows Σ^-1 (c_i - mean_c), Σ the within-domain covariance shrunk toward its mean
-    variance, scaled to ROUTER_MARGIN (docstring)."""
-    n = s["counts"]  # (K,)
-    c = s["sums"] / n[:, None]  # (K, d) domain centroids
+    """Linear discriminant rows S^-1 (c_i - mean_c), S the within-domain covariance shrunk toward its mean
+    variance, scaled to ROUTER_MARGIN (docstring). A domain without public blocks gets a zero row: the other
+    rows sum to zero, so its logit is their mean and never the top one; tuning may still raise it."""
+    present = s["counts"] > 0  # (K,)
+    out = torch.zeros(len(present), s["sums"].shape[1], dtype=s["sums"].dtype, device=s["sums"].device)  # (K, d)
+    n = s["counts"][present]  # (K',)
+    c = s["sums"][present] / n[:, None]  # (K', d) domain centroids
     within = s["outer"] / n.sum() - (n[:, None, None] * c[:, :, None] * c[:, None, :]).sum(0) / n.sum()  # (d, d)
     eye = torch.eye(len(within), dtype=within.dtype, device=within.device)
     within = (1 - SHRINK) * within + SHRINK * (within.diagonal().mean() + 1e-12) * eye
@@ -278,7 +283,9 @@ def _domain_rows(s: dict) -> torch.Tensor:
     logits = c @ rows.T  # (K, K): domain j's row on domain i's centroid
     K = len(c)
     margin = (logits.diagonal() - (logits.sum(1) - logits.diagonal()) / max(K - 1, 1)).mean()
-    return rows * (ROUTER_MARGIN / margin) if margin > 0 else torch.zeros_like(rows)  # no margin: stay neutral
+    if margin > 0:  # else one domain, or identical centroids: stay neutral
+        out[present] = rows * (ROUTER_MARGIN / margin)
+    return out
 
 
 def init_router(moe, public: torch.Tensor, block_domain: torch.Tensor, batch_size: int = 16) -> dict:
