@@ -138,7 +138,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_how_to_resume(tmp_path, 
                              f"--data-dir {data_dir}")
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["round"] == 1
     assert os.listdir(out / "checkpoint") == ["state.pt"] and not (out / "summary.json").exists()
-    assert json.loads((out / "failed.json").read_text())["last_complete_round"] == 1
+    assert json.loads((out / "failed.json").read_text())["last_checkpoint"] == "round 1"
 
 
 @pytest.fixture

@@ -105,7 +105,7 @@ def test_a_run_that_fails_after_a_round_keeps_it_and_records_why(tmp_path):
     assert str(e.value) == ("source 'x' went away (failed.json); the last complete checkpoint is round 1; fix that, "
                             "then continue with: deepfusion run --resume X")
     failed = json.loads((tmp_path / "failed.json").read_text())
-    assert failed["error"] == "source 'x' went away" and failed["last_complete_round"] == 1
+    assert failed["error"] == "source 'x' went away" and failed["last_checkpoint"] == "round 1"
     with claim(tmp_path, resume=True):  # a resume that succeeds clears the record
         fake_round(tmp_path, 2)
     assert not (tmp_path / "failed.json").exists() and last_round(tmp_path) == 2

@@ -185,6 +185,23 @@ def start_host(setup: Setup, device_id: str, data_dir: str | None) -> hosting.Ho
     return host
 
 
+def oneshot_upload(setup: Setup, device_id: str, task: bytes, data_dir: str | None) -> bytes:
+    """The paper's Phase 0 on this node, exactly as the local engine runs it (same documents and blocks, same
+    public checkpoint, same seed): the task in, the device's Upload bytes out."""
+    from deepfusion import ondevice
+    from deepfusion.federation import device_documents, device_seed
+
+    cfg = setup.config
+    dc, d = cfg.devices[device_index(cfg, device_id)], cfg.data
+    tokenizer, root = setup.tokenizer(), resolve_data_dir(data_dir)  # its own data, never the server's path
+    split = split_documents(load_source(dc.source, root, dc.domain), d.seed, d.proxy_frac, d.test_frac)
+    texts = [doc.text for doc in device_documents(cfg, device_id, root, split)]
+    private = ondevice.PrivateData(texts, device_private(cfg, device_id, tokenizer, root, split))
+    torch_device = resolve_device(cfg.device)
+    model = ondevice.public_model(cfg, dc, setup.proxy, len(tokenizer), torch_device)
+    return ondevice.run_task(cfg, device_id, task, private, model, device_seed(cfg, device_id), torch_device)
+
+
 def host_report(host: hosting.Host) -> dict:
     """What the summary says of a host, as the local engine writes it (the server adds its hosted share)."""
     return {"id": host.cfg.id, "experts_per_layer": host.experts, "budget_bytes": host.budget_bytes,

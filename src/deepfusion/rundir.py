@@ -102,12 +102,12 @@ def claim(out: str | Path, *, overwrite: bool = False, resume: bool = False, com
     try:
         yield RunDir(out, resume, command)
     except KeyboardInterrupt:
-        saved = last_round(out)
+        saved = last_saved(out)
         if saved is None and not resume:
             _clear(out, outputs, made)
         raise RunInterrupted(_stopped("interrupted", out, saved, resume_with, resume)) from None
     except BaseException as e:
-        saved, full = last_round(out), _disk_full(e)
+        saved, full = last_saved(out), _disk_full(e)
         if saved is None and not resume:  # nothing worth keeping: leave nothing
             _clear(out, outputs, made)
             if full is not None:
@@ -161,6 +161,18 @@ def _disk_full(e: BaseException | None) -> OSError | None:
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
+
+
+def last_saved(out: Path) -> str | None:
+    """What the last complete checkpoint holds, in words ("round 3", "Phase II, domain 2 of 4"), or None."""
+    progress = out / "checkpoint" / "progress.json"  # the one-shot pipeline's phases (recipes/deepfusion.py)
+    if progress.is_file():
+        try:
+            return json.loads(progress.read_text())["saved"]
+        except (ValueError, KeyError, OSError):
+            return None
+    saved = last_round(out)
+    return None if saved is None else f"round {saved}"
 
 
 def last_round(out: Path) -> int | None:
@@ -280,17 +292,17 @@ def _release(fd: int) -> None:
 
 # ---- stopping -------------------------------------------------------------------------------------------
 
-def _stopped(what: str, out: Path, saved: int | None, resume_with: str, resumed: bool, free: bool = False,
+def _stopped(what: str, out: Path, saved: str | None, resume_with: str, resumed: bool, free: bool = False,
              fix: bool = False) -> str:
     """One line: what stopped the run, what is kept, and the command that goes on from there."""
     if saved is None:
         kept = "the resumed run completed no new round" if resumed else "no round was complete, nothing is kept"
         return f"{what}; {kept}" + (f"; continue with: {resume_with}" if resumed and resume_with else "")
     if not resume_with:
-        return (f"{what}; the last complete checkpoint is round {saved} (in {out}); this run cannot be "
+        return (f"{what}; the last complete checkpoint is {saved} (in {out}); this run cannot be "
                 f"resumed: run it again with --overwrite")
     then = "free space, then continue with" if free else "fix that, then continue with" if fix else "continue with"
-    return f"{what}; the last complete checkpoint is round {saved}; {then}: {resume_with}"
+    return f"{what}; the last complete checkpoint is {saved}; {then}: {resume_with}"
 
 
 def _user_error(e: BaseException) -> bool:
@@ -320,10 +332,10 @@ def user_message(e: BaseException) -> str:
     return f"{verb} {where}: {reason}" + (f"; {do}" if do else "")
 
 
-def _record_failure(out: Path, e: BaseException, saved: int | None, command: str) -> None:
+def _record_failure(out: Path, e: BaseException, saved: str | None, command: str) -> None:
     """failed.json: why a run that had completed rounds stopped (best effort: the disk may be full)."""
     message = user_message(e) if _user_error(e) else f"{type(e).__name__}: {e}"
-    record = {"error": message, "type": type(e).__name__, "last_complete_round": saved, "command": command,
+    record = {"error": message, "type": type(e).__name__, "last_checkpoint": saved, "command": command,
               "when": datetime.now().astimezone().isoformat(timespec="seconds")}
     try:
         write_atomically(out / "failed.json", lambda f: f.write(json.dumps(record, indent=2).encode()))

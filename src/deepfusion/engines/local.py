@@ -6,6 +6,8 @@ checkpoint, log. Every message still goes through the same bytes as on a network
 measured, not estimated.
 
 What a round's device step is depends on the method (config.py):
+    one-shot methods   deepfusion and its ablations: no rounds; recipes/deepfusion.py over `oneshot_send`,
+                       one task down and one upload (the device's trained LLM) up per device
     knowledge methods  multiround-views, plain-fkd, device-kd: an instruction down, a knowledge packet up
     hosting methods    fedavg-moe, expert-subset: weights down, trained weights up (baselines/hosting.py)
     server methods     proxy-only, centralized, centralized-converged: no devices
@@ -25,11 +27,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from deepfusion.baselines import hosting
 from deepfusion.baselines.centralized import EarlyStopping, pooled_blocks, validation_score
-from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ONESHOT_METHODS, ConfigError, FederationConfig, to_dict
+from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ONESHOT_METHODS, FederationConfig, to_dict
 from deepfusion.device import (Device, Instruction, build_device, describe, device_state, evaluate_device,
                                load_device_state, local_train, measure_train_peak, run_round, train_peak_bytes)
-from deepfusion.federation import (FederationData, append_metrics, load_checkpoint, prepare_data, rewrite_metrics,
-                                   save_checkpoint, summary, write_json_atomic)
+from deepfusion.federation import (FederationData, append_metrics, device_documents, device_seed, load_checkpoint,
+                                   prepare_data, rewrite_metrics, save_checkpoint, summary, write_json_atomic)
 from deepfusion.models import export_model, n_params, resolve_device
 from deepfusion.privacy import federation_report
 from deepfusion.replay import Replay
@@ -75,9 +77,8 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
     `replay` (knowledge methods): a directory of recorded device uploads (replay.py). A run whose device
     side is recorded there replays it without building devices; otherwise it runs them and records.
     """
-    if cfg.method in ONESHOT_METHODS:  # not a round loop: without this check its rounds would silently do nothing
-        raise ConfigError(f"config error: method = {cfg.method!r} is the paper's one-shot pipeline, which this round "
-                          "loop does not run; the multi-round knowledge protocol is method = 'multiround-views'")
+    if cfg.method in ONESHOT_METHODS:  # the paper's protocol: one task and one upload per device, no rounds
+        return run_oneshot(cfg, out_dir, data_dir, resume)
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -192,6 +193,49 @@ def _devices_side(devices: dict[str, Device], hosts: dict[str, hosting.Host], in
     if devices:  # each device's (ε, δ) spent, and the federation's: its weakest device's
         side["privacy"] = federation_report({d: describe(dev)["privacy"] for d, dev in devices.items()})
     return side
+
+
+# ---- the paper's one-shot protocol: one task per device, in-process ------------------------------------
+
+def run_oneshot(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, resume: bool = False) -> dict:
+    """recipes/deepfusion.py over in-process devices: each device's task and upload go through their bytes."""
+    from deepfusion.recipes import deepfusion as recipe
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    torch_device = resolve_device(cfg.device)
+    data = prepare_data(cfg, data_dir)
+    return recipe.run(cfg, out_dir, data, oneshot_send(cfg, data, torch_device), torch_device, resume=resume)
+
+
+def oneshot_send(cfg: FederationConfig, data: FederationData, torch_device: torch.device):
+    """Deliver each task and collect each upload; a device that fails or misses device_timeout is left out."""
+    from deepfusion import ondevice
+
+    def device(device_id: str, task: bytes) -> bytes:
+        dc = next(d for d in cfg.devices if d.id == device_id)
+        texts = [doc.text for doc in device_documents(cfg, device_id, data.data_dir)]
+        private = ondevice.PrivateData(texts, data.private[device_id])
+        model = ondevice.public_model(cfg, dc, data.proxy, len(data.tokenizer), torch_device)
+        return ondevice.run_task(cfg, device_id, task, private, model, device_seed(cfg, device_id), torch_device)
+
+    def send(tasks: dict[str, bytes]) -> tuple[dict[str, bytes], dict[str, str]]:
+        replies, failed = {}, {}
+        for device_id, task in tasks.items():
+            started = time.perf_counter()
+            try:
+                replies[device_id] = device(device_id, task)
+                late = time.perf_counter() - started
+                if cfg.server.device_timeout and late > cfg.server.device_timeout:
+                    del replies[device_id]
+                    raise TimeoutError(f"answered after {late:.1f}s > device_timeout {cfg.server.device_timeout}s")
+            except Exception as e:  # a dead device must not stop the federation
+                log.warning("[PHASE 0] device %r failed (%s: %s); the federation goes on without it",
+                            device_id, type(e).__name__, e)
+                failed[device_id] = f"{type(e).__name__}: {e}"
+        return replies, failed
+
+    return send
 
 
 # ---- one round's device steps, per kind of method ---------------------------------------------------

@@ -6,6 +6,9 @@ train          knowledge methods: build or restore the device, train it on its o
                proxy, answer with the KnowledgePacket bytes (`deepfusion.node` and `deepfusion.device` work).
 query.host     hosting methods, once: build the host (its private data; what of the MoE fits its memory,
                measured) and say so: the server then knows which experts it can send it.
+train.oneshot  the paper's protocol (deepfusion and its ablations), once: Phase 0 on this node (its own data,
+               its type's public checkpoint, trained until local validation stops improving), answered with
+               its weights (ArrayRecord) and its data embedding (`deepfusion.node.oneshot_upload`).
 train.weights  hosting methods: rebuild the WeightsPacket from the ArrayRecord, run `hosting.host_round` on
                its bytes (the local engine's device step), answer with the trained weights as an ArrayRecord
                and num-examples (tokens trained), FedAvg's weight.
@@ -28,7 +31,7 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from deepfusion.engines.flower.wire import NO_SETUP, content, values, weights_content, weights_packet
+from deepfusion.engines.flower.wire import NO_SETUP, content, upload_content, values, weights_content, weights_packet
 
 if TYPE_CHECKING:
     from deepfusion.baselines.hosting import Host
@@ -62,6 +65,17 @@ def make_app(data_dir: str | None = None) -> ClientApp:
         numbers = {"peak_mem_bytes": node.device.peak_mem_bytes, "tokens_trained": node.device.tokens_trained,
                    "local_loss": node.device.history[-1]["local_loss"], "seconds": time.perf_counter() - started}
         return Message(content(numbers, packet=packet.to_bytes(), report=json.dumps(report)), reply_to=msg)
+
+    @app.train("oneshot")
+    def train_oneshot(msg: Message, context: Context) -> Message:
+        from deepfusion.node import Setup, oneshot_upload  # late: torch loads only to train
+
+        asked, device = values(msg), str(values(msg)["device"])
+        mine = _setup_of(context, device)
+        started = time.perf_counter()
+        blob = oneshot_upload(Setup.from_bytes(bytes(mine["setup"])), device, bytes(asked["task"]),
+                              str(context.node_config.get("data-dir", "")) or data_dir)
+        return Message(upload_content(blob, {"seconds": time.perf_counter() - started}), reply_to=msg)
 
     @app.query("host")
     def host(msg: Message, context: Context) -> Message:
@@ -118,6 +132,17 @@ def _device(context: Context, device_id: str, data_dir: str | None, host: bool =
     directory, or built from the Setup."""
     from deepfusion.node import Setup, load_host, load_state, start_device, start_host
 
+    mine = _setup_of(context, device_id)
+    if (context.run_id, device_id) in _DEVICES:
+        return _DEVICES[(context.run_id, device_id)]
+    setup, where = Setup.from_bytes(bytes(mine["setup"])), _state_dir(context)
+    load, start = (load_host, start_host) if host else (load_state, start_device)
+    node = load(setup, device_id, where, str(context.run_id)) if where else None
+    return node or start(setup, device_id, str(context.node_config.get("data-dir", "")) or data_dir)
+
+
+def _setup_of(context: Context, device_id: str) -> ConfigRecord:
+    """This node's setup record (the server's Setup bytes and its device id), checked against the message."""
     if STATE not in context.state:
         raise RuntimeError(f"device {device_id!r}: this node {NO_SETUP} {context.run_id} (it restarted?); "
                            "the server sends it the setup at the start of the next round")
@@ -125,12 +150,7 @@ def _device(context: Context, device_id: str, data_dir: str | None, host: bool =
     if mine["device"] != device_id:
         raise RuntimeError(f"the server sent device {device_id!r}'s instruction to this node, which is device "
                            f"{mine['device']!r}; the round goes on without this answer")
-    if (context.run_id, device_id) in _DEVICES:
-        return _DEVICES[(context.run_id, device_id)]
-    setup, where = Setup.from_bytes(bytes(mine["setup"])), _state_dir(context)
-    load, start = (load_host, start_host) if host else (load_state, start_device)
-    node = load(setup, device_id, where, str(context.run_id)) if where else None
-    return node or start(setup, device_id, str(context.node_config.get("data-dir", "")) or data_dir)
+    return mine
 
 
 def _keep(context: Context, device_id: str, node: NodeDevice | Host) -> None:

@@ -27,16 +27,17 @@ from deepfusion.baselines import hosting
 from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ONESHOT_METHODS, ConfigError, FederationConfig, to_dict
 from deepfusion.device import Instruction
 from deepfusion.engines.flower.roster import Roster
-from deepfusion.engines.flower.wire import (RunSettings, content, run_settings, weights_content, weights_digest,
-                                            weights_packet)
+from deepfusion.engines.flower.wire import (RunSettings, content, run_settings, upload_bytes, weights_content,
+                                            weights_digest, weights_packet)
 from deepfusion.federation import append_metrics, prepare_data, save_checkpoint, summary, write_json_atomic
 from deepfusion.knowledge import PacketError
+from deepfusion.wire.upload import UploadError
 from deepfusion.models import export_model, n_params, resolve_device
 from deepfusion.node import make_setup
 from deepfusion.server import build_server, evaluate, server_round, server_state
 
 log = logging.getLogger("deepfusion")
-FLOWER_METHODS = (*KNOWLEDGE_METHODS, *HOSTING_METHODS)  # the methods whose devices exchange something
+FLOWER_METHODS = (*ONESHOT_METHODS, *KNOWLEDGE_METHODS, *HOSTING_METHODS)  # the methods whose devices exchange something
 
 
 def make_app(cfg: FederationConfig | None = None, out_dir: Path | None = None, data_dir: str | None = None,
@@ -59,9 +60,6 @@ app = make_app()
 
 
 def check_method(cfg: FederationConfig) -> None:
-    if cfg.method in ONESHOT_METHODS:  # its one-shot upload of a whole device model has no Flower round here
-        raise ConfigError(f"config error: method = {cfg.method!r} (the paper's one-shot pipeline) does not run on "
-                          f"the flower engine; the flower engine runs {', '.join(FLOWER_METHODS)}")
     if cfg.method not in FLOWER_METHODS:
         raise ConfigError(f"config error: method = {cfg.method!r} does not run on the flower engine: its devices "
                           f"send nothing over a network; the flower engine runs {', '.join(FLOWER_METHODS)}; "
@@ -70,6 +68,8 @@ def check_method(cfg: FederationConfig) -> None:
 
 def run(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, s: RunSettings) -> dict:
     check_method(cfg)
+    if cfg.method in ONESHOT_METHODS:
+        return _oneshot(grid, cfg, out_dir, data_dir, s)
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -110,6 +110,36 @@ def run(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, 
     extra = {"global_params": n_params(server.model), "vocab_size": len(data.tokenizer), **side, "engine": "flower",
              "validation_ppl": evaluate(server.model, data.validation, torch_device)["ppl"]}  # as the local engine
     result = summary(cfg, records[-1], roster.comm(), peaks, time.perf_counter() - start, extra)
+    write_json_atomic(out_dir / "summary.json", result)
+    return result
+
+
+def _oneshot(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, s: RunSettings) -> dict:
+    """The paper's protocol on Flower (recipes/deepfusion.py): one train message per device with its Task, its
+    trained LLM and data embedding back as records; Phases I-III then run here, as in the local engine."""
+    from deepfusion.recipes import deepfusion as recipe
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch_device = resolve_device(cfg.device)
+    data = prepare_data(cfg, data_dir, private=False)  # the server never packs a device's private blocks
+    roster = Roster(cfg, make_setup(cfg, data).to_bytes())
+    timeout = cfg.server.device_timeout or s.round_timeout
+    roster.join(grid, 1, wait=s.node_timeout, timeout=timeout)
+
+    def send(tasks: dict[str, bytes]) -> tuple[dict[str, bytes], dict[str, str]]:
+        replies = roster.send(grid, 1, "train.oneshot", lambda d: content(task=tasks[d], device=d), timeout)
+        uploads, failed = {}, {}
+        for device in tasks:
+            try:
+                uploads[device] = upload_bytes(replies[device])
+            except KeyError:
+                failed[device] = roster.per_device[device]["rounds"][-1].get("failed", "no answer")
+            except UploadError as e:
+                failed[device] = str(e)
+        return uploads, failed
+
+    result = recipe.run(cfg, out_dir, data, send, torch_device)
+    result.update(engine="flower", flower_comm_bytes=roster.comm())
     write_json_atomic(out_dir / "summary.json", result)
     return result
 

@@ -36,7 +36,7 @@ RECORD = "deepfusion"  # the ConfigRecord with our bytes and strings
 METRICS = "metrics"  # the MetricRecord with a device's numbers
 WEIGHTS = "weights"  # the ArrayRecord with a WeightsPacket's tensors
 NUM_EXAMPLES = "num-examples"  # FedAvg's weight (Flower's default weighted_by_key): tokens trained this round
-PAYLOAD = ("setup", "instruction", "packet")  # ConfigRecord values that are our payload bytes
+PAYLOAD = ("setup", "instruction", "packet", "task", "embedding")  # ConfigRecord values that are our payload bytes
 NO_SETUP = "has no setup for this run"  # a node says this when it must be set up (again) before it can train
 POLL_SECONDS = 0.2  # how often the server looks for replies (Grid.send_and_receive waits 3 s between looks)
 
@@ -93,6 +93,40 @@ def weights_packet(msg: Message) -> WeightsPacket:
                              json.loads(str(got["settings"])))
     except Exception as e:  # a malformed record from a node: any defect, named
         raise PacketError(f"not a valid weights message ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def upload_content(blob: bytes, metrics: dict | None = None) -> RecordDict:
+    """The paper's one upload (wire/upload.py) as Flower records: its weights in an ArrayRecord "weights"
+    (fp16 as such; bf16, which numpy lacks, as its int16 bit pattern), the rest in our ConfigRecord."""
+    import torch
+
+    from deepfusion.wire.upload import Upload
+
+    upload = Upload.from_bytes(blob)
+    bf16 = upload.dtype() == torch.bfloat16
+    record = content(metrics, device=upload.device_id, arch=upload.arch, config=json.dumps(upload.config),
+                     info=json.dumps(upload.info), embedding=upload.embedding, bfloat16=bf16)
+    record[WEIGHTS] = ArrayRecord({name: Array((t.view(torch.int16) if bf16 else t).contiguous().numpy())
+                                   for name, t in upload.tensors.items()})
+    return record
+
+
+def upload_bytes(msg: Message) -> bytes:
+    """The Upload a message carries, as the local engine's bytes (canonical: equal uploads, equal bytes); a
+    defect is an UploadError naming it (the server then leaves the device out)."""
+    import torch
+
+    from deepfusion.wire.upload import Upload, UploadError
+
+    try:
+        got = values(msg)
+        tensors = {name: torch.from_numpy(array.numpy().copy()) for name, array in msg.content.array_records[WEIGHTS].items()}
+        if bool(got["bfloat16"]):
+            tensors = {name: t.view(torch.bfloat16) for name, t in tensors.items()}
+        return Upload(str(got["device"]), str(got["arch"]), json.loads(str(got["config"])), tensors,
+                      bytes(got["embedding"]), json.loads(str(got["info"]))).to_bytes()
+    except Exception as e:  # a malformed record from a node: any defect, named
+        raise UploadError(f"not a valid upload message ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def weights_digest(blob: bytes) -> str:

@@ -1,0 +1,135 @@
+"""Phase 0 of the paper (§IV-A): an edge device trains its own LLM on its private data, then uploads it once.
+
+A device's recipe, top to bottom:
+    model   = the public checkpoint of its type (GPT-2, TinyLlama, ...: checkpoints.py)
+    train on its private blocks until local validation stops improving, or max_steps
+    e_n     = the embedding of its private text on the server's public basis (embedding.py)
+    upload  = its best weights in fp16/bf16 + e_n (wire/upload.py), sent once
+
+Nothing here imports an engine: the local engine calls `run_task` in-process, a Flower node calls it on
+its own machine. Only the Upload leaves the device; the private text and blocks never do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deepfusion.baselines.centralized import EarlyStopping
+from deepfusion.config import DeviceConfig, FederationConfig
+from deepfusion.device import lm_loss, train_peak_bytes
+from deepfusion.models import DEVICE_PRESETS, autocast, n_params
+from deepfusion.wire.upload import DTYPES, Task, Upload
+
+
+MAX_VAL_BLOCKS = 64  # 8 k tokens estimate a loss to ~1 %; a large device need not check 760 blocks every time
+
+
+@dataclass
+class PrivateData:
+    """What a device holds: its documents (for e_n) and their token blocks (for training)."""
+
+    texts: list[str]
+    blocks: torch.Tensor  # (N, T) long
+
+
+def hold_out(blocks: torch.Tensor, val_frac: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) blocks: a seeded val_frac of the device's blocks (at least one, at most
+    MAX_VAL_BLOCKS) for early stopping."""
+    if len(blocks) < 2:
+        raise ValueError(f"{len(blocks)} private block(s): local training needs one to train on and one to "
+                         "validate on; give the device more data or lower data.seq_len")
+    order = torch.randperm(len(blocks), generator=generator)
+    n_val = min(max(1, math.ceil(val_frac * len(blocks))), MAX_VAL_BLOCKS)
+    return blocks[order[n_val:]], blocks[order[:n_val]]
+
+
+@torch.no_grad()
+def mean_loss(model, blocks: torch.Tensor, torch_device: torch.device, batch: int = 16) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch):
+        b = blocks[start:start + batch].to(torch_device)
+        with autocast(torch_device):
+            total += lm_loss(model, b).item() * len(b)
+        count += len(b)
+    return total / count
+
+
+def train_until_converged(model, train: torch.Tensor, val: torch.Tensor, dc: DeviceConfig,
+                          generator: torch.Generator, torch_device: torch.device) -> dict:
+    """AdamW on random private batches; every eval_every steps the held-out loss decides: a better one keeps
+    these weights, `patience` checks without one end training. The best weights are the ones uploaded."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=dc.lr, weight_decay=0.01)
+    stopper = EarlyStopping(dc.patience)
+    curve = [{"step": 0, "val_loss": round(mean_loss(model, val, torch_device), 4)}]
+    stop, step = stopper.update(model, curve[0]["val_loss"], 0), 0
+    while step < dc.max_steps and not stop:
+        model.train()
+        for _ in range(min(dc.eval_every, dc.max_steps - step)):
+            idx = torch.randint(len(train), (dc.batch_size,), generator=generator)
+            with autocast(torch_device):
+                loss = lm_loss(model, train[idx].to(torch_device))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+        curve.append({"step": step, "train_loss": round(loss.item(), 4),
+                      "val_loss": round(mean_loss(model, val, torch_device), 4)})
+        stop = stopper.update(model, curve[-1]["val_loss"], len(curve) - 1)
+    model.load_state_dict(stopper.best_state)
+    best = curve[stopper.best_round]
+    return {"curve": curve, "steps": step, "best_step": best["step"], "val_loss": best["val_loss"],
+            "tokens_trained": step * dc.batch_size * train.shape[1], "stopped": "patience" if stop else "max_steps"}
+
+
+def make_upload(dc: DeviceConfig, model, embedding: bytes, info: dict) -> Upload:
+    """The device's weights in its upload dtype (tied weights once), its architecture, e_n."""
+    dtype = DTYPES[dc.upload_dtype]
+    tensors = {name: p.detach().to("cpu", dtype) for name, p in model.named_parameters()}
+    return Upload(dc.id, f"{dc.family}/{dc.size}", model.config.to_dict(), tensors, embedding, info)
+
+
+def run_task(cfg: FederationConfig, device_id: str, task_bytes: bytes, private: PrivateData, model,
+             seed: int, torch_device: torch.device) -> bytes:
+    """One device's whole part in the protocol: the task in, its upload out (as bytes).
+
+    `model` is the device's public checkpoint, loaded by the caller (checkpoints.public_model).
+    """
+    from deepfusion import embedding  # late: the encoder loads only where a device embeds
+
+    task = Task.from_bytes(task_bytes)
+    if task.device_id != device_id:
+        raise ValueError(f"task is addressed to {task.device_id!r}, this device is {device_id!r}")
+    dc = next(d for d in cfg.devices if d.id == device_id)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = model.to(torch_device)
+    train, val = hold_out(private.blocks, dc.val_frac, generator)
+    peak = train_peak_bytes(model, train[:dc.batch_size].to(torch_device), lm_loss, dc.lr)
+    report = train_until_converged(model, train, val, dc, generator, torch_device)
+    e_n = embedding.embed_device(embedding.load_encoder(), embedding.Basis.from_bytes(task.basis), private.texts,
+                                 cfg.clustering.embed_texts, seed)
+    # no wall-clock time in the upload: equal work, equal bytes (engines compare uploads byte for byte)
+    info = {**report, "params": n_params(model), "peak_mem_bytes": peak, "private_blocks": len(private.blocks)}
+    return make_upload(dc, model, e_n, info).to_bytes()
+
+
+def public_model(cfg: FederationConfig, dc: DeviceConfig, public: torch.Tensor, vocab_size: int,
+                 torch_device: torch.device):
+    """The device's starting point, as GPT-2 or TinyLlama is in practice: its type's public checkpoint, from a
+    local directory (checkpoint = ...) or made once from the public text and cached (checkpoints.py)."""
+    from deepfusion.checkpoints import load_public, public_checkpoint
+    from deepfusion.federation import cache_dir
+
+    config = DEVICE_PRESETS[dc.family][dc.size](vocab_size)
+    where = f"[[devices]] {dc.id!r} checkpoint"
+    if dc.checkpoint:
+        return load_public(Path(dc.checkpoint), config, where)
+    path = public_checkpoint(config, public, cfg.pretrain, cache_dir() / "checkpoints", torch_device,
+                             name=f"{dc.family}/{dc.size}")
+    return load_public(path, config, where)

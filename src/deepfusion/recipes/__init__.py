@@ -1,0 +1,1 @@
+"""The protocols as recipes: each reads top to bottom and takes the engine's send function (engines move bytes)."""

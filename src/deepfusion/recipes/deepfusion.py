@@ -1,0 +1,285 @@
+"""DeepFusion as the paper builds it (arXiv 2602.14301v1, §IV): one upload per device, then three server phases.
+
+    Phase 0   devices   train their own LLM until local validation stops improving, upload it once
+                        with e_n, a data embedding of tens of bytes (ondevice.py, wire/upload.py)      §IV-A
+    Phase I   server    cosine similarity of the e_n (Eq. 6), KMeans into K domains, same-type
+                        models averaged into each domain's proxy models (clustering.py)                §IV-B
+    Phase II  server    per domain, a copy of the MoE's dense base distils its proxy models on the
+                        public data: L = CE + α Σ_j MSE(F_j^T, VAA(F^S)_j) + β KL (crosskd.py, vaa.py) §IV-C
+    Phase III server    the K students fused into the MoE's experts (Eqs. 12-13, upcycling.py), the
+                        router set from the domains, then tuned with the experts frozen (tuning.py)    §IV-D
+
+The engine only moves bytes: `send(messages)` delivers each device its Task and returns the replies that
+arrived (and why the others did not). Every phase boundary, and every distilled domain inside Phase II,
+is checkpointed under out/checkpoint/ (PhaseState): a killed run resumed with --resume redoes none of it
+and ends with the same weights as an unbroken run (each domain's distillation has its own seed).
+
+The paper's ablations run this same recipe with one part changed (VARIANTS): no VAA (α = 0), logits only
+(β KL alone), no clustering (devices dealt to K domains at random), and OFA-KD in VAA's place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import safetensors.torch
+import torch
+
+from deepfusion import clustering, crosskd, embedding, upcycling
+from deepfusion.checkpoints import load_public, public_checkpoint
+from deepfusion.config import FederationConfig, to_dict
+from deepfusion.data import DataError
+from deepfusion.evaluation import evaluate, lm_metrics
+from deepfusion.federation import FederationData, cache_dir, rewrite_metrics, summary, write_json_atomic
+from deepfusion.models import build_global_moe, dense_base_config, export_model, n_params
+from deepfusion.tuning import teacher_targets, tune
+from deepfusion.wire.upload import Task, UploadError, receive_upload
+
+log = logging.getLogger("deepfusion")
+
+Send = Callable[[dict[str, bytes]], tuple[dict[str, bytes], dict[str, str]]]
+
+# method -> the changes it makes to the paper's pipeline (config sections and keys)
+VARIANTS: dict[str, dict[str, dict]] = {
+    "deepfusion": {},
+    "deepfusion-no-vaa": {"distill": {"features": "none"}},  # α = 0: CE + β KL
+    "deepfusion-logits-only": {"distill": {"features": "none", "ce": False}},  # β KL alone
+    "deepfusion-no-clustering": {"clustering": {"method": "random"}},
+    "ofa-kd": {"distill": {"features": "ofa"}},  # OFA-KD's stage branches in VAA's place
+}
+
+
+def variant(cfg: FederationConfig) -> FederationConfig:
+    """The config this method actually runs (summary.json records it)."""
+    out = dataclasses.replace(cfg)
+    for section, changes in VARIANTS[cfg.method].items():
+        setattr(out, section, dataclasses.replace(getattr(cfg, section), **changes))
+    return out
+
+
+def run(cfg: FederationConfig, out_dir: Path, data: FederationData, send: Send, torch_device: torch.device,
+        resume: bool = False) -> dict:
+    start, asked, cfg = time.perf_counter(), cfg, variant(cfg)
+    state = PhaseState(out_dir / "checkpoint", resume, asked)
+    moe_config = build_global_moe(cfg.server.family, cfg.server.size, len(data.tokenizer),
+                                  cfg.server.pretrained).config
+    K = cfg.clustering.domains or upcycling.num_domains(moe_config)
+
+    # ---- Phase 0: one task down, one upload up, per device ------------------------------------------
+    if not state.done("phase0"):
+        t = time.perf_counter()
+        basis = embedding.fit_basis(embedding.load_encoder(), data.tokenizer.batch_decode(data.proxy),
+                                    cfg.clustering.embed_dim, seed=cfg.data.seed)
+        tasks = {d.id: Task(d.id, basis.to_bytes()).to_bytes() for d in cfg.devices}
+        replies, failed = send(tasks)
+        state.save_phase0(tasks, replies, failed, basis.dim, time.perf_counter() - t)
+        state.mark("Phase 0 (every upload received)")
+    uploads, configs, ledger = receive(cfg, data, state)
+    records = [{"phase": "0", "device": d, "arch": u.arch, "curve": u.info.get("curve", [])} for d, u in sorted(uploads.items())]
+    if len(uploads) < max(K, cfg.server.min_devices):
+        raise DataError(f"{len(uploads)} valid uploads, but {K} domains need at least {K} devices (and "
+                        f"server.min_devices = {cfg.server.min_devices}); see the rejected uploads above; lower "
+                        "[clustering] domains or bring more devices")
+
+    # ---- Phase I: cluster the devices into K knowledge domains ---------------------------------------
+    ids = sorted(uploads)
+    E = torch.stack([embedding.decode_embedding(uploads[d].embedding) for d in ids])  # (N, dim)
+    labels = clustering.cluster(E, K, cfg.clustering.method, cfg.seed)
+    sources = [data.device_source[d] for d in ids]
+    phase1 = {"devices": ids, "domain": labels, "sources": sources, "ari": round(clustering.recovery(labels, sources), 4),
+              "similarity": [[round(float(x), 3) for x in row] for row in clustering.similarity(E)]}
+    records.append({"phase": "I", **phase1})
+    rewrite_metrics(out_dir, records)
+    log.info("[PHASE I] %d devices into %d domains (adjusted Rand index vs their sources: %.3f): %s", len(ids), K,
+             phase1["ari"], {k: [ids[i] for i in range(len(ids)) if labels[i] == k] for k in range(K)})
+    teachers = proxy_models(clustering.proxy_groups(labels, [uploads[d].arch for d in ids]), ids, uploads, configs)
+
+    # ---- Phase II: per domain, the dense base distils its proxy models --------------------------------
+    base = dense_base(cfg, data, moe_config, torch_device)
+    students = []
+    for i in range(K):
+        if not state.done(f"student{i}"):
+            t = time.perf_counter()
+            student = base_copy(base)
+            torch.manual_seed(cfg.seed * 7919 + i)  # VAA's init: each domain's own seed, so resume is exact
+            curve = crosskd.distill_domain(student, [m for _, m in teachers[i]], data.proxy, cfg.distill,
+                                           torch.Generator().manual_seed(cfg.seed * 7919 + i), torch_device)
+            state.save_student(i, student, {"curve": curve, "teachers": [n for n, _ in teachers[i]],
+                                            "seconds": round(time.perf_counter() - t, 2)})
+            state.mark(f"Phase II, domain {i + 1} of {K} distilled")
+            log.info("[PHASE II] domain %d/%d distilled from %s", i + 1, K, [n for n, _ in teachers[i]])
+        students.append(state.student(i))
+        records.append({"phase": "II", "domain": i, **state.read(f"student{i}")})
+        rewrite_metrics(out_dir, records)
+
+    # ---- Phase III: fuse the students into the MoE's experts, set the router, tune ----------------------
+    t = time.perf_counter()
+    moe = upcycling.fuse(moe_config, students, cfg.tune.shared).to(torch_device)
+    flat = [(i, m.to(torch_device)) for i in range(K) for _, m in teachers[i]]
+    targets = teacher_targets(flat, data.proxy, K, cfg.tune.topk, torch_device)
+    if cfg.tune.router_init == "domains":
+        routing = upcycling.init_router(moe, data.proxy, targets.block_domain)
+    else:
+        upcycling.random_router(moe, torch.Generator().manual_seed(cfg.seed))
+        routing = upcycling.routing_accuracy(moe, data.proxy, targets.block_domain)
+    fused = evaluate(moe, data.test_sets, torch_device)
+    tuned = tune(moe, data.proxy, data.validation, targets, cfg.tune, torch.Generator().manual_seed(cfg.seed),
+                 torch_device)
+    seconds = {"phase0": state.read("phase0")["seconds"],
+               "phase2": round(sum(r["seconds"] for r in records if r["phase"] == "II"), 2),
+               "phase3": round(time.perf_counter() - t, 2)}
+    records.append({"phase": "III", "routing": routing, "fused_ppl": fused["ppl"], "tuning": tuned})
+    rewrite_metrics(out_dir, records)
+
+    # ---- evaluate and export ------------------------------------------------------------------------
+    metrics = lm_metrics(moe, data.test_sets, data.qa_sets, torch_device)
+    export_model(moe, data.tokenizer, out_dir / "model")
+    extra = {"global_params": n_params(moe), "vocab_size": len(data.tokenizer), "domains": K,
+             "clustering": {k: phase1[k] for k in ("devices", "domain", "sources", "ari")},
+             "routing": routing, "fused_ppl": fused["ppl"], "tuning": {k: v for k, v in tuned.items() if k != "curve"},
+             "validation_ppl": evaluate(moe, data.validation, torch_device)["ppl"], "phase_seconds": seconds,
+             "devices": device_reports(cfg, data, uploads, configs, ledger, torch_device),
+             **{k: metrics[k] for k in metrics if k not in ("ppl", "ppl_by_source")}}
+    peaks = {d: u.info.get("peak_mem_bytes", 0) for d, u in uploads.items()}
+    result = summary(cfg, metrics, ledger, peaks, time.perf_counter() - start, extra)
+    result["rounds"] = 1
+    write_json_atomic(out_dir / "summary.json", result)
+    return result
+
+
+# ---- receiving the uploads --------------------------------------------------------------------------
+
+def receive(cfg: FederationConfig, data: FederationData, state: PhaseState) -> tuple[dict, dict, dict]:
+    """Check every upload (wire/upload.py); a bad one is left out with one logged reason, the rest go on.
+    Returns (accepted uploads, their architectures, the byte ledger: Σ|m_n| and e_n's share of it)."""
+    phase0 = state.read("phase0")
+    uploads, configs, rejected = {}, {}, {}
+    for device in phase0["replied"]:
+        try:
+            uploads[device], configs[device] = receive_upload(
+                state.upload_bytes(device), device, devices={d.id for d in cfg.devices},
+                vocab_size=len(data.tokenizer), embedding_bytes=phase0["embedding_bytes"])
+        except UploadError as e:
+            rejected[device] = str(e)
+            log.warning("[PHASE 0] rejected the upload of device %r: %s; the federation goes on without it", device, e)
+    for device, why in phase0["failed"].items():
+        log.warning("[PHASE 0] device %r sent nothing (%s); the federation goes on without it", device, why)
+    per_device = {d: {"down": phase0["down"][d], "up": phase0["up"].get(d, 0),
+                      **({"rejected": rejected[d]} if d in rejected else {}),
+                      **({"failed": phase0["failed"][d]} if d in phase0["failed"] else {})} for d in phase0["down"]}
+    ledger = {"up": sum(v["up"] for v in per_device.values()), "down": sum(v["down"] for v in per_device.values()),
+              "embedding_bytes": phase0["embedding_bytes"] * len(phase0["replied"]), "per_device": per_device}
+    return uploads, configs, ledger
+
+
+def proxy_models(groups: dict[int, dict[str, list[int]]], ids: list[str], uploads: dict, configs: dict) -> dict:
+    """Fig. 4: per domain, one local-knowledge proxy model per device type, the mean of its devices' weights.
+    Returns domain -> [(name, model)]: a domain with several types distils from each of them."""
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for domain, by_type in groups.items():
+        out[domain] = []
+        for arch, members in sorted(by_type.items()):
+            states = [{k: v.float() for k, v in uploads[ids[m]].tensors.items()} for m in members]
+            model = AutoModelForCausalLM.from_config(configs[ids[members[0]]])
+            model.load_state_dict(clustering.average_state_dicts(states), strict=False)  # tied weights: listed once
+            model.tie_weights()
+            out[domain].append((f"{arch} x{len(members)}", model.eval()))
+    return out
+
+
+# ---- the dense base and its copies -------------------------------------------------------------------
+
+def dense_base(cfg: FederationConfig, data: FederationData, moe_config, torch_device: torch.device):
+    """The MoE's dense base: a local directory (server.dense_base), else pretrained on the public text (cached)."""
+    if cfg.server.dense_base:
+        return load_public(Path(cfg.server.dense_base), dense_base_config(moe_config), "[server] dense_base")
+    path = public_checkpoint(dense_base_config(moe_config), data.proxy, cfg.pretrain, cache_dir() / "checkpoints",
+                             torch_device, name=f"dense base of {cfg.server.family}/{cfg.server.size}")
+    return load_public(path, dense_base_config(moe_config))
+
+
+def base_copy(base):
+    from copy import deepcopy
+
+    return deepcopy(base)
+
+
+# ---- reports ---------------------------------------------------------------------------------------------
+
+def device_reports(cfg: FederationConfig, data: FederationData, uploads: dict, configs: dict, ledger: dict,
+                   torch_device: torch.device) -> dict:
+    """Per device: what it uploaded and how its own model does on its own domain (the local-only reference)."""
+    from transformers import AutoModelForCausalLM
+
+    reports = {}
+    for d, upload in sorted(uploads.items()):
+        model = AutoModelForCausalLM.from_config(configs[d])
+        model.load_state_dict({k: v.float() for k, v in upload.tensors.items()}, strict=False)
+        model.tie_weights()
+        domain = data.test_sets[data.device_source[d]][0]
+        own = {s: t for s, t in data.test_sets.items() if t[0] == domain}
+        reports[d] = {"arch": upload.arch, "upload_bytes": ledger["per_device"][d]["up"], "domain": domain,
+                      "ppl_own_domain": evaluate(model.to(torch_device), own, torch_device)["ppl"][domain],
+                      **{k: v for k, v in upload.info.items() if k != "curve"}}
+    return reports
+
+
+# ---- phase checkpoints -----------------------------------------------------------------------------------
+
+class PhaseState:
+    """out/checkpoint/: what finished phases left, written atomically, read back on --resume.
+
+        progress.json       the config the run was started with, and what is saved so far (in words)
+        phase0.json         bytes down/up per device, who replied, who failed and why
+        uploads/<id>.bin    each reply exactly as received (validated again on resume: same verdicts)
+        student<i>.json     domain i's distillation record; student<i>.safetensors its weights
+        (out/metrics.jsonl is rewritten at every phase boundary: device curves, clusters, domains, tuning)
+    """
+
+    def __init__(self, root: Path, resume: bool, cfg: FederationConfig):
+        self.root, self.cfg = root, cfg
+        (root / "uploads").mkdir(parents=True, exist_ok=True)
+        if not resume:
+            self.mark(None)
+
+    def mark(self, saved: str | None) -> None:
+        """progress.json: the run's config (what --resume continues) and, in words, what is saved so far."""
+        self.write("progress", {"config": to_dict(self.cfg), "saved": saved})
+
+    def done(self, name: str) -> bool:
+        return (self.root / f"{name}.json").is_file()
+
+    def read(self, name: str, default=None):
+        path = self.root / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else default
+
+    def write(self, name: str, obj) -> None:
+        write_json_atomic(self.root / f"{name}.json", obj)
+
+    def save_phase0(self, tasks: dict, replies: dict, failed: dict, dim: int, seconds: float) -> None:
+        for device, blob in replies.items():
+            tmp = self.root / "uploads" / f"{device}.bin.tmp"
+            tmp.write_bytes(blob)
+            tmp.replace(self.root / "uploads" / f"{device}.bin")
+        self.write("phase0", {"down": {d: len(b) for d, b in tasks.items()}, "up": {d: len(b) for d, b in replies.items()},
+                              "replied": sorted(replies), "failed": failed, "embedding_bytes": dim + 2,
+                              "seconds": round(seconds, 2)})
+
+    def upload_bytes(self, device: str) -> bytes:
+        return (self.root / "uploads" / f"{device}.bin").read_bytes()
+
+    def save_student(self, i: int, model, record: dict) -> None:
+        tmp = self.root / f"student{i}.safetensors.tmp"
+        safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+        tmp.replace(self.root / f"student{i}.safetensors")
+        self.write(f"student{i}", record)  # last: the record says the weights are complete
+
+    def student(self, i: int) -> dict[str, torch.Tensor]:
+        return safetensors.torch.load_file(self.root / f"student{i}.safetensors")

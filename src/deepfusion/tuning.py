@@ -1,0 +1,143 @@
+"""Phase III, second half (paper §IV-D): tune the fused MoE with its experts frozen.
+
+After the merge (upcycling.py) the experts hold the domains' distilled knowledge; the paper then fine-tunes
+"the embedding, self-attention, gate, and output layers" on the public data with the experts frozen.
+
+    loss = "ce"    the paper's:   CE(public next tokens) + router load-balancing loss
+    loss = "keep"  ours (DESIGN §2): + λ · KL(teachers' mixture ‖ MoE), the devices' knowledge kept in the loss
+
+Why "keep": a CPU probe of this pipeline found that cross-entropy alone on a small public set undoes the
+fusion within a few hundred steps (medical perplexity 199 -> 301) while the same tuning with a KL to the
+devices' predictions reached 139. Both are offered and measured (README). Either way, validation text
+(never the test split) is checked every `eval_every` steps and the best weights are kept.
+
+The teachers' mixture is computed once over the public blocks (`teacher_targets`): per block, each domain
+teacher's distribution weighted by how well that teacher explains the block's real next tokens (a softmax
+over teachers of their mean log-likelihood: medical blocks lean on medical teachers), kept as top-k + tail
+so the tuning step uses the same exact, cheap KL as the multi-round protocol (knowledge.topk_kl_shared).
+The same scores give each public block a domain: the one whose teachers explain it best (router init).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from deepfusion.baselines.centralized import EarlyStopping, validation_score
+from deepfusion.config import TuneConfig
+from deepfusion.evaluation import evaluate
+from deepfusion.knowledge import topk_kl_shared
+from deepfusion.models import autocast
+from deepfusion.server import router_aux_loss
+from deepfusion.upcycling import expert_parameter_names
+
+
+@dataclass
+class TeacherTargets:
+    """The domain teachers' mixture on the public blocks, as top-k + tail per next-token position."""
+
+    ids: torch.Tensor  # (N, T-1, k) long
+    probs: torch.Tensor  # (N, T-1, k) float
+    tail: torch.Tensor  # (N, T-1) float
+    block_domain: torch.Tensor  # (N,) long: the domain whose teachers explain each block best
+
+
+@torch.no_grad()
+def teacher_targets(teachers: list[tuple[int, torch.nn.Module]], public: torch.Tensor, num_domains: int, k: int,
+                    torch_device: torch.device, batch: int = 4) -> TeacherTargets:
+    """teachers: (domain, model) pairs. A few blocks at a time: n_teachers x (B, T-1, V) probabilities."""
+    ids, probs, tails, domains = [], [], [], []
+    for start in range(0, len(public), batch):
+        blocks = public[start:start + batch].to(torch_device)  # (B, T)
+        logp = torch.stack([_log_probs(model, blocks, torch_device) for _, model in teachers])  # (M, B, T-1, V)
+        truth = logp.gather(-1, blocks[:, 1:].expand(len(teachers), -1, -1).unsqueeze(-1)).squeeze(-1)  # (M, B, T-1)
+        score = truth.mean(-1)  # (M, B): each teacher's mean log-likelihood of the block
+        weight = score.softmax(dim=0)  # (M, B)
+        mixture = (weight[..., None, None] * logp.exp()).sum(0)  # (B, T-1, V)
+        top_p, top_i = mixture.topk(k, dim=-1)  # (B, T-1, k)
+        ids.append(top_i.cpu())
+        probs.append(top_p.cpu())
+        tails.append((1.0 - top_p.sum(-1)).clamp_min(0.0).cpu())
+        domains.append(_domain_scores(score, [d for d, _ in teachers], num_domains).argmax(0).cpu())
+    return TeacherTargets(torch.cat(ids), torch.cat(probs), torch.cat(tails), torch.cat(domains))
+
+
+def _log_probs(model, blocks: torch.Tensor, torch_device: torch.device) -> torch.Tensor:
+    model.eval()
+    with autocast(torch_device):
+        logits = model(input_ids=blocks).logits[:, :-1]  # (B, T-1, V)
+    return logits.float().log_softmax(-1)
+
+
+def _domain_scores(score: torch.Tensor, domain_of: list[int], num_domains: int) -> torch.Tensor:
+    """(K, B): a domain's score on a block is its teachers' mean score (a domain without teachers: -inf)."""
+    out = torch.full((num_domains, score.shape[1]), -torch.inf, device=score.device)
+    for d in set(domain_of):
+        rows = [i for i, x in enumerate(domain_of) if x == d]
+        out[d] = score[rows].mean(0)
+    return out
+
+
+def freeze_experts(moe) -> list[torch.nn.Parameter]:
+    """Freeze the routed and shared experts; return what tunes (embeddings, attention, router, norms, output)."""
+    frozen = expert_parameter_names(moe)
+    for name, p in moe.named_parameters():
+        p.requires_grad_(name not in frozen)
+    return [p for p in moe.parameters() if p.requires_grad]
+
+
+def tune(moe, public: torch.Tensor, validation: dict, targets: TeacherTargets | None, cfg: TuneConfig,
+         generator: torch.Generator, torch_device: torch.device) -> dict:
+    """Tune in place; returns the curve and the kept step. targets None: the paper's CE-only loss."""
+    keep = cfg.loss == "keep" and targets is not None
+    params = freeze_experts(moe)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    stopper = EarlyStopping(cfg.patience)
+    curve, start = [], time.perf_counter()
+    _check(moe, validation, torch_device, 0, stopper, curve, {})  # the fused model itself may be the best
+    for step in range(1, cfg.steps + 1):
+        idx = torch.randint(len(public), (cfg.batch_size,), generator=generator)
+        losses = _step(moe, public[idx].to(torch_device), targets if keep else None, idx, cfg, optimizer, params,
+                       torch_device)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            if _check(moe, validation, torch_device, step, stopper, curve, losses):
+                break
+    moe.load_state_dict(stopper.best_state)
+    for p in moe.parameters():
+        p.requires_grad_(True)
+    best = curve[stopper.best_round]  # EarlyStopping counts checks, the curve has one entry per check
+    return {"curve": curve, "best_step": best["step"], "steps": curve[-1]["step"],
+            "validation_ppl": best["validation_ppl"], "seconds": round(time.perf_counter() - start, 2),
+            "trainable_params": sum(p.numel() for p in params)}
+
+
+def _step(moe, blocks: torch.Tensor, targets: TeacherTargets | None, idx: torch.Tensor, cfg: TuneConfig,
+          optimizer, params, torch_device: torch.device) -> dict:
+    moe.train()
+    with autocast(torch_device):
+        out = moe(input_ids=blocks, output_router_logits=True)
+        logits = out.logits[:, :-1].flatten(0, 1).float()  # (N, V), N = B*(T-1)
+        ce = F.cross_entropy(logits, blocks[:, 1:].flatten())
+        aux = router_aux_loss(moe, out.router_logits)
+        kl = torch.zeros((), device=ce.device)
+        if targets is not None:
+            pick = lambda t: t[idx].flatten(0, 1).unsqueeze(0).to(torch_device)  # noqa: E731  (1, N, ...)
+            kl = topk_kl_shared(logits, pick(targets.ids), pick(targets.probs), pick(targets.tail),
+                                torch.ones(1, logits.shape[0], device=torch_device))
+        loss = ce + aux + cfg.kl_weight * kl
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"ce": round(ce.item(), 4), "kl": round(kl.item(), 4), "aux": round(aux.item(), 4)}
+
+
+def _check(moe, validation: dict, torch_device: torch.device, step: int, stopper: EarlyStopping, curve: list,
+           losses: dict) -> bool:
+    """Validation perplexity now; True when `patience` checks have passed without a better one."""
+    ppl = evaluate(moe, validation, torch_device)["ppl"]
+    curve.append({"step": step, **losses, "validation_ppl": ppl})
+    return stopper.update(moe, validation_score(ppl), len(curve) - 1)

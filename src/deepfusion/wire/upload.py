@@ -1,0 +1,180 @@
+"""The paper's one round of communication (§IV-A): a task down to each device, its trained LLM up, once.
+
+    Task    server -> device   the public basis the data embedding is projected on (a few kB, public)
+    Upload  device -> server   the device's trained weights (fp16 or bf16), its architecture, and e_n,
+                               the data embedding of its private text (tens of bytes)
+
+Both are one safetensors blob: tensors plus string metadata, header keys sorted (equal messages, equal
+bytes: engines compare them byte for byte). The upload's length is |m_n| of the paper's Eq. 5, the
+communication cost F = Σ_n |m_n|.
+
+The server trusts nothing it receives: `receive_upload` parses and checks every field (version, device,
+architecture family and description, vocabulary, the exact parameter names and shapes that architecture
+has, dtype, finite values, the embedding's size, a byte cap) and raises UploadError with one reason. The
+recipe then leaves that device out and goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import safetensors.torch
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
+
+from deepfusion.knowledge import PacketError, canonical_safetensors
+
+VERSION = 1
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+MODEL_TYPES = ("gpt2", "llama", "olmo", "bloom", "qwen2")  # on-device families a server accepts (models.py)
+EMBEDDING = "__embedding__"  # the tensor holding e_n's bytes (uint8) inside an upload
+BASIS = "__basis__"  # the tensor holding the public basis' bytes (uint8) inside a task
+HEADER_ROOM = 64 << 10  # safetensors header + metadata: a few kB for a model's names and config, ample room
+
+
+class UploadError(PacketError):
+    """A message on the one-shot wire is malformed or does not fit what the server expects."""
+
+
+@dataclass
+class Task:
+    """Server -> device: the one train message of Phase 0."""
+
+    device_id: str
+    basis: bytes  # embedding.Basis.to_bytes(): the public axes e_n is projected on
+
+    def to_bytes(self) -> bytes:
+        tensors = {BASIS: torch.frombuffer(bytearray(self.basis), dtype=torch.uint8)}
+        meta = {"version": str(VERSION), "device_id": self.device_id}
+        return canonical_safetensors(safetensors.torch.save(tensors, metadata=meta))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Task:
+        tensors, meta = _parse(data, 1 << 26, "task")
+        if set(tensors) != {BASIS} or "device_id" not in meta:
+            raise UploadError(f"task must carry exactly {BASIS!r} and a device_id, got {sorted(tensors)}")
+        return cls(meta["device_id"], tensors[BASIS].numpy().tobytes())
+
+
+@dataclass
+class Upload:
+    """Device -> server, once: its trained on-device LLM and its data embedding."""
+
+    device_id: str
+    arch: str  # the device type, e.g. "gpt2/small": devices of one type averaged in a domain (Fig. 4)
+    config: dict  # the model's transformers config (to_dict): the architecture descriptor
+    tensors: dict[str, torch.Tensor]  # parameter name -> weight in the upload dtype (tied weights once)
+    embedding: bytes  # e_n (embedding.py)
+    info: dict = field(default_factory=dict)  # numbers the server only reports: steps, val_loss, peak memory, ...
+
+    def to_bytes(self) -> bytes:
+        tensors = {**{k: v.detach().cpu().contiguous() for k, v in self.tensors.items()},
+                   EMBEDDING: torch.frombuffer(bytearray(self.embedding), dtype=torch.uint8)}
+        meta = {"version": str(VERSION), "device_id": self.device_id, "arch": self.arch,
+                "config": json.dumps(self.config, sort_keys=True), "info": json.dumps(self.info, sort_keys=True)}
+        return canonical_safetensors(safetensors.torch.save(tensors, metadata=meta))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, max_bytes: int = 1 << 32) -> Upload:
+        tensors, meta = _parse(data, max_bytes, "upload")
+        try:
+            embedding = tensors.pop(EMBEDDING).numpy().tobytes()
+            return cls(meta["device_id"], meta["arch"], json.loads(meta["config"]), tensors, embedding,
+                       json.loads(meta["info"]))
+        except (KeyError, ValueError, TypeError) as e:
+            raise UploadError(f"upload lacks a field or holds a malformed one ({type(e).__name__}: {e})") from None
+
+    def dtype(self) -> torch.dtype:
+        dtypes = {t.dtype for t in self.tensors.values()}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32  # mixed dtypes are rejected below
+
+    def n_bytes(self) -> int:
+        return len(self.to_bytes())
+
+
+def _parse(data: bytes, max_bytes: int, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not isinstance(data, (bytes, bytearray)) or len(data) < 8:
+        raise UploadError(f"{what} must be bytes of safetensors, got {type(data).__name__} of "
+                          f"{len(data) if isinstance(data, (bytes, bytearray)) else '?'} bytes")
+    if len(data) > max_bytes:
+        raise UploadError(f"{what} is {len(data)} bytes, over the {max_bytes}-byte limit")
+    n = int.from_bytes(data[:8], "little")
+    if n > min(len(data) - 8, HEADER_ROOM + (1 << 20)):
+        raise UploadError(f"{what} header claims {n} bytes; truncated or not safetensors")
+    try:
+        meta = json.loads(bytes(data[8:8 + n])).get("__metadata__") or {}
+        tensors = safetensors.torch.load(bytes(data))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # safetensors' Rust panics derive from BaseException
+        raise UploadError(f"{what} is not valid safetensors ({type(e).__name__}: {str(e)[:120]})") from None
+    if meta.get("version") != str(VERSION):
+        raise UploadError(f"{what} wire version {meta.get('version')!r}, this reader understands {VERSION}")
+    return tensors, meta
+
+
+# ---- the server's checks -------------------------------------------------------------------------
+
+def expected_parameters(config: PreTrainedConfig) -> dict[str, torch.Size]:
+    """The parameter names and shapes of the architecture `config` describes (built on the meta device: no
+    memory, no init); tied weights appear once, as named_parameters lists them."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: p.shape for name, p in model.named_parameters()}
+
+
+def describe(config: dict) -> PreTrainedConfig:
+    """The transformers config an upload describes, for an accepted on-device family only."""
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise UploadError(f"architecture {model_type!r} is not an on-device family this server accepts "
+                          f"({', '.join(MODEL_TYPES)})")
+    try:
+        return AutoConfig.for_model(**config)
+    except Exception as e:  # transformers raises many types on a bad config
+        raise UploadError(f"architecture description does not build a {model_type} config "
+                          f"({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def receive_upload(data: bytes, sender: str, *, devices: set[str], vocab_size: int, embedding_bytes: int,
+                   max_bytes: int = 1 << 32) -> tuple[Upload, PreTrainedConfig]:
+    """Parse and check one device's upload; returns it with its architecture, or raises UploadError."""
+    upload = Upload.from_bytes(data, max_bytes)
+    if upload.device_id != sender:
+        raise UploadError(f"upload claims device {upload.device_id!r} but came from {sender!r}")
+    if sender not in devices:
+        raise UploadError(f"device {sender!r} is not in this federation")
+    config = describe(upload.config)
+    if config.vocab_size != vocab_size:
+        raise UploadError(f"vocab {config.vocab_size} != federation vocab {vocab_size}: every device must "
+                          "use the federation's tokenizer")
+    if len(upload.embedding) != embedding_bytes:
+        raise UploadError(f"data embedding is {len(upload.embedding)} bytes, expected {embedding_bytes}")
+    _check_tensors(upload, expected_parameters(config))
+    cap = sum(math.prod(s) for s in expected_parameters(config).values()) * 2 + embedding_bytes + HEADER_ROOM
+    if len(data) > cap:
+        raise UploadError(f"upload is {len(data)} bytes, more than its architecture's {cap} in 16-bit weights")
+    return upload, config
+
+
+def _check_tensors(upload: Upload, expected: dict[str, torch.Size]) -> None:
+    if set(upload.tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(upload.tensors)), sorted(set(upload.tensors) - set(expected))
+        raise UploadError(f"parameter names differ from the architecture's: missing {missing[:3]}, "
+                          f"unexpected {extra[:3]}")
+    for name, t in upload.tensors.items():
+        if t.dtype not in DTYPES.values():
+            raise UploadError(f"{name} is {t.dtype}; uploads carry float16 or bfloat16 weights")
+        if t.shape != expected[name]:
+            raise UploadError(f"{name} has shape {tuple(t.shape)}, the architecture has {tuple(expected[name])}")
+        if not torch.isfinite(t).all():
+            raise UploadError(f"{name} holds NaN or inf")
+    if len({t.dtype for t in upload.tensors.values()}) > 1:
+        raise UploadError("weights mix dtypes; an upload uses one of float16, bfloat16")
+
+
+def load_uploaded(upload: Upload, config: PreTrainedConfig) -> dict[str, torch.Tensor]:
+    """The upload's weights as an fp32 state dict (the server averages and distils in fp32)."""
+    return {k: v.float() for k, v in upload.tensors.items()}
