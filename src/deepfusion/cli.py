@@ -67,6 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--replay records and replays knowledge uploads: it needs --engine local and one of "
                           f"{', '.join(KNOWLEDGE_METHODS)} (got --engine {args.engine}, method {cfg.method!r})")
     extra = {"replay": Path(args.replay)} if args.replay else {}
+    extra["tensorboard"] = Path(args.tensorboard) if args.tensorboard else None
     resume_with = "" if args.engine == "flower" else _resume_with(args, Path(args.out))
     with claim(args.out, overwrite=args.overwrite, command=args.command_line, resume_with=resume_with) as run_dir:
         result = run(cfg, run_dir.path, data_dir=args.data_dir, progress=not args.no_progress, **extra)
@@ -107,7 +108,8 @@ def _resume(args: argparse.Namespace) -> int:
     if args.rounds:  # the one setting a resume may change: run longer than first planned
         cfg.rounds = args.rounds
     with claim(out, resume=True, command=args.command_line, resume_with=_resume_with(args, out)) as run_dir:
-        result = run(cfg, run_dir.path, data_dir=args.data_dir, progress=not args.no_progress, resume=True)
+        result = run(cfg, run_dir.path, data_dir=args.data_dir, progress=not args.no_progress, resume=True,
+                     tensorboard=Path(args.tensorboard) if args.tensorboard else None)
     _print_brief(result)
     return 0
 
@@ -258,7 +260,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", help="data directory (else $DEEPFUSION_DATA, ../shared/data, user cache)")
     run.add_argument("--replay", metavar="DIR", help="record the devices' uploads in DIR, or replay them if this "
                      "device side is recorded there (compare server-side methods on identical knowledge)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    run.add_argument("--no-progress", action="store_true", help="no live progress bars: one plain line per round or "
+                     "phase instead (as when stderr is not a terminal)")
+    run.add_argument("--tensorboard", metavar="DIR", help="also log the run's curves (perplexity per round, or each "
+                     "phase's curves) as TensorBoard events in DIR: tensorboard --logdir DIR")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=cmd_run)
 
@@ -303,14 +308,13 @@ def _version() -> str:
 
 
 def _setup_logging(verbose: bool) -> None:
-    """Our log lines on stderr (stdout carries results only); third-party noise a user cannot act on off."""
-    from rich.console import Console
-    from rich.logging import RichHandler
-
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
-                        force=True)
-    for noisy in ("transformers", "urllib3", "filelock"):
+    """Our log lines on stderr (stdout carries results only), one line per record however long (grep and
+    log files read them whole); third-party noise a user cannot act on off."""
+    handler = StderrHandler()
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)-7s %(message)s",
+                                          "%H:%M:%S" if sys.stderr.isatty() else "%Y-%m-%d %H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+    for noisy in ("transformers", "urllib3", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Silenced, each a notice about the libraries' own future, not about anything the user passed:
     #   Flower: "DEPRECATED FEATURE: The `run_simulation` function is deprecated" (our --engine flower uses it
@@ -327,6 +331,29 @@ def _setup_logging(verbose: bool) -> None:
 
 def _not_run_simulation_deprecation(record: logging.LogRecord) -> bool:
     return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at each record: while live progress bars show, rich redirects it
+    and prints the record above the bars (a handler holding the original stream would tear them)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):  # StreamHandler.__init__ and setStream assign it; the current sys.stderr wins
+        pass
+
+
+class OneLineFormatter(logging.Formatter):
+    """A record is one line: the newlines of a multi-line message (an error's text, a pretty dict) become ' | '."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return " | ".join(line for line in super().format(record).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

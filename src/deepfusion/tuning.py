@@ -90,8 +90,9 @@ def freeze_experts(moe) -> list[torch.nn.Parameter]:
 
 
 def tune(moe, public: torch.Tensor, validation: dict, targets: TeacherTargets | None, cfg: TuneConfig,
-         generator: torch.Generator, torch_device: torch.device) -> dict:
-    """Tune in place; returns the curve and the kept step. targets None: the paper's CE-only loss."""
+         generator: torch.Generator, torch_device: torch.device, on_step=None) -> dict:
+    """Tune in place; returns the curve and the kept step. targets None: the paper's CE-only loss.
+    on_step(step), if given, after each step (the run's progress display counts them)."""
     keep = cfg.loss == "keep" and targets is not None
     params = freeze_experts(moe)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
@@ -102,6 +103,8 @@ def tune(moe, public: torch.Tensor, validation: dict, targets: TeacherTargets | 
         idx = torch.randint(len(public), (cfg.batch_size,), generator=generator)
         losses = _step(moe, public[idx].to(torch_device), targets if keep else None, idx, cfg, optimizer, params,
                        torch_device)
+        if on_step:
+            on_step(step)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             if _check(moe, validation, torch_device, step, stopper, curve, losses):
                 break

@@ -51,8 +51,8 @@ def test_the_paper_pipeline_runs_end_to_end(tmp_path, data_dir):
 def test_a_bad_upload_and_a_dead_device_are_left_out(tmp_path, data_dir, monkeypatch, capsys):
     real = local.oneshot_send
 
-    def send_with_faults(cfg, data, torch_device):
-        deliver = real(cfg, data, torch_device)
+    def send_with_faults(cfg, data, torch_device, *shown):
+        deliver = real(cfg, data, torch_device, *shown)
 
         def send(tasks):
             replies, failed = deliver({d: t for d, t in tasks.items() if d != "cdc-b"})
@@ -71,8 +71,8 @@ def test_a_bad_upload_and_a_dead_device_are_left_out(tmp_path, data_dir, monkeyp
 
 def test_too_few_uploads_for_the_domains_stop_with_one_line(tmp_path, data_dir, monkeypatch, capsys):
     real = local.oneshot_send
-    monkeypatch.setattr(local, "oneshot_send", lambda cfg, data, dev: (
-        lambda tasks: (real(cfg, data, dev)({"cdc-a": tasks["cdc-a"]})[0], {})))
+    monkeypatch.setattr(local, "oneshot_send", lambda cfg, data, dev, *shown: (
+        lambda tasks: (real(cfg, data, dev, *shown)({"cdc-a": tasks["cdc-a"]})[0], {})))
     out = tmp_path / "few"
     assert main(["run", "--config", str(default_config_path("smoke")), "--data-dir", str(data_dir), "--out", str(out),
                  "--no-progress"]) == 2

@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from deepfusion.baselines import hosting
 from deepfusion.baselines.centralized import EarlyStopping, pooled_blocks, validation_score
@@ -34,6 +32,7 @@ from deepfusion.federation import (FederationData, append_metrics, device_docume
                                    prepare_data, rewrite_metrics, save_checkpoint, summary, write_json_atomic)
 from deepfusion.models import export_model, n_params, resolve_device
 from deepfusion.privacy import federation_report
+from deepfusion.progress import RunProgress
 from deepfusion.replay import Replay
 from deepfusion.server import build_server, evaluate, load_server_state, server_round, server_state
 
@@ -71,14 +70,16 @@ def setup_hosts(cfg: FederationConfig, data: FederationData, model, torch_device
 
 
 def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progress: bool = True,
-        resume: bool = False, replay: Path | None = None) -> dict:
+        resume: bool = False, replay: Path | None = None, tensorboard: Path | None = None) -> dict:
     """Run (or, with resume, continue after the last completed round) a federation; returns the summary.
 
+    `progress`: live bars on a terminal (else one line per round or phase, progress.py); `tensorboard`: a
+    log directory for the run's scalars. Either way the PNG curves go next to summary.json (plots.py).
     `replay` (knowledge methods): a directory of recorded device uploads (replay.py). A run whose device
     side is recorded there replays it without building devices; otherwise it runs them and records.
     """
     if cfg.method in ONESHOT_METHODS:  # the paper's protocol: one task and one upload per device, no rounds
-        return run_oneshot(cfg, out_dir, data_dir, resume)
+        return run_oneshot(cfg, out_dir, data_dir, resume, progress, tensorboard)
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -109,15 +110,13 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
         before = state.get("wall_seconds_stretches", [])
         log.info("resumed after round %d of %d from %s", len(records), rounds, ckpt)
     rewrite_metrics(out_dir, records)
-    with _progress(progress) as bar:
-        task = bar.add_task(f"{method}: devices + server", total=rounds * (len(cfg.devices) + 1),
-                            completed=len(records) * (len(cfg.devices) + 1))
-        tick = lambda: bar.advance(task)  # noqa: E731
+    with RunProgress(out_dir, live=progress, tensorboard=tensorboard) as shown:
+        shown.stage("ROUND", "round", rounds, done=len(records))
+        tick = lambda: shown.advance(1 / (len(cfg.devices) + 1), line=False)  # noqa: E731  a device's share of a round
         for r in range(len(records) + 1, rounds + 1):
             t_round = time.perf_counter()
             if replaying:
                 payloads, t_devices = recorded.load_round(r, per_device)
-                bar.advance(task, len(cfg.devices))
                 result = server_round(server, payloads, r)
             elif method in KNOWLEDGE_METHODS:
                 payloads = _knowledge_exchange(cfg, server.proxy, devices, r, per_device, tick)
@@ -152,7 +151,7 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
                                    "wall_seconds_stretches": [*before, round(time.perf_counter() - start, 2)]})
             log.info("[ROUND %d/%d] ppl %s | accepted %d rejected %d | %.1fs", r, rounds, metrics["ppl"],
                      len(result.get("accepted", [])), len(result.get("rejected", {})), records[-1]["seconds_round"])
-            bar.advance(task)
+            shown.update(r)
             if stop:
                 log.info("[ROUND %d] validation perplexity has not improved for %d rounds (best: round %d): "
                          "stopping", r, stopper.patience, stopper.best_round)
@@ -179,6 +178,7 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
     if replaying:
         result["replayed_from"] = str(recorded.dir)
     write_json_atomic(out_dir / "summary.json", result)
+    shown.finish()
     return result
 
 
@@ -197,7 +197,8 @@ def _devices_side(devices: dict[str, Device], hosts: dict[str, hosting.Host], in
 
 # ---- the paper's one-shot protocol: one task per device, in-process ------------------------------------
 
-def run_oneshot(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, resume: bool = False) -> dict:
+def run_oneshot(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, resume: bool = False,
+                progress: bool = True, tensorboard: Path | None = None) -> dict:
     """recipes/deepfusion.py over in-process devices: each device's task and upload go through their bytes."""
     from deepfusion.recipes import deepfusion as recipe
 
@@ -205,11 +206,17 @@ def run_oneshot(cfg: FederationConfig, out_dir: Path, data_dir: str | None = Non
     torch.manual_seed(cfg.seed)
     torch_device = resolve_device(cfg.device)
     data = prepare_data(cfg, data_dir)
-    return recipe.run(cfg, out_dir, data, oneshot_send(cfg, data, torch_device), torch_device, resume=resume)
+    with RunProgress(out_dir, live=progress, tensorboard=tensorboard) as shown:
+        result = recipe.run(cfg, out_dir, data, oneshot_send(cfg, data, torch_device, shown), torch_device,
+                            resume=resume, progress=shown)
+    shown.finish()
+    return result
 
 
-def oneshot_send(cfg: FederationConfig, data: FederationData, torch_device: torch.device):
-    """Deliver each task and collect each upload; a device that fails or misses device_timeout is left out."""
+def oneshot_send(cfg: FederationConfig, data: FederationData, torch_device: torch.device,
+                 shown: RunProgress | None = None):
+    """Deliver each task and collect each upload; a device that fails or misses device_timeout is left out.
+    `shown` counts the devices as they answer (the recipe began its Phase 0 stage)."""
     from deepfusion import ondevice
 
     def device(device_id: str, task: bytes) -> bytes:
@@ -233,6 +240,8 @@ def oneshot_send(cfg: FederationConfig, data: FederationData, torch_device: torc
                 log.warning("[PHASE 0] device %r failed (%s: %s); the federation goes on without it",
                             device_id, type(e).__name__, e)
                 failed[device_id] = f"{type(e).__name__}: {e}"
+            if shown:
+                shown.advance()
         return replies, failed
 
     return send
@@ -388,8 +397,3 @@ def _restore(state: dict, server, devices: dict[str, Device], hosts: dict, infos
     if stopper:
         stopper.load(state["stopper"])
     return state["comm"], state["metrics"]
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    disable=not enabled, transient=False, console=Console(stderr=True))  # stdout: results only

@@ -37,6 +37,7 @@ from deepfusion.data import DataError
 from deepfusion.evaluation import evaluate, lm_metrics
 from deepfusion.federation import FederationData, cache_dir, rewrite_metrics, summary, write_json_atomic
 from deepfusion.models import build_global_moe, dense_base_config, export_model, n_params
+from deepfusion.progress import RunProgress
 from deepfusion.tuning import teacher_targets, tune
 from deepfusion.wire.upload import Task, UploadError, receive_upload
 
@@ -63,8 +64,9 @@ def variant(cfg: FederationConfig) -> FederationConfig:
 
 
 def run(cfg: FederationConfig, out_dir: Path, data: FederationData, send: Send, torch_device: torch.device,
-        resume: bool = False) -> dict:
+        resume: bool = False, progress: RunProgress | None = None) -> dict:
     start, asked, cfg = time.perf_counter(), cfg, variant(cfg)
+    shown = progress or RunProgress(out_dir, live=False)  # a line per device, phase, domain, tuning check
     state = PhaseState(out_dir / "checkpoint", resume, asked)
     moe_config = build_global_moe(cfg.server.family, cfg.server.size, len(data.tokenizer),
                                   cfg.server.pretrained).config
@@ -73,10 +75,12 @@ def run(cfg: FederationConfig, out_dir: Path, data: FederationData, send: Send, 
     # ---- Phase 0: one task down, one upload up, per device ------------------------------------------
     if not state.done("phase0"):
         t = time.perf_counter()
+        shown.stage("PHASE 0", "Phase 0: device", len(cfg.devices))  # the engine's send counts the devices
         basis = embedding.fit_basis(embedding.load_encoder(), data.tokenizer.batch_decode(data.proxy),
                                     cfg.clustering.embed_dim, seed=cfg.data.seed)
         tasks = {d.id: Task(d.id, basis.to_bytes()).to_bytes() for d in cfg.devices}
         replies, failed = send(tasks)
+        shown.update(len(cfg.devices))
         state.save_phase0(tasks, replies, failed, basis.dim, time.perf_counter() - t)
         state.mark("Phase 0 (every upload received)")
     uploads, configs, ledger = receive(cfg, data, state)
@@ -87,6 +91,7 @@ def run(cfg: FederationConfig, out_dir: Path, data: FederationData, send: Send, 
                         "[clustering] domains or bring more devices")
 
     # ---- Phase I: cluster the devices into K knowledge domains ---------------------------------------
+    shown.stage("PHASE I", "Phase I: clustering", 1)
     ids = sorted(uploads)
     E = torch.stack([embedding.decode_embedding(uploads[d].embedding) for d in ids])  # (N, dim)
     labels = clustering.cluster(E, K, cfg.clustering.method, cfg.seed)
@@ -97,11 +102,13 @@ def run(cfg: FederationConfig, out_dir: Path, data: FederationData, send: Send, 
     rewrite_metrics(out_dir, records)
     log.info("[PHASE I] %d devices into %d domains (adjusted Rand index vs their sources: %.3f): %s", len(ids), K,
              phase1["ari"], {k: [ids[i] for i in range(len(ids)) if labels[i] == k] for k in range(K)})
+    shown.update(1)
     teachers = proxy_models(clustering.proxy_groups(labels, [uploads[d].arch for d in ids]), ids, uploads, configs)
 
     # ---- Phase II: per domain, the dense base distils its proxy models --------------------------------
     base = dense_base(cfg, data, moe_config, torch_device)
     students = []
+    shown.stage("PHASE II", "Phase II: domain", K, done=sum(state.done(f"student{i}") for i in range(K)))
     for i in range(K):
         if not state.done(f"student{i}"):
             t = time.perf_counter()
@@ -116,6 +123,7 @@ def run(cfg: FederationConfig, out_dir: Path, data: FederationData, send: Send, 
         students.append(state.student(i))
         records.append({"phase": "II", "domain": i, **state.read(f"student{i}")})
         rewrite_metrics(out_dir, records)
+        shown.update(i + 1)
 
     # ---- Phase III: fuse the students into the MoE's experts, set the router, tune ----------------------
     t = time.perf_counter()
@@ -128,8 +136,9 @@ def run(cfg: FederationConfig, out_dir: Path, data: FederationData, send: Send, 
         upcycling.random_router(moe, torch.Generator().manual_seed(cfg.seed))
         routing = upcycling.routing_accuracy(moe, data.proxy, targets.block_domain)
     fused = evaluate(moe, data.test_sets, torch_device)
+    shown.stage("PHASE III", "Phase III: tuning step", cfg.tune.steps)
     tuned = tune(moe, data.proxy, data.validation, targets, cfg.tune, torch.Generator().manual_seed(cfg.seed),
-                 torch_device)
+                 torch_device, on_step=lambda step: shown.update(step, line=step % cfg.tune.eval_every == 0))
     seconds = {"phase0": state.read("phase0")["seconds"],
                "phase2": round(sum(r["seconds"] for r in records if r["phase"] == "II"), 2),
                "phase3": round(time.perf_counter() - t, 2)}

@@ -34,6 +34,7 @@ from deepfusion.knowledge import PacketError
 from deepfusion.wire.upload import UploadError
 from deepfusion.models import export_model, n_params, resolve_device
 from deepfusion.node import make_setup
+from deepfusion.progress import RunProgress
 from deepfusion.server import build_server, evaluate, server_round, server_state
 
 log = logging.getLogger("deepfusion")
@@ -41,8 +42,9 @@ FLOWER_METHODS = (*ONESHOT_METHODS, *KNOWLEDGE_METHODS, *HOSTING_METHODS)  # the
 
 
 def make_app(cfg: FederationConfig | None = None, out_dir: Path | None = None, data_dir: str | None = None,
-             settings: RunSettings | None = None) -> ServerApp:
-    """`flwr run` uses `app` below (everything from the run config); the simulation passes the CLI's config."""
+             settings: RunSettings | None = None, progress: bool = True, tensorboard: Path | None = None) -> ServerApp:
+    """`flwr run` uses `app` below (everything from the run config); the simulation passes the CLI's config,
+    --no-progress and --tensorboard."""
     app = ServerApp()
 
     @app.main()
@@ -51,7 +53,8 @@ def make_app(cfg: FederationConfig | None = None, out_dir: Path | None = None, d
         if not logging.getLogger().handlers:  # a bare flwr-serverapp process: let our [ROUND] lines through
             logging.basicConfig(level=logging.INFO, format="%(message)s")
             logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
-        run(grid, cfg or s.federation(), Path(out_dir or s.out), data_dir or s.data_dir or None, s)
+        run(grid, cfg or s.federation(), Path(out_dir or s.out), data_dir or s.data_dir or None, s, progress,
+            tensorboard)
 
     return app
 
@@ -66,10 +69,11 @@ def check_method(cfg: FederationConfig) -> None:
                           "run this method with --engine local")
 
 
-def run(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, s: RunSettings) -> dict:
+def run(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, s: RunSettings,
+        progress: bool = True, tensorboard: Path | None = None) -> dict:
     check_method(cfg)
     if cfg.method in ONESHOT_METHODS:
-        return _oneshot(grid, cfg, out_dir, data_dir, s)
+        return _oneshot(grid, cfg, out_dir, data_dir, s, progress, tensorboard)
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -86,20 +90,23 @@ def run(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, 
 
     timeout = cfg.server.device_timeout or s.round_timeout  # the config's straggler limit, else the run's
     records: list[dict] = []
-    for r in range(1, cfg.rounds + 1):
-        t_round = time.perf_counter()
-        roster.join(grid, r, wait=s.node_timeout if r == 1 else 0.0, timeout=timeout)
-        result = (_hosting_round(grid, cfg, roster, server, infos, r, timeout) if hosts
-                  else _knowledge_round(grid, cfg, roster, server, r, timeout))
-        metrics = evaluate(server.model, data.test_sets, torch_device)
-        records.append({"round": r, **metrics, **result, "seconds_round": round(time.perf_counter() - t_round, 2)})
-        append_metrics(out_dir, records[-1])
-        # the server's part of the local engine's checkpoint; device states stay on their nodes
-        save_checkpoint(out_dir / "checkpoint" / "state.pt", {"config": to_dict(cfg), "round": r,
-                        "server": server_state(server), "comm": roster.per_device, "metrics": records,
-                        "hosts": {d: {"experts": i.experts, "usage": i.usage} for d, i in infos.items()}})
-        log.info("[ROUND %d/%d] ppl %s | accepted %d rejected %d | %.1fs", r, cfg.rounds, metrics["ppl"],
-                 len(result["accepted"]), len(result["rejected"]), records[-1]["seconds_round"])
+    with RunProgress(out_dir, live=progress, tensorboard=tensorboard) as shown:
+        shown.stage("ROUND", "round", cfg.rounds)
+        for r in range(1, cfg.rounds + 1):
+            t_round = time.perf_counter()
+            roster.join(grid, r, wait=s.node_timeout if r == 1 else 0.0, timeout=timeout)
+            result = (_hosting_round(grid, cfg, roster, server, infos, r, timeout) if hosts
+                      else _knowledge_round(grid, cfg, roster, server, r, timeout))
+            metrics = evaluate(server.model, data.test_sets, torch_device)
+            records.append({"round": r, **metrics, **result, "seconds_round": round(time.perf_counter() - t_round, 2)})
+            append_metrics(out_dir, records[-1])
+            # the server's part of the local engine's checkpoint; device states stay on their nodes
+            save_checkpoint(out_dir / "checkpoint" / "state.pt", {"config": to_dict(cfg), "round": r,
+                            "server": server_state(server), "comm": roster.per_device, "metrics": records,
+                            "hosts": {d: {"experts": i.experts, "usage": i.usage} for d, i in infos.items()}})
+            log.info("[ROUND %d/%d] ppl %s | accepted %d rejected %d | %.1fs", r, cfg.rounds, metrics["ppl"],
+                     len(result["accepted"]), len(result["rejected"]), records[-1]["seconds_round"])
+            shown.update(r)
 
     export_model(server.model, data.tokenizer, out_dir / "model")
     side = roster.devices_side()
@@ -111,10 +118,12 @@ def run(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, 
              "validation_ppl": evaluate(server.model, data.validation, torch_device)["ppl"]}  # as the local engine
     result = summary(cfg, records[-1], roster.comm(), peaks, time.perf_counter() - start, extra)
     write_json_atomic(out_dir / "summary.json", result)
+    shown.finish()
     return result
 
 
-def _oneshot(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, s: RunSettings) -> dict:
+def _oneshot(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, s: RunSettings,
+             progress: bool = True, tensorboard: Path | None = None) -> dict:
     """The paper's protocol on Flower (recipes/deepfusion.py): one train message per device with its Task, its
     trained LLM and data embedding back as records; Phases I-III then run here, as in the local engine."""
     from deepfusion.recipes import deepfusion as recipe
@@ -138,9 +147,11 @@ def _oneshot(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | N
                 failed[device] = str(e)
         return uploads, failed
 
-    result = recipe.run(cfg, out_dir, data, send, torch_device)
+    with RunProgress(out_dir, live=progress, tensorboard=tensorboard) as shown:
+        result = recipe.run(cfg, out_dir, data, send, torch_device, progress=shown)
     result.update(engine="flower", flower_comm_bytes=roster.comm())
     write_json_atomic(out_dir / "summary.json", result)
+    shown.finish()
     return result
 
 

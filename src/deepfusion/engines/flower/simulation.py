@@ -21,8 +21,8 @@ log = logging.getLogger("deepfusion")
 
 
 def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progress: bool = True,
-        settings: RunSettings | None = None) -> dict:
-    """Run the federation in the simulation; same outputs and return value as engines.local.run."""
+        settings: RunSettings | None = None, tensorboard: Path | None = None) -> dict:
+    """Run the federation in the simulation; same outputs, progress and plots as engines.local.run."""
     _quiet_flower()
     from flwr.simulation import run_simulation  # late: flwr and Ray load only for this engine
 
@@ -37,7 +37,8 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
                "init_args": {"num_cpus": cpus, "num_gpus": int(gpus), "logging_level": "error"}}
     # run_simulation is deprecated in favour of `flwr run` against a simulation SuperLink, which takes its
     # settings from pyproject.toml and the run config only: this CLI's --config/--out/... would not reach it.
-    run_simulation(server_app=server_app.make_app(cfg, out_dir, data_dir, settings or RunSettings()),
+    app = server_app.make_app(cfg, out_dir, data_dir, settings or RunSettings(), progress, tensorboard)
+    run_simulation(server_app=app,
                    client_app=client_app.make_app(data_dir=data_dir), num_supernodes=len(cfg.devices),
                    backend_name="ray", backend_config=backend)
     summary_path = out_dir / "summary.json"
