@@ -314,7 +314,7 @@ def _setup_logging(verbose: bool) -> None:
     handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)-7s %(message)s",
                                           "%H:%M:%S" if sys.stderr.isatty() else "%Y-%m-%d %H:%M:%S"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
-    for noisy in ("transformers", "urllib3", "filelock", "matplotlib"):
+    for noisy in ("transformers", "urllib3", "filelock", "matplotlib"):  # matplotlib: "generated new fontManager"
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Silenced, each a notice about the libraries' own future, not about anything the user passed:
     #   Flower: "DEPRECATED FEATURE: The `run_simulation` function is deprecated" (our --engine flower uses it
