@@ -100,7 +100,8 @@ class Processes:
 
     def stop_all(self) -> None:
         for proc in self.started.values():
-            _kill_tree(proc.pid)
+            if proc.returncode is None:  # a reaped process's pid may belong to someone else's process by now
+                _kill_tree(proc.pid)
         for proc in self.started.values():
             proc.wait(timeout=30)
 
