@@ -172,3 +172,20 @@ def test_the_eta_counts_only_the_steps_this_stretch_did(tmp_path, monkeypatch, c
         shown.update(3)
         shown.update(3)  # the same count again: no second line
     assert caplog.messages == ["[ROUND 3/6] 10s elapsed, ~30s left"]  # 10 s per round, 3 to go (not ~10s)
+
+
+def test_a_stage_that_stops_early_says_so_once(tmp_path, monkeypatch, caplog):
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    shown = RunProgress(tmp_path, live=False)
+    shown.stage("PHASE III", "Phase III: tuning step", 300)
+    with caplog.at_level("INFO", logger="deepfusion"):
+        for step in range(1, 151):  # early stopping after the check at step 150
+            now[0] += 0.5
+            shown.update(step, line=step % 50 == 0)
+        now[0] += 60  # evaluation and export: not the phase's time
+        shown.finish()
+    assert caplog.messages == ["[PHASE III 50/300] 25s elapsed, ~2m05s left in Phase III (run 25s)",
+                               "[PHASE III 100/300] 50s elapsed, ~1m40s left in Phase III (run 50s)",
+                               "[PHASE III 150/300] 1m15s elapsed, ~1m15s left in Phase III (run 1m15s)",
+                               "[PHASE III 150/300] ended early (early stopping) after 1m15s"]

@@ -47,6 +47,7 @@ class Stage:
     started: float
     done: float = 0.0
     printed: float = 0.0  # the count of the last plain line: one line per step, however often it is updated
+    updated: float = 0.0  # when the last step was done
     task: int | None = None  # the live bar's task
 
 
@@ -76,7 +77,7 @@ class RunProgress:
 
     def stage(self, key: str, label: str, total: int, done: int = 0) -> None:
         """Begin a stage of `total` steps, `done` of them already done (a resumed run); ends the last one."""
-        self._end_stage()
+        self._end_stage(finished=True)
         now = time.perf_counter()
         self.current = Stage(key, label, max(1, total), base=done, started=now, done=done, printed=done)
         if self.live:
@@ -89,7 +90,7 @@ class RunProgress:
         s = self.current
         if s is None:
             return
-        s.done = min(done, s.total)
+        s.done, s.updated = min(done, s.total), time.perf_counter()
         if self.live:
             self.bars.update(s.task, completed=s.done)
         if not (line or s.done >= s.total):  # a stage's last step always ends a unit of work
@@ -116,15 +117,20 @@ class RunProgress:
 
     def finish(self) -> list[Path]:
         """After summary.json: the last TensorBoard events and the PNG curves (a plot never fails a run)."""
-        self._end_stage()
+        self._end_stage(finished=True)
         if self.board:
             self.board.sync()
             self.board.close()
         return plots.write_plots(self.out_dir)
 
-    def _end_stage(self) -> None:
-        if self.current is not None and self.current.task is not None:
-            self.bars.stop_task(self.current.task)  # its elapsed time stops; the bar stays, with its count
+    def _end_stage(self, finished: bool = False) -> None:
+        """finished: the stage's work is over (not an error), though maybe short of its total: early stopping."""
+        s = self.current
+        if s is not None and s.task is not None:
+            self.bars.stop_task(s.task)  # its elapsed time stops; the bar stays, with its count
+        if finished and s is not None and not self.live and s.base < s.done < s.total:
+            log.info("[%s %d/%d] ended early (early stopping) after %s", s.key, s.done, s.total,
+                     duration(s.updated - s.started))
         self.current = None
 
 
