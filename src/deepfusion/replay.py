@@ -19,14 +19,48 @@ from pathlib import Path
 from deepfusion.config import FederationConfig, to_dict
 
 _DEVICE_SIDE_SERVER_KEYS = ("topk", "temperature", "device_timeout", "min_devices", "round_retries")
+_DEVICE_SIDE_CLUSTERING_KEYS = ("embed_dim", "embed_texts")  # the task's basis and what a device embeds
+_SERVER_ONLY = ("name", "method", "rounds", "server", "clustering", "distill", "tune")
 
 
 def device_key(cfg: FederationConfig) -> str:
-    """A short hash of the config's device side."""
+    """A short hash of the config's device side (the server's phases and the method are not part of it)."""
     raw = to_dict(cfg)
-    side = {k: v for k, v in raw.items() if k not in ("name", "method", "rounds", "server")}
+    side = {k: v for k, v in raw.items() if k not in _SERVER_ONLY}
     side["server"] = {k: raw["server"].get(k) for k in _DEVICE_SIDE_SERVER_KEYS}
+    side["clustering"] = {k: raw["clustering"].get(k) for k in _DEVICE_SIDE_CLUSTERING_KEYS}
     return hashlib.sha256(json.dumps(side, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class UploadReplay:
+    """The one-shot protocol's Phase 0, recorded: oneshot/{device}.bin (each upload as received) and
+    oneshot/phase0.json (who failed and why, the tasks' sizes). Every ablation and server-side variant of the
+    paper pipeline then distils the very same uploads (a paired comparison at a fraction of the CPU time)."""
+
+    def __init__(self, root: Path, cfg: FederationConfig):
+        self.dir = Path(root) / device_key(cfg) / "oneshot"
+
+    def complete(self) -> bool:
+        return (self.dir / "phase0.json").is_file()
+
+    def wrap(self, send):
+        """`send` as it is if nothing is recorded yet (recording what it returns), else the recording."""
+        if self.complete():
+            return self._replay
+        def record(tasks: dict[str, bytes]) -> tuple[dict[str, bytes], dict[str, str]]:
+            replies, failed = send(tasks)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for device, blob in replies.items():
+                (self.dir / f"{device}.bin").write_bytes(blob)
+            (self.dir / "phase0.json").write_text(json.dumps({"failed": failed, "tasks": sorted(tasks)}))  # last
+            return replies, failed
+        return record
+
+    def _replay(self, tasks: dict[str, bytes]) -> tuple[dict[str, bytes], dict[str, str]]:
+        saved = json.loads((self.dir / "phase0.json").read_text())
+        if saved["tasks"] != sorted(tasks):
+            raise ValueError(f"{self.dir}: recorded for devices {saved['tasks']}, asked for {sorted(tasks)}")
+        return {p.stem: p.read_bytes() for p in sorted(self.dir.glob("*.bin"))}, saved["failed"]
 
 
 class Replay:

@@ -132,3 +132,16 @@ def test_sigkill_inside_phase_ii_resumes_to_the_same_weights(tmp_path, data_dir)
     assert digest(broken / "model" / "model.safetensors") == digest(tmp_path / "whole" / "model" / "model.safetensors")
     whole, resumed = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "whole", broken))
     assert resumed["ppl"] == whole["ppl"] and resumed["qa_log_ppl"] == whole["qa_log_ppl"]
+
+
+def test_phase_0_is_recorded_once_and_replayed_for_the_ablations(tmp_path, data_dir, monkeypatch):
+    recorded = tmp_path / "recordings"
+    live, first = run(tmp_path, data_dir, "live", "--replay", str(recorded))
+    trained = []
+    monkeypatch.setattr(local, "oneshot_send", lambda *a, **k: trained.append(1) or (lambda tasks: ({}, {})))
+    again, second = run(tmp_path, data_dir, "replayed", "--replay", str(recorded), "--method", "deepfusion-no-vaa")
+    assert trained == [1]  # the engine built its send function, and the recording answered instead of it
+    for upload in (live / "checkpoint" / "uploads").iterdir():
+        assert upload.read_bytes() == (again / "checkpoint" / "uploads" / upload.name).read_bytes()
+    assert second["comm_bytes"] == first["comm_bytes"] and second["clustering"] == first["clustering"]
+    assert second["config"]["distill"]["features"] == "none"

@@ -79,7 +79,7 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
     side is recorded there replays it without building devices; otherwise it runs them and records.
     """
     if cfg.method in ONESHOT_METHODS:  # the paper's protocol: one task and one upload per device, no rounds
-        return run_oneshot(cfg, out_dir, data_dir, resume, progress, tensorboard)
+        return run_oneshot(cfg, out_dir, data_dir, resume, progress, tensorboard, replay)
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -198,17 +198,23 @@ def _devices_side(devices: dict[str, Device], hosts: dict[str, hosting.Host], in
 # ---- the paper's one-shot protocol: one task per device, in-process ------------------------------------
 
 def run_oneshot(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, resume: bool = False,
-                progress: bool = True, tensorboard: Path | None = None) -> dict:
-    """recipes/deepfusion.py over in-process devices: each device's task and upload go through their bytes."""
+                progress: bool = True, tensorboard: Path | None = None, replay: Path | None = None) -> dict:
+    """recipes/deepfusion.py over in-process devices: each device's task and upload go through their bytes.
+    `replay`: record Phase 0's uploads in that directory, or replay them if this device side is recorded."""
     from deepfusion.recipes import deepfusion as recipe
+    from deepfusion.replay import UploadReplay
 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     torch_device = resolve_device(cfg.device)
     data = prepare_data(cfg, data_dir)
     with RunProgress(out_dir, live=progress, tensorboard=tensorboard) as shown:
-        result = recipe.run(cfg, out_dir, data, oneshot_send(cfg, data, torch_device, shown), torch_device,
-                            resume=resume, progress=shown)
+        send = oneshot_send(cfg, data, torch_device, shown)
+        if replay:
+            recorded = UploadReplay(replay, cfg)
+            log.info("Phase 0 %s %s", "replayed from" if recorded.complete() else "recorded in", recorded.dir)
+            send = recorded.wrap(send)
+        result = recipe.run(cfg, out_dir, data, send, torch_device, resume=resume, progress=shown)
     shown.finish()
     return result
 
