@@ -105,3 +105,19 @@ def test_proxy_leftover_is_what_the_balanced_proxy_left_out():
     assert {d: len(b) for d, b in left.items()} == {"medical": 2, "finance": 2}
     assert not drawn & {tuple(r.tolist()) for b in left.values() for r in b}
     assert proxy_leftover(blocks, 16, per_domain=5, seed=3).keys() == {"medical"}  # finance: all 8 drawn
+
+
+def test_devices_sharing_a_source_get_even_or_uneven_shares():
+    from deepfusion.data.splits import share_documents
+
+    docs = [Document("medquad:x", "medical", f"{i:04d}", f"text {i}") for i in range(200)]
+    even = share_documents(docs, 4, uneven=False, alpha=1.0, seed=0)
+    assert [len(s) for s in even] == [50] * 4 and even[1] == docs[1::4]  # round-robin, as before
+    uneven = share_documents(docs, 4, uneven=True, alpha=1.0, seed=0)
+    sizes = [len(s) for s in uneven]
+    assert sum(sizes) == 200 and min(sizes) >= 1 and max(sizes) > 2 * min(sizes)  # every doc once, uneven
+    assert sorted(d.doc_id for s in uneven for d in s) == [d.doc_id for d in docs]
+    assert uneven == share_documents(docs, 4, uneven=True, alpha=1.0, seed=0)  # seeded
+    assert uneven != share_documents(docs, 4, uneven=True, alpha=1.0, seed=1)
+    with pytest.raises(DataError, match="each device needs at least one"):
+        share_documents(docs[:3], 4, uneven=True, alpha=1.0, seed=0)
