@@ -1,0 +1,273 @@
+"""checkpoints.py: content keys, bit-identical builds, the cache (reuse, corruption, kills, concurrent
+builders), users' directories, and `deepfusion pretrain`. Tiny presets on the real public text."""
+
+import dataclasses
+import json
+import logging
+import multiprocessing as mp
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+from deepfusion import checkpoints
+from deepfusion.checkpoints import (checkpoint_key, fetch_or_build, load_public, mean_loss, public_checkpoint,
+                                    read_record)
+from deepfusion.config import ConfigError, PretrainConfig
+from deepfusion.models import DEVICE_PRESETS, build_dense_base, dense_base_config, global_moe_config
+
+PRE = PretrainConfig(steps=4, batch_size=4, lr=3e-3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def public(tmp_path_factory):
+    """The smoke federation's public proxy and validation blocks (real MedQuAD and TAT-QA text, vocab 512)."""
+    from tests.conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "medquad").is_dir():
+        pytest.skip(f"real corpora not found at {SHARED_DATA}")
+    from deepfusion.config import default_config_path, load_config
+    from deepfusion.federation import prepare_data
+
+    cfg = load_config(default_config_path("smoke"))
+    cfg.data.dir = str(SHARED_DATA)
+    data = prepare_data(cfg, private=False)
+    return data.proxy, torch.cat([b for _, b in data.validation.values()]), len(data.tokenizer)
+
+
+def gpt2(vocab):  # GPT-2 has LayerNorm, whose CPU backward depends on the thread count
+    return DEVICE_PRESETS["gpt2"]["tiny"](vocab)
+
+
+def weights(path):
+    return (path / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("make", [gpt2, lambda v: DEVICE_PRESETS["bloom"]["tiny"](v),
+                                  lambda v: dense_base_config(global_moe_config("deepseek_moe", "tiny", v))],
+                         ids=["gpt2", "bloom", "deepseek-dense-base"])
+def test_same_inputs_give_the_same_key_and_bit_identical_files(tmp_path, public, make):
+    blocks, _, vocab = public
+    config = make(vocab)
+    assert checkpoint_key(config, blocks, PRE) == checkpoint_key(make(vocab), blocks.clone(), PRE)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the callers' thread counts differ: the build must not
+        a, built_a = fetch_or_build(config, blocks, PRE, tmp_path / "a")
+        torch.set_num_threads(2)
+        b, built_b = fetch_or_build(make(vocab), blocks, PRE, tmp_path / "b")
+        assert torch.get_num_threads() == 2  # restored after the build
+    finally:
+        torch.set_num_threads(threads)
+    assert built_a and built_b and a.name == b.name
+    assert weights(a) == weights(b)
+    assert (a / "config.json").read_bytes() == (b / "config.json").read_bytes()
+
+
+def test_different_data_settings_or_model_give_different_keys(public):
+    blocks, _, vocab = public
+    key = checkpoint_key(gpt2(vocab), blocks, PRE)
+    changed = blocks.clone()
+    changed[0, 0] = (changed[0, 0] + 1) % vocab
+    others = [
+        checkpoint_key(gpt2(vocab), changed, PRE),  # one token differs
+        checkpoint_key(gpt2(vocab), blocks.reshape(-1, blocks.shape[1] * 2), PRE),  # same bytes, other shape
+        checkpoint_key(gpt2(vocab), blocks.to(torch.int32), PRE),
+        checkpoint_key(gpt2(vocab + 1), blocks, PRE),
+        checkpoint_key(DEVICE_PRESETS["llama"]["tiny"](vocab), blocks, PRE),
+        checkpoint_key(gpt2(vocab), blocks, PRE, backend="cuda"),
+        *(checkpoint_key(gpt2(vocab), blocks, dataclasses.replace(PRE, **change))
+          for change in ({"steps": 5}, {"batch_size": 8}, {"lr": 1e-3}, {"seed": 1})),
+    ]
+    assert len({key, *others}) == len(others) + 1
+    named = gpt2(vocab)
+    named._name_or_path = "/somewhere/else"  # where a config was read from does not change the weights
+    assert checkpoint_key(named, blocks, PRE) == key
+
+
+def test_second_call_reuses_the_cache_without_training(tmp_path, public, monkeypatch):
+    blocks, _, vocab = public
+    path, built = fetch_or_build(gpt2(vocab), blocks, PRE, tmp_path, name="gpt2/tiny")
+    record = read_record(path)
+    assert built and record["what"] == "gpt2/tiny" and len(record["curve"]) == PRE.steps
+    assert record["key"] == path.name and record["seconds"] > 0
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached checkpoint was trained again")
+
+    monkeypatch.setattr(checkpoints, "pretrain", no_training)
+    assert fetch_or_build(gpt2(vocab), blocks, PRE, tmp_path) == (path, False)
+    assert public_checkpoint(gpt2(vocab), blocks, PRE, tmp_path) == path
+
+
+def test_default_cache_follows_xdg_cache_home(tmp_path, public, monkeypatch):
+    blocks, _, vocab = public
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = public_checkpoint(gpt2(vocab), blocks, dataclasses.replace(PRE, steps=1))
+    assert path.parent == tmp_path / "deepfusion" / "checkpoints"
+
+
+@pytest.mark.parametrize("damage", ["garble", "truncate", "delete-weights", "delete-record"])
+def test_a_broken_cache_entry_is_reported_once_and_rebuilt(tmp_path, public, caplog, damage):
+    blocks, _, vocab = public
+    path, _ = fetch_or_build(gpt2(vocab), blocks, PRE, tmp_path)
+    good = weights(path)
+    target = path / ("record.json" if damage == "delete-record" else "model.safetensors")
+    if damage == "garble":
+        raw = bytearray(good)
+        raw[len(raw) // 2] ^= 0xFF  # one byte inside a tensor: the header still parses
+        target.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        target.write_bytes(good[: len(good) // 2])
+    else:
+        target.unlink()
+    with caplog.at_level(logging.WARNING, logger="deepfusion"):
+        again, built = fetch_or_build(gpt2(vocab), blocks, PRE, tmp_path)
+    broken = [r for r in caplog.records if "broken" in r.getMessage()]
+    assert built and again == path and len(broken) == 1 and str(path) in broken[0].getMessage()
+    assert weights(path) == good
+
+
+def test_a_killed_build_leaves_no_entry_and_the_next_call_builds(tmp_path, public, monkeypatch):
+    blocks, _, vocab = public
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while writing
+
+    monkeypatch.setattr(GPT2LMHeadModel, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fetch_or_build(gpt2(vocab), blocks, PRE, tmp_path)
+    monkeypatch.undo()
+    key = checkpoint_key(gpt2(vocab), blocks, PRE)
+    assert not (tmp_path / key).exists() and not list(tmp_path.glob(f".{key}-*"))
+    (tmp_path / f".{key}-killed").mkdir()  # what a SIGKILLed builder leaves: its temp dir
+    (tmp_path / f".{key}-killed" / "model.safetensors").write_bytes(b"half")
+    assert fetch_or_build(gpt2(vocab), blocks, PRE, tmp_path)[1]
+    assert not list(tmp_path.glob(f".{key}-*"))
+
+
+def _build_in_child(cache, blocks, vocab, barrier, results):
+    barrier.wait()  # both ask at the same moment
+    path, built = fetch_or_build(gpt2(vocab), blocks, dataclasses.replace(PRE, steps=30), cache)
+    results.put((str(path), built))
+
+
+@pytest.mark.slow  # two spawned interpreters import torch: ~45 s on the 2-core CPU
+def test_two_concurrent_builders_end_with_one_build(tmp_path, public):
+    blocks, _, vocab = public
+    ctx = mp.get_context("spawn")  # fork after torch's threads started is unsafe
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_build_in_child, args=(tmp_path, blocks, vocab, barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert got[0][0] == got[1][0]
+    assert sorted(built for _, built in got) == [False, True]
+    assert checkpoints.problem(tmp_path / got[0][0].rsplit("/", 1)[1], got[0][0].rsplit("/", 1)[1]) is None
+
+
+def test_pretraining_lowers_the_loss_on_held_out_public_text(tmp_path, public):
+    blocks, validation, vocab = public
+    pre = dataclasses.replace(PRE, steps=40, batch_size=8)
+    path = public_checkpoint(gpt2(vocab), blocks, pre, tmp_path)
+    torch.manual_seed(checkpoints._seed(path.name))  # the pretrained model's own starting weights
+    fresh = GPT2LMHeadModel(gpt2(vocab))
+    trained = load_public(path, gpt2(vocab))
+    assert read_record(path)["final_loss"] < read_record(path)["curve"][0]
+    assert mean_loss(trained, validation) < mean_loss(fresh, validation) - 0.5
+
+
+# ---- users' directories ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case, needles", [
+    ("wrong-vocab", ["vocab 600 != federation vocab 512", "data.tokenizer"]),
+    ("not-a-model-dir", ["no config.json"]),
+    ("missing-dir", ["no config.json"]),
+    ("wrong-family", ["model type 'llama' != expected 'gpt2'"]),
+    ("wrong-size", ["shape", "configured size"]),
+    ("garbled-weights", ["cannot load its weights"]),
+])
+def test_a_wrong_local_directory_is_one_clear_config_error(tmp_path, case, needles):
+    where, path = "[devices.2] checkpoint", tmp_path / "model"
+    if case == "wrong-vocab":
+        GPT2LMHeadModel(gpt2(600)).save_pretrained(path)
+    elif case == "not-a-model-dir":
+        path.mkdir()
+        (path / "notes.txt").write_text("not a model")
+    elif case == "wrong-family":
+        AutoModelForCausalLM.from_config(DEVICE_PRESETS["llama"]["tiny"](512)).save_pretrained(path)
+    elif case == "wrong-size":
+        GPT2LMHeadModel(DEVICE_PRESETS["gpt2"]["small"](512)).save_pretrained(path)
+    elif case == "garbled-weights":
+        GPT2LMHeadModel(gpt2(512)).save_pretrained(path)
+        (path / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ConfigError) as e:
+        load_public(path, gpt2(512), where)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"config error: {where} = {str(path)!r}: ")
+    for needle in needles:
+        assert needle in msg
+
+
+def test_a_good_local_directory_loads_and_the_dense_base_is_checked_by_shape(tmp_path):
+    GPT2LMHeadModel(gpt2(512)).save_pretrained(tmp_path / "gpt2")
+    assert isinstance(load_public(tmp_path / "gpt2", gpt2(512), "[devices.0] checkpoint"), GPT2LMHeadModel)
+    build_dense_base(global_moe_config("qwen_moe", "tiny", 512)).save_pretrained(tmp_path / "base")
+    load_public(tmp_path / "base", dense_base_config(global_moe_config("qwen_moe", "tiny", 512)))
+    with pytest.raises(ConfigError, match=r"\[server\] dense_base = .*shape"):  # qwen2 too, but not the MoE's
+        load_public(tmp_path / "base", dense_base_config(global_moe_config("qwen_moe", "small", 512)),
+                    "[server] dense_base")
+
+
+# ---- deepfusion pretrain --------------------------------------------------------------------------
+
+def smoke_copy(tmp_path, device0=""):
+    """configs/smoke.toml with 3 pretraining steps (and lines added to its first device)."""
+    from deepfusion.config import default_config_path
+
+    text = re.sub(r"\[pretrain\]\n(?:[^\[].*\n|\n)*", "", default_config_path("smoke").read_text())
+    text = text.replace("[[devices]]\n", f"[pretrain]\nsteps = 3\nbatch_size = 2\n\n[[devices]]\n{device0}", 1)
+    path = tmp_path / "smoke.toml"
+    path.write_text(text)
+    return path
+
+
+def test_cli_pretrain_prints_every_checkpoint_as_json_and_reuses_them(tmp_path, data_dir, capsys):
+    from deepfusion.cli import main
+    from deepfusion.config import load_config
+
+    config = smoke_copy(tmp_path)
+    cfg = load_config(config)
+    assert cfg.pretrain.steps == 3
+    argv = ["pretrain", "--config", config, "--data-dir", data_dir, "--cache", tmp_path / "cache"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert set(first) == {f"{d.family}/{d.size}" for d in cfg.devices} | {"dense_base(qwen_moe/tiny)"}
+    for entry in first.values():
+        assert not entry["cached"] and entry["params"] > 0 and entry["final_loss"] > 0 and entry["seconds"] >= 0
+        assert (tmp_path / "cache").resolve() in Path(entry["path"]).resolve().parents
+        assert read_record(Path(entry["path"]))["pretrain"]["steps"] == 3
+        assert set(entry["val_loss"]) == {"medical", "finance"}
+    assert main(argv) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert all(e["cached"] for e in second.values())
+    assert {k: e["path"] for k, e in second.items()} == {k: e["path"] for k, e in first.items()}
+
+
+def test_cli_pretrain_names_a_wrong_device_checkpoint_in_one_line(tmp_path, data_dir, capsys):
+    from deepfusion.cli import main
+
+    AutoModelForCausalLM.from_config(DEVICE_PRESETS["llama"]["tiny"](600)).save_pretrained(tmp_path / "llama")
+    config = smoke_copy(tmp_path, device0=f'checkpoint = "{tmp_path / "llama"}"\n')
+    capsys.readouterr()  # the save's progress bar: not the command's output
+    assert main(["pretrain", "--config", config, "--data-dir", data_dir, "--cache", tmp_path / "cache"]) == 2
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]  # stderr also carries the log lines
+    assert out == "" and "Traceback" not in err and sum(x.startswith("deepfusion:") for x in lines) == 1
+    assert f"[devices.0] checkpoint = '{tmp_path / 'llama'}'" in lines[-1]
+    assert "model type 'llama' != expected 'gpt2'" in lines[-1]
