@@ -193,7 +193,7 @@ def test_pretraining_lowers_the_loss_on_held_out_public_text(tmp_path, public):
     ("garbled-weights", ["cannot load its weights"]),
 ])
 def test_a_wrong_local_directory_is_one_clear_config_error(tmp_path, case, needles):
-    where, path = "[devices.2] checkpoint", tmp_path / "model"
+    where, path = "[[devices]] #3 checkpoint", tmp_path / "model"
     if case == "wrong-vocab":
         GPT2LMHeadModel(gpt2(600)).save_pretrained(path)
     elif case == "not-a-model-dir":
@@ -269,5 +269,5 @@ def test_cli_pretrain_names_a_wrong_device_checkpoint_in_one_line(tmp_path, data
     out, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.strip()]  # stderr also carries the log lines
     assert out == "" and "Traceback" not in err and sum(x.startswith("deepfusion:") for x in lines) == 1
-    assert f"[devices.0] checkpoint = '{tmp_path / 'llama'}'" in lines[-1]
+    assert f"[[devices]] #1 (id 'cdc-a') checkpoint = '{tmp_path / 'llama'}'" in lines[-1]
     assert "model type 'llama' != expected 'gpt2'" in lines[-1]

@@ -39,7 +39,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
-from deepfusion.config import ConfigError, PretrainConfig
+from deepfusion.config import ConfigError, PretrainConfig, device_at
 from deepfusion.data import DataError
 from deepfusion.device import lm_loss
 from deepfusion.models import autocast, n_params
@@ -359,6 +359,19 @@ def device_model(family: str, size: str, vocab_size: int, public: torch.Tensor, 
     return load_public(public_checkpoint(config, public, pre, cache, torch_device, f"{family}/{size}"), config)
 
 
+def dense_base_model(moe: PreTrainedConfig, public: torch.Tensor, pre: PretrainConfig, given: str | None = None,
+                     cache: Path | None = None, torch_device: str | torch.device = "cpu",
+                     name: str = "dense base") -> PreTrainedModel:
+    """The MoE's dense base (Phase II's student): its own directory (ServerConfig.dense_base), else pretrained
+    on the public text like the device types."""
+    from deepfusion.models import dense_base_config
+
+    config = dense_base_config(moe)
+    if given:
+        return load_public(Path(given), config, "[server] dense_base")
+    return load_public(public_checkpoint(config, public, pre, cache, torch_device, name), config)
+
+
 def federation_checkpoints(cfg, data, cache: Path | None = None,
                            torch_device: str | torch.device = "cpu") -> dict[str, dict]:
     """Every starting checkpoint cfg needs, built or reused: each distinct device type and the MoE's dense
@@ -371,7 +384,7 @@ def federation_checkpoints(cfg, data, cache: Path | None = None,
     for i, dc in enumerate(cfg.devices):
         size = dc.size if dc.size != "auto" else choose_size(dc, vocab, cfg.data.seq_len, torch_device)
         name = f"{dc.family}/{size}" + (f":{dc.checkpoint}" if dc.checkpoint else "")
-        wanted.setdefault(name, (DEVICE_PRESETS[dc.family][size](vocab), dc.checkpoint, f"[devices.{i}] checkpoint"))
+        wanted.setdefault(name, (DEVICE_PRESETS[dc.family][size](vocab), dc.checkpoint, f"{device_at(i, dc.id)} checkpoint"))
     s = cfg.server
     moe = (AutoConfig.from_pretrained(s.pretrained, local_files_only=True) if s.pretrained
            else global_moe_config(s.family, s.size, vocab))

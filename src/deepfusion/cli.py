@@ -17,7 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from deepfusion.config import KNOWLEDGE_METHODS, METHODS, ConfigError, load_config
+from deepfusion.config import KNOWLEDGE_METHODS, METHODS, ONESHOT_METHODS, ConfigError, load_config
 from deepfusion.rundir import RunDirError, RunInterrupted, claim, resume_command, user_message
 
 ENGINES = ("local", "flower")
@@ -63,9 +63,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _resume(args)
     cfg = load_config(args.config, method=args.method, rounds=args.rounds, seed=args.seed)
     run = _runner(args.engine)
-    if args.replay and (args.engine != "local" or cfg.method not in KNOWLEDGE_METHODS):
-        raise ConfigError(f"--replay records and replays knowledge uploads: it needs --engine local and one of "
-                          f"{', '.join(KNOWLEDGE_METHODS)} (got --engine {args.engine}, method {cfg.method!r})")
+    if args.replay and (args.engine != "local" or cfg.method not in (*KNOWLEDGE_METHODS, *ONESHOT_METHODS)):
+        raise ConfigError(f"--replay records and replays the devices' uploads: it needs --engine local and one of "
+                          f"{', '.join((*ONESHOT_METHODS, *KNOWLEDGE_METHODS))} (got --engine {args.engine}, "
+                          f"method {cfg.method!r})")
     extra = {"replay": Path(args.replay)} if args.replay else {}
     extra["tensorboard"] = Path(args.tensorboard) if args.tensorboard else None
     resume_with = "" if args.engine == "flower" else _resume_with(args, Path(args.out))
@@ -96,6 +97,8 @@ def _resume(args: argparse.Namespace) -> int:
         raise ConfigError(f"--resume {out} continues that run with the config it was started with (its checkpoint's); "
                           f"{' and '.join(ignored)} would be ignored: drop {'them' if len(ignored) > 1 else 'it'}, "
                           "or start a new run with --out")
+    if (out / "checkpoint" / "progress.json").is_file():  # the paper's one-shot pipeline: phases, not rounds
+        return _resume_phases(args, out)
     state = _readable_checkpoint(out / "checkpoint" / "state.pt")
     cfg, done = from_dict(state["config"]), len(state["metrics"])
     if args.rounds is not None and args.rounds < done:
@@ -107,6 +110,29 @@ def _resume(args: argparse.Namespace) -> int:
                           f"to train it longer give --rounds > {done}")
     if args.rounds:  # the one setting a resume may change: run longer than first planned
         cfg.rounds = args.rounds
+    with claim(out, resume=True, command=args.command_line, resume_with=_resume_with(args, out)) as run_dir:
+        result = run(cfg, run_dir.path, data_dir=args.data_dir, progress=not args.no_progress, resume=True,
+                     tensorboard=Path(args.tensorboard) if args.tensorboard else None)
+    _print_brief(result)
+    return 0
+
+
+def _resume_phases(args: argparse.Namespace, out: Path) -> int:
+    """Continue a one-shot run after its last saved phase (or distilled domain), with its own config."""
+    from deepfusion.config import from_dict
+    from deepfusion.data import DataError
+    from deepfusion.engines.local import run
+
+    if args.rounds is not None:
+        raise ConfigError(f"--rounds {args.rounds}: {out} is a one-shot run (method deepfusion and its ablations "
+                          "have one upload and no rounds); drop --rounds")
+    if (out / "summary.json").is_file():
+        raise ConfigError(f"--resume {out}: that run has finished (summary.json); nothing to continue")
+    try:
+        cfg = from_dict(json.loads((out / "checkpoint" / "progress.json").read_text())["config"])
+    except (ValueError, KeyError) as e:
+        raise DataError(f"{out / 'checkpoint' / 'progress.json'}: unreadable ({type(e).__name__}); it was damaged "
+                        "or not written by `deepfusion run`; start afresh with --out DIR") from None
     with claim(out, resume=True, command=args.command_line, resume_with=_resume_with(args, out)) as run_dir:
         result = run(cfg, run_dir.path, data_dir=args.data_dir, progress=not args.no_progress, resume=True,
                      tensorboard=Path(args.tensorboard) if args.tensorboard else None)
@@ -232,6 +258,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from deepfusion.checkpoints import federation_checkpoints
+    from deepfusion.federation import prepare_data
+    from deepfusion.models import resolve_device
+
+    cfg = load_config(args.config)
+    data = prepare_data(cfg, args.data_dir, private=False)  # public text only: no device's private blocks
+    built = federation_checkpoints(cfg, data, Path(args.cache) if args.cache else None, resolve_device(cfg.device))
+    print(json.dumps(built))
+    return 0
+
+
 # ---- parser and logging -------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
@@ -295,6 +333,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
     bench.set_defaults(func=cmd_bench)
 
+    pre = sub.add_parser("pretrain", help="build (or reuse) the public checkpoints a config needs, as JSON",
+                         description="Pretrain every device type's public checkpoint and the MoE's dense base on the "
+                                     "public proxy text ([pretrain] settings), cached by content hash; prints "
+                                     "{type: {path, params, seconds, final_loss, cached, ...}} on stdout.")
+    pre.add_argument("--config", help="federation TOML (default: the shipped default config)")
+    pre.add_argument("--data-dir", help="data directory (else $DEEPFUSION_DATA, ../shared/data, user cache)")
+    pre.add_argument("--cache", metavar="DIR", help="checkpoint cache (default: $XDG_CACHE_HOME/deepfusion/checkpoints)")
+    pre.set_defaults(func=cmd_pretrain)
     return p
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -123,13 +122,9 @@ def public_model(cfg: FederationConfig, dc: DeviceConfig, public: torch.Tensor, 
                  torch_device: torch.device):
     """The device's starting point, as GPT-2 or TinyLlama is in practice: its type's public checkpoint, from a
     local directory (checkpoint = ...) or made once from the public text and cached (checkpoints.py)."""
-    from deepfusion.checkpoints import load_public, public_checkpoint
-    from deepfusion.federation import cache_dir
+    from deepfusion.checkpoints import device_model
+    from deepfusion.config import device_at
 
-    config = DEVICE_PRESETS[dc.family][dc.size](vocab_size)
-    where = f"[[devices]] {dc.id!r} checkpoint"
-    if dc.checkpoint:
-        return load_public(Path(dc.checkpoint), config, where)
-    path = public_checkpoint(config, public, cfg.pretrain, cache_dir() / "checkpoints", torch_device,
-                             name=f"{dc.family}/{dc.size}")
-    return load_public(path, config, where)
+    where = device_at([d.id for d in cfg.devices].index(dc.id), dc.id)
+    return device_model(dc.family, dc.size, vocab_size, public, cfg.pretrain, dc.checkpoint, where,
+                        torch_device=torch_device)

@@ -31,12 +31,12 @@ import safetensors.torch
 import torch
 
 from deepfusion import clustering, crosskd, embedding, upcycling
-from deepfusion.checkpoints import load_public, public_checkpoint
+from deepfusion.checkpoints import dense_base_model
 from deepfusion.config import FederationConfig, to_dict
 from deepfusion.data import DataError
 from deepfusion.evaluation import evaluate, lm_metrics
-from deepfusion.federation import FederationData, cache_dir, rewrite_metrics, summary, write_json_atomic
-from deepfusion.models import build_global_moe, dense_base_config, export_model, n_params
+from deepfusion.federation import FederationData, rewrite_metrics, summary, write_json_atomic
+from deepfusion.models import build_global_moe, export_model, global_moe_config, n_params
 from deepfusion.progress import RunProgress
 from deepfusion.tuning import teacher_targets, tune
 from deepfusion.wire.upload import Task, UploadError, receive_upload
@@ -69,8 +69,8 @@ def run(cfg: FederationConfig, out_dir: Path, data: FederationData, send: Send, 
     start, asked, cfg = time.perf_counter(), cfg, variant(cfg)
     shown = progress or RunProgress(out_dir, live=False)  # a line per device, phase, domain, tuning check
     state = PhaseState(out_dir / "checkpoint", resume, asked)
-    moe_config = build_global_moe(cfg.server.family, cfg.server.size, len(data.tokenizer),
-                                  cfg.server.pretrained).config
+    moe_config = (build_global_moe(cfg.server.family, cfg.server.size, len(data.tokenizer), cfg.server.pretrained).config
+                  if cfg.server.pretrained else global_moe_config(cfg.server.family, cfg.server.size, len(data.tokenizer)))
     K = cfg.clustering.domains or upcycling.num_domains(moe_config)
 
     # ---- Phase 0: one task down, one upload up, per device ------------------------------------------
@@ -208,11 +208,8 @@ def proxy_models(groups: dict[int, dict[str, list[int]]], ids: list[str], upload
 
 def dense_base(cfg: FederationConfig, data: FederationData, moe_config, torch_device: torch.device):
     """The MoE's dense base: a local directory (server.dense_base), else pretrained on the public text (cached)."""
-    if cfg.server.dense_base:
-        return load_public(Path(cfg.server.dense_base), dense_base_config(moe_config), "[server] dense_base")
-    path = public_checkpoint(dense_base_config(moe_config), data.proxy, cfg.pretrain, cache_dir() / "checkpoints",
-                             torch_device, name=f"dense base of {cfg.server.family}/{cfg.server.size}")
-    return load_public(path, dense_base_config(moe_config))
+    return dense_base_model(moe_config, data.proxy, cfg.pretrain, cfg.server.dense_base, torch_device=torch_device,
+                            name=f"dense base of {cfg.server.family}/{cfg.server.size}")
 
 
 def base_copy(base):
