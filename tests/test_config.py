@@ -74,3 +74,19 @@ def test_int_is_accepted_for_float_but_bool_is_not(tmp_path):
     assert load_config(write(tmp_path, '[server]\nlr = 1\n' + DEVICE)).server.lr == 1.0
     with pytest.raises(ConfigError, match="reliability"):
         load_config(write(tmp_path, '[server]\nreliability = 1\n' + DEVICE))
+
+
+def test_dotted_overrides_reach_any_section_and_are_validated():
+    from deepfusion.config import ConfigError, default_config_path, load_config
+
+    path = default_config_path("smoke")
+    cfg = load_config(path, ["tune.loss=ce", "distill.alpha=0.5", "seed=3", "clustering.method=random"])
+    assert (cfg.tune.loss, cfg.distill.alpha, cfg.seed, cfg.clustering.method) == ("ce", 0.5, 3, "random")
+    with pytest.raises(ConfigError, match=r"\[tune\] loss = 'mse': allowed: keep, ce"):
+        load_config(path, ["tune.loss=mse"])
+    with pytest.raises(ConfigError, match=r"unknown key 'alfa'"):
+        load_config(path, ["distill.alfa=1"])
+    with pytest.raises(ConfigError, match=r"no section \[vaa\]"):
+        load_config(path, ["vaa.alpha=1"])
+    with pytest.raises(ConfigError, match="expected SECTION.KEY=VALUE"):
+        load_config(path, ["distill.alpha"])

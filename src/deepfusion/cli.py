@@ -61,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                           "the start (its devices keep their state on their nodes)")
     if args.resume:
         return _resume(args)
-    cfg = load_config(args.config, method=args.method, rounds=args.rounds, seed=args.seed)
+    cfg = load_config(args.config, args.set, method=args.method, rounds=args.rounds, seed=args.seed)
     run = _runner(args.engine)
     if args.replay and (args.engine != "local" or cfg.method not in (*KNOWLEDGE_METHODS, *ONESHOT_METHODS)):
         raise ConfigError(f"--replay records and replays the devices' uploads: it needs --engine local and one of "
@@ -91,6 +91,7 @@ def _resume(args: argparse.Namespace) -> int:
 
     out = Path(args.resume)
     ignored = [flag for flag, given in (("--config", args.config), ("--method", args.method), ("--seed", args.seed),
+                                        ("--set", args.set),
                                         ("--replay", args.replay), ("--overwrite", args.overwrite or None))
                if given is not None]
     if ignored:
@@ -226,6 +227,12 @@ def _load_exported(path: Path, device):
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.profile == "pipeline":
+        from deepfusion.benchmarks.pipeline import run_bench as run_pipeline
+
+        results = run_pipeline(Path(args.out), Path(args.config) if args.config else None, args.seeds)
+        print(f"{len(results['runs'])} runs -> {Path(args.out) / 'RESULTS.md'}")
+        return 0
     from deepfusion.experiments import run_bench
 
     results = run_bench(args.profile, Path(args.out), Path(args.config) if args.config else None, args.seeds)
@@ -295,6 +302,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="local: in-process (default); flower: Flower's Simulation Runtime, one SuperNode per device")
     run.add_argument("--rounds", type=int, help="override the number of rounds (with --resume: run to this many)")
     run.add_argument("--seed", type=int, help="override the training seed")
+    run.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                     help="override one config key, e.g. --set tune.loss=ce --set distill.alpha=0.5 (repeatable)")
     run.add_argument("--data-dir", help="data directory (else $DEEPFUSION_DATA, ../shared/data, user cache)")
     run.add_argument("--replay", metavar="DIR", help="record the devices' uploads in DIR, or replay them if this "
                      "device side is recorded there (compare server-side methods on identical knowledge)")
@@ -325,9 +334,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="every method side by side: results.json/.csv, RESULTS.md, plots")
-    bench.add_argument("--profile", choices=("quick", "full", "scale"), default="quick",
-                       help="quick: both families, every method, one seed; full: 3 seeds, tuned λ, ablations; "
-                            "scale: the paper's MoEs on the meta device")
+    bench.add_argument("--profile", choices=("quick", "full", "scale", "pipeline"), default="quick",
+                       help="quick: both families, every multi-round method and baseline, one seed; full: 3 seeds, "
+                            "tuned λ, ablations; scale: the paper's MoEs on the meta device; pipeline: the paper "
+                            "pipeline beside its ablations and the multi-round protocol on the default federation")
     bench.add_argument("--out", required=True, help="output directory (runs already there are reused)")
     bench.add_argument("--config", help="federation TOML (default: configs/bench-quick.toml)")
     bench.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")

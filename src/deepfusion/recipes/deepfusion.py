@@ -222,7 +222,7 @@ def base_copy(base):
 
 def device_reports(cfg: FederationConfig, data: FederationData, uploads: dict, configs: dict, ledger: dict,
                    torch_device: torch.device) -> dict:
-    """Per device: what it uploaded and how its own model does on its own domain (the local-only reference)."""
+    """Per device: what it uploaded and how its own model does on its own source (the local-only reference)."""
     from transformers import AutoModelForCausalLM
 
     reports = {}
@@ -230,10 +230,10 @@ def device_reports(cfg: FederationConfig, data: FederationData, uploads: dict, c
         model = AutoModelForCausalLM.from_config(configs[d])
         model.load_state_dict({k: v.float() for k, v in upload.tensors.items()}, strict=False)
         model.tie_weights()
-        domain = data.test_sets[data.device_source[d]][0]
-        own = {s: t for s, t in data.test_sets.items() if t[0] == domain}
-        reports[d] = {"arch": upload.arch, "upload_bytes": ledger["per_device"][d]["up"], "domain": domain,
-                      "ppl_own_domain": evaluate(model.to(torch_device), own, torch_device)["ppl"][domain],
+        source = data.device_source[d]  # its own source's test text: the local-only reference, at 1/S the cost
+        reports[d] = {"arch": upload.arch, "upload_bytes": ledger["per_device"][d]["up"], "source": source,
+                      "ppl_own_source": evaluate(model.to(torch_device), {source: data.test_sets[source]},
+                                                 torch_device)["ppl_by_source"][source],
                       **{k: v for k, v in upload.info.items() if k != "curve"}}
     return reports
 

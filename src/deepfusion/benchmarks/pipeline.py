@@ -1,0 +1,112 @@
+"""`deepfusion bench --profile pipeline`: the paper pipeline beside its ablations and the multi-round protocol.
+
+Every row runs the default federation (configs/default.toml) with one change, for each seed; the one-shot rows
+of a seed replay one recording of Phase 0 (replay.UploadReplay), so they distil the very same uploads and their
+differences are the server's alone (paired). Runs already in OUT are reused: an interrupted bench continues.
+
+    deepfusion bench --profile pipeline --out benchmarks/pipeline [--seeds 0 1 2]
+
+Writes OUT/results.json (every run's figures) and OUT/RESULTS.md: mean ± std over seeds per row, and each row's
+paired (same-seed) difference against deepfusion, with the commit, command, torch threads and wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+from deepfusion.config import default_config_path, load_config
+
+log = logging.getLogger("deepfusion.bench")
+
+# (row, method, config changes): the paper pipeline, its ablations, two design choices of ours, the other protocol
+ROWS = (
+    ("deepfusion", "deepfusion", ()),
+    ("no VAA (α = 0)", "deepfusion-no-vaa", ()),
+    ("OFA-KD in VAA's place", "ofa-kd", ()),
+    ("logits only (β KL alone)", "deepfusion-logits-only", ()),
+    ("no clustering (random domains)", "deepfusion-no-clustering", ()),
+    ("tuning on CE alone (the paper's loss)", "deepfusion", ("tune.loss=ce",)),
+    ("random router", "deepfusion", ("tune.router_init=random",)),
+    ("multi-round protocol (multiround-views, 3 rounds)", "multiround-views", ("rounds=3", "server.steps=60")),
+)
+METRICS = ("log_ppl", "accuracy", "qa_log_ppl", "qa_accuracy")
+DOMAINS = ("medical", "finance")
+
+
+def run_one(out: Path, config: Path, row: str, method: str, sets: tuple[str, ...], seed: int) -> dict:
+    from deepfusion.engines.local import run
+
+    cfg = load_config(config, [*sets, f"seed={seed}"], method=method)
+    where = out / "runs" / _slug(row) / f"s{seed}"
+    if not (where / "summary.json").is_file():
+        log.info("bench pipeline: %s seed %d", row, seed)
+        run(cfg, where, progress=False, replay=out / "recordings")
+    return json.loads((where / "summary.json").read_text())
+
+
+def _slug(row: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in row.split(" (")[0].lower()).strip("-")
+
+
+def figures(summary: dict) -> dict:
+    """What a table reads from one run: the paper's figures per domain (log-ppl = mean NLL; QA: answers only)."""
+    got = {m: summary.get(m, {}) for m in METRICS}
+    if not got["log_ppl"]:  # the multi-round protocol's summary has perplexities only
+        import math
+
+        got["log_ppl"] = {d: round(math.log(p), 4) for d, p in summary["ppl"].items()}
+    return {"ppl": summary["ppl"], **got, "wall_seconds": summary["wall_seconds"],
+            "bytes_up": summary["comm_bytes"]["up"], "threads": summary.get("provenance", {}).get("threads")}
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def run_bench(out: Path, config: Path | None = None, seeds: list[int] | None = None) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    config, seeds, start = Path(config or default_config_path("default")), seeds or [0, 1, 2], time.perf_counter()
+    runs = {(row, s): figures(run_one(out, config, row, method, sets, s)) for s in seeds for row, method, sets in ROWS}
+    results = {"config": str(config), "seeds": seeds, "rows": [r for r, _, _ in ROWS],
+               "runs": [{"row": r, "seed": s, **f} for (r, s), f in runs.items()],
+               "bench_seconds": round(time.perf_counter() - start, 1)}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "RESULTS.md").write_text(report(results, runs))
+    return results
+
+
+def report(results: dict, runs: dict) -> str:
+    from deepfusion.federation import provenance
+
+    seeds, p = results["seeds"], provenance()
+    lines = [f"# The paper pipeline, its ablations and the multi-round protocol ({len(seeds)} seeds)", "",
+             f"Config `{results['config']}`, seeds {seeds}; commit {p['commit']}, torch {p['torch']}, "
+             f"{runs[next(iter(runs))]['threads']} CPU thread(s); bench wall time {results['bench_seconds']:.0f} s "
+             "(reused runs count 0).", "",
+             "Command: `deepfusion bench --profile pipeline --out OUT` (each row: `deepfusion run --config "
+             "configs/default.toml --method M --seed S [--set ...] --replay OUT/recordings`).", "",
+             "Test text and QA answers, per domain, mean ± std over seeds (log-ppl = mean NLL: lower is better; "
+             "accuracy in %). Paired: the row minus deepfusion, same seed, mean ± std.", "",
+             "| row | log-ppl medical | log-ppl finance | QA log-ppl medical | QA log-ppl finance | accuracy medical | "
+             "accuracy finance | paired log-ppl medical / finance |", "|---|---|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        cells = []
+        for metric in ("log_ppl", "qa_log_ppl", "accuracy"):
+            for d in DOMAINS:
+                xs = [runs[row, s][metric].get(d) for s in seeds]
+                cells.append("n/a" if None in xs else "{:.3f} ± {:.3f}".format(*mean_std(xs)))
+        paired = []
+        for d in DOMAINS:
+            xs = [runs[row, s]["log_ppl"][d] - runs["deepfusion", s]["log_ppl"][d] for s in seeds]
+            paired.append("{:+.3f} ± {:.3f}".format(*mean_std(xs)))
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {' / '.join(paired) if row != 'deepfusion' else ''} |")
+    lines += ["", "Per seed, log-ppl medical / finance:", ""]
+    for row in results["rows"]:
+        per = "; ".join(f"s{s} {runs[row, s]['log_ppl']['medical']:.3f} / {runs[row, s]['log_ppl']['finance']:.3f}"
+                        for s in seeds)
+        lines.append(f"- {row}: {per}")
+    return "\n".join(lines) + "\n"
