@@ -1,6 +1,7 @@
 import pytest
 
-from deepfusion.config import ConfigError, default_config_path, load_config
+from deepfusion.config import default_config_path, load_config
+from deepfusion.errors import ConfigError
 
 
 def write(tmp_path, text):
@@ -77,7 +78,8 @@ def test_int_is_accepted_for_float_but_bool_is_not(tmp_path):
 
 
 def test_dotted_overrides_reach_any_section_and_are_validated():
-    from deepfusion.config import ConfigError, default_config_path, load_config
+    from deepfusion.config import default_config_path, load_config
+    from deepfusion.errors import ConfigError
 
     path = default_config_path("smoke")
     cfg = load_config(path, ["tune.loss=ce", "distill.alpha=0.5", "seed=3", "clustering.method=random"])

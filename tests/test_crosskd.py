@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepfusion.config import ConfigError, DistillConfig
+from deepfusion.config import DistillConfig
+from deepfusion.errors import ConfigError
 from deepfusion.crosskd import distill_domain, teacher_kl
 from deepfusion.data import load_medquad, pack_blocks, train_tokenizer
 from deepfusion.models import build_dense_base, build_device_model, global_moe_config

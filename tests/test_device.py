@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from deepfusion.config import ConfigError, DeviceConfig
+from deepfusion.config import DeviceConfig
+from deepfusion.errors import ConfigError
 from deepfusion.device import (Instruction, build_device, choose_size, evaluate_device, local_train,
                                measure_train_peak, run_round)
 from deepfusion.knowledge import KnowledgePacket

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from deepfusion import evaluation
-from deepfusion.config import ConfigError, DataConfig
+from deepfusion.config import DataConfig
+from deepfusion.errors import ConfigError
 from deepfusion.evaluation import evaluate, lm_metrics
 from deepfusion.models import build_global_moe
 

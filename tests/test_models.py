@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, Qwen2MoeForCausalLM
 
-from deepfusion.config import ConfigError
+from deepfusion.errors import ConfigError
 from deepfusion.models import (DEVICE_PRESETS, MOE_PRESETS, routed_experts, build_device_model, build_global_moe, export_model,
                                load_model, n_params, resolve_device)
 

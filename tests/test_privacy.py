@@ -153,7 +153,8 @@ def test_a_dp_device_noises_its_uploads_withholds_its_loss_and_counts_what_it_sp
 @pytest.mark.parametrize("key, value", [("dp_noise", -1.0), ("dp_noise", float("inf")), ("dp_clip", 0.0),
                                         ("dp_delta", 1.0), ("dp_delta", 0.0)])
 def test_dp_settings_are_validated(tmp_path, key, value):
-    from deepfusion.config import ConfigError, load_config
+    from deepfusion.config import load_config
+    from deepfusion.errors import ConfigError
 
     path = tmp_path / "c.toml"
     path.write_text(f'[[devices]]\nid = "a"\nsource = "medquad:cdc"\n{key} = {value!r}\n'.replace("'", '"'))

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from deepfusion.data import DataError
-from deepfusion.rundir import RunDirError, RunInterrupted, claim, last_round, user_message, write_atomically
+from deepfusion.errors import DataError, RunDirError, RunInterrupted
+from deepfusion.rundir import claim, last_round, user_message, write_atomically
 
 
 def fake_round(out, r):

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from deepfusion import upcycling
-from deepfusion.config import ConfigError
+from deepfusion.errors import ConfigError
 from deepfusion.models import build_dense_base, global_moe_config
 
 V = 300

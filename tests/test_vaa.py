@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from deepfusion.config import ConfigError
+from deepfusion.errors import ConfigError
 from deepfusion.models import build_dense_base, build_device_model, global_moe_config
 from deepfusion.vaa import ViewAlignedAttention, patch_length, pool_patches, stage_ends, stage_features
 

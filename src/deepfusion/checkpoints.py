@@ -39,9 +39,9 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
-from deepfusion.config import ConfigError, PretrainConfig, device_at
-from deepfusion.data import DataError
+from deepfusion.config import PretrainConfig, device_at
 from deepfusion.device import lm_loss
+from deepfusion.errors import ConfigError, DataError
 from deepfusion.models import autocast, n_params
 
 log = logging.getLogger("deepfusion")

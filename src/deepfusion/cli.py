@@ -17,8 +17,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from deepfusion.config import KNOWLEDGE_METHODS, METHODS, ONESHOT_METHODS, ConfigError, load_config
-from deepfusion.rundir import RunDirError, RunInterrupted, claim, resume_command, user_message
+from deepfusion.config import KNOWLEDGE_METHODS, METHODS, ONESHOT_METHODS, load_config
+from deepfusion.errors import ConfigError, DataError, RunDirError, RunInterrupted
+from deepfusion.rundir import claim, resume_command, user_message
 
 ENGINES = ("local", "flower")
 DESCRIPTION = """DeepFusion: train a global Mixture-of-Experts from heterogeneous on-device language models
@@ -38,8 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.command_line = shlex.join(["deepfusion", *argv])  # what a run directory's lock says holds it
     _setup_logging(getattr(args, "verbose", False))
-    from deepfusion.data import DataError
-
     try:
         return args.func(args)
     except RunInterrupted as e:
@@ -121,7 +120,6 @@ def _resume(args: argparse.Namespace) -> int:
 def _resume_phases(args: argparse.Namespace, out: Path) -> int:
     """Continue a one-shot run after its last saved phase (or distilled domain), with its own config."""
     from deepfusion.config import from_dict
-    from deepfusion.data import DataError
     from deepfusion.engines.local import run
 
     if args.rounds is not None:
@@ -148,7 +146,6 @@ def _resume_with(args: argparse.Namespace, out: Path) -> str:
 
 def _readable_checkpoint(path: Path) -> dict:
     """The checkpoint, or one clear line. It is written atomically, so a damaged one was damaged afterwards."""
-    from deepfusion.data import DataError
     from deepfusion.federation import load_checkpoint
 
     try:
@@ -213,7 +210,6 @@ def _eval_config(config: str | None, model_dir: Path):
 
 def _load_exported(path: Path, device):
     """An exported model, or one line: missing (load_model says so) or damaged (a truncated model.safetensors)."""
-    from deepfusion.data import DataError
     from deepfusion.models import load_model
 
     try:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from deepfusion.errors import ConfigError
+
 # The paper's protocol (recipes/deepfusion.py): devices upload their trained LLM once; the server clusters,
 # distils (VAA) and fuses. Its ablations and OFA-KD run the same pipeline with one part changed (ONESHOT_VARIANTS).
 ONESHOT_METHODS = ("deepfusion", "deepfusion-no-vaa", "deepfusion-logits-only", "deepfusion-no-clustering", "ofa-kd")
@@ -33,10 +35,6 @@ TUNE_LOSSES = ("keep", "ce")
 ROUTER_INITS = ("domains", "random")
 SHARED_RULES = ("auto", "mean", "zero")
 SECTIONS = ("data", "server", "pretrain", "clustering", "distill", "tune")
-
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the key, the value and what is allowed."""
 
 
 def _fail(section: str, key: str, value: Any, why: str) -> None:

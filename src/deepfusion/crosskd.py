@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from deepfusion.config import ConfigError, DistillConfig
+from deepfusion.config import DistillConfig
+from deepfusion.errors import ConfigError
 from deepfusion.models import autocast
 from deepfusion.ofa import OFABranches
 from deepfusion.vaa import ViewAlignedAttention, stage_ends, stage_features

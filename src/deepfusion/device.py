@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from deepfusion import privacy
-from deepfusion.config import ConfigError, DeviceConfig
+from deepfusion.config import DeviceConfig
+from deepfusion.errors import ConfigError
 from deepfusion.knowledge import KnowledgePacket, encode_knowledge
 from deepfusion.models import autocast, build_device_model, n_params
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 from deepfusion.config import DataConfig, FederationConfig, to_dict
-from deepfusion.data import (DataError, Split, balanced_proxy, load_source, load_tokenizer, pack_blocks,
-                             proxy_leftover, resolve_data_dir, split_documents, train_tokenizer)
+from deepfusion.data import (Split, balanced_proxy, load_source, load_tokenizer, pack_blocks, proxy_leftover,
+                              resolve_data_dir, split_documents, train_tokenizer)
 from deepfusion.data.qa import qa_examples
 from deepfusion.data.splits import share_documents
+from deepfusion.errors import DataError
 from deepfusion.rundir import write_atomically
 
 log = logging.getLogger("deepfusion")

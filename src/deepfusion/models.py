@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from deepfusion.config import ConfigError
-
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -32,6 +30,8 @@ from transformers import (
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
 )
+
+from deepfusion.errors import ConfigError, DeviceUnavailable
 
 # Measured on the 2-core CPU (benchmarks/experts.md, `python -m deepfusion.bench experts`): batched_mm was
 # 17-27x slower than the other two; grouped_mm and eager were within noise, grouped_mm ahead in 3 of 4 pairs.
@@ -300,10 +300,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> PreTrain
         raise FileNotFoundError(f"--model {path}: no exported model there (expected config.json from "
                                 "`deepfusion run --out DIR`, i.e. DIR/model)")
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
-
-
-class DeviceUnavailable(ConfigError, RuntimeError):
-    """The config names a torch device this machine does not have: a config error where the run starts."""
 
 
 def resolve_device(name: str) -> torch.device:

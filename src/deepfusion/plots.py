@@ -119,7 +119,7 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter  # late: loads tensorboard only when asked for
         except ImportError as e:
-            from deepfusion.config import ConfigError
+            from deepfusion.errors import ConfigError
 
             raise ConfigError(f"--tensorboard {logdir}: torch.utils.tensorboard cannot load ({e}); install the "
                               "tensorboard package (pip install tensorboard), or drop --tensorboard") from None

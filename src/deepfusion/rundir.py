@@ -44,19 +44,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
+from deepfusion.errors import ConfigError, DataError, RunDirError, RunInterrupted
+
 # Names a run writes in DIR (glob patterns): what --overwrite may remove. A protocol writing more names
 # passes them to claim(outputs=...).
 RUN_OUTPUTS = ("summary.json", "metrics.jsonl", "checkpoint", "model", "failed.json", ".lock", "*.tmp", "*.png")
 SHOWN = ("summary.json", "metrics.jsonl", "model", "checkpoint", "failed.json")  # named, in this order, in a refusal
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-class RunDirError(Exception):
-    """The run directory cannot be used as asked (taken, locked, or the run stopped): one line, exit code 2."""
-
-
-class RunInterrupted(RunDirError):
-    """Ctrl-C during a run; the message says what was saved and how to resume (exit code 130)."""
 
 
 @dataclass
@@ -306,9 +300,6 @@ def _stopped(what: str, out: Path, saved: str | None, resume_with: str, resumed:
 
 
 def _user_error(e: BaseException) -> bool:
-    from deepfusion.config import ConfigError
-    from deepfusion.data import DataError
-
     return isinstance(e, (ConfigError, DataError, OSError, RunDirError))
 
 

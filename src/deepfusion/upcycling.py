@@ -51,7 +51,8 @@ from __future__ import annotations
 import torch
 from transformers import DeepseekV3ForCausalLM, PreTrainedConfig, PreTrainedModel, Qwen2MoeForCausalLM
 
-from deepfusion.config import SHARED_RULES, ConfigError
+from deepfusion.config import SHARED_RULES
+from deepfusion.errors import ConfigError
 from deepfusion.models import build_dense_base, routed_experts
 
 _CLASSES = {"qwen2_moe": Qwen2MoeForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM}

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepfusion.config import ConfigError
+from deepfusion.errors import ConfigError
 
 
 # ---- stages and the patch grid ------------------------------------------------------------------

@@ -6,9 +6,10 @@ from dataclasses import replace
 
 import pytest
 
-from deepfusion.data import (DataError, Document, load_jsonl, load_medquad, load_source, load_tatqa, load_text_dir,
+from deepfusion.data import (Document, load_jsonl, load_medquad, load_source, load_tatqa, load_text_dir,
                              split_documents)
 from deepfusion.data.corpora import MEDQUAD_SOURCES
+from deepfusion.errors import DataError
 
 DOC = """<?xml version="1.0" encoding="UTF-8"?>
 <Document id="1" source="X" url="http://x">

@@ -10,7 +10,8 @@ import zipfile
 
 import pytest
 
-from deepfusion.data import DataError, Upstream, download_upstream, resolve_data_dir
+from deepfusion.data import Upstream, download_upstream, resolve_data_dir
+from deepfusion.errors import DataError
 from deepfusion.data import discovery
 from deepfusion.data.discovery import UPSTREAM, content_sha256
 

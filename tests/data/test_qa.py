@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from deepfusion.data import DataError, Document, load_source, qa_examples, train_tokenizer
+from deepfusion.data import Document, load_source, qa_examples, train_tokenizer
+from deepfusion.errors import DataError
 from deepfusion.data.corpora import qa_prompt
 from deepfusion.data.qa import MIN_ANSWER, _encode_heads
 

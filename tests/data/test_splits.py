@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from deepfusion.data import DataError, Document, balanced_proxy, pack_blocks, split_documents
+from deepfusion.data import Document, balanced_proxy, pack_blocks, split_documents
+from deepfusion.errors import DataError
 
 
 def docs(n, source="s"):

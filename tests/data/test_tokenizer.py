@@ -3,7 +3,8 @@
 import pytest
 from transformers import AutoTokenizer
 
-from deepfusion.data import DataError, load_tokenizer, train_tokenizer
+from deepfusion.data import load_tokenizer, train_tokenizer
+from deepfusion.errors import DataError
 from deepfusion.data import tokenizer as tokmod
 
 TEXTS = ["The patient has a fever of 38.5°C.", "Total sales were $1,496.5 million in 2019."] * 30

@@ -75,7 +75,8 @@ def test_dropouts_stragglers_and_retries(smoke_config, tmp_path, monkeypatch, ca
 
 
 def test_round_retries_is_validated(tmp_path):
-    from deepfusion.config import ConfigError, load_config
+    from deepfusion.config import load_config
+    from deepfusion.errors import ConfigError
 
     path = tmp_path / "c.toml"
     path.write_text('[server]\nround_retries = -1\n[[devices]]\nid = "a"\nsource = "medquad:cdc"\n')

@@ -9,7 +9,8 @@ from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
 
 from deepfusion import __version__
-from deepfusion.config import ConfigError, default_config_path, load_config
+from deepfusion.config import default_config_path, load_config
+from deepfusion.errors import ConfigError
 from deepfusion.engines.flower.wire import content, failure, message_bytes, run_settings, values
 from deepfusion.node import Setup
 

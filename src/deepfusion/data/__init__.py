@@ -2,7 +2,6 @@
 
 from deepfusion.data.corpora import (
     MEDQUAD_SOURCES,
-    DataError,
     Document,
     load_jsonl,
     load_medquad,
@@ -16,7 +15,7 @@ from deepfusion.data.splits import Split, balanced_proxy, pack_blocks, proxy_lef
 from deepfusion.data.tokenizer import load_tokenizer, train_tokenizer
 
 __all__ = [
-    "MEDQUAD_SOURCES", "DataError", "Document", "load_jsonl", "load_medquad", "load_source",
+    "MEDQUAD_SOURCES", "Document", "load_jsonl", "load_medquad", "load_source",
     "load_tatqa", "load_text_dir", "UPSTREAM", "Upstream", "download_upstream", "resolve_data_dir",
     "Split", "balanced_proxy", "pack_blocks", "proxy_leftover", "split_documents", "load_tokenizer", "train_tokenizer",
     "qa_examples",

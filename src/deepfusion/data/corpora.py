@@ -15,9 +15,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-
-class DataError(ValueError):
-    """A data problem; the message names the file and says what to do."""
+from deepfusion.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from deepfusion.data.corpora import MEDQUAD_SOURCES, DataError
+from deepfusion.data.corpora import MEDQUAD_SOURCES
+from deepfusion.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from deepfusion.data.corpora import DataError, Document, qa_prompt
+from deepfusion.data.corpora import Document, qa_prompt
+from deepfusion.errors import DataError
 
 MIN_ANSWER = 8  # answer tokens an example keeps even when the question must be cut for them
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deepfusion.data.corpora import DataError, Document
+from deepfusion.data.corpora import Document
+from deepfusion.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from deepfusion.data.corpora import DataError
+from deepfusion.errors import DataError
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

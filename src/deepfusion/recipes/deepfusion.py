@@ -33,7 +33,7 @@ import torch
 from deepfusion import clustering, crosskd, embedding, upcycling
 from deepfusion.checkpoints import dense_base_model
 from deepfusion.config import FederationConfig, to_dict
-from deepfusion.data import DataError
+from deepfusion.errors import DataError
 from deepfusion.evaluation import evaluate, lm_metrics
 from deepfusion.federation import FederationData, rewrite_metrics, summary, write_json_atomic
 from deepfusion.models import build_global_moe, export_model, global_moe_config, n_params

@@ -24,11 +24,12 @@ from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 
 from deepfusion.baselines import hosting
-from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ONESHOT_METHODS, ConfigError, FederationConfig, to_dict
+from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ONESHOT_METHODS, FederationConfig, to_dict
 from deepfusion.device import Instruction
 from deepfusion.engines.flower.roster import Roster
 from deepfusion.engines.flower.wire import (RunSettings, content, run_settings, upload_bytes, weights_content,
                                             weights_digest, weights_packet)
+from deepfusion.errors import ConfigError
 from deepfusion.federation import append_metrics, prepare_data, save_checkpoint, summary, write_json_atomic
 from deepfusion.knowledge import PacketError
 from deepfusion.wire.upload import UploadError

@@ -27,7 +27,8 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from deepfusion.config import ConfigError, FederationConfig, default_config_path, load_config
+from deepfusion.config import FederationConfig, default_config_path, load_config
+from deepfusion.errors import ConfigError
 
 if TYPE_CHECKING:  # torch loads late on a node: a ClientApp process that only joins never imports it
     from deepfusion.baselines.weights import WeightsPacket
