@@ -92,3 +92,15 @@ def test_dotted_overrides_reach_any_section_and_are_validated():
         load_config(path, ["vaa.alpha=1"])
     with pytest.raises(ConfigError, match="expected SECTION.KEY=VALUE"):
         load_config(path, ["distill.alpha"])
+
+
+def test_loading_a_config_does_not_load_torch():
+    # The config is the boundary every command and the Flower run config cross first: it must stay light.
+    import subprocess
+    import sys
+
+    code = ("import sys; from deepfusion.config import load_config; load_config(sys.argv[1]); "
+            "print(sorted(m for m in ('torch', 'transformers', 'flwr', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(default_config_path("smoke"))], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -27,6 +27,14 @@ def test_moe_forward_gives_hidden_states_and_router_logits(family):
     assert len(out.router_logits) >= 1
 
 
+def test_config_knows_exactly_the_presets_models_builds():
+    # config.py validates sizes without importing this module (and torch): its names must be these presets'.
+    from deepfusion.config import DEVICE_SIZES, MOE_SIZES
+
+    assert {f: tuple(p) for f, p in MOE_PRESETS.items()} == MOE_SIZES
+    assert {f: tuple(p) for f, p in DEVICE_PRESETS.items()} == DEVICE_SIZES
+
+
 def test_device_presets_cover_two_families_and_grow_with_size():
     assert set(DEVICE_PRESETS) >= {"qwen2", "llama"}
     for family, sizes in DEVICE_PRESETS.items():

@@ -25,8 +25,13 @@ HOSTING_METHODS = ("fedavg-moe", "expert-subset")
 # The server trains alone: on the proxy set (the floor) or on everyone's pooled data (the upper bound).
 SERVER_METHODS = ("proxy-only", "centralized", "centralized-converged")
 METHODS = (*ONESHOT_METHODS, *KNOWLEDGE_METHODS, *HOSTING_METHODS, *SERVER_METHODS, "local-only")
-GLOBAL_FAMILIES = ("qwen_moe", "deepseek_moe")
-DEVICE_FAMILIES = ("qwen2", "llama", "gpt2", "olmo", "bloom")
+# The presets' names per family, so a config validates without loading torch; models.py builds them
+# (tests/test_models.py checks its MOE_PRESETS and DEVICE_PRESETS have exactly these names).
+MOE_SIZES = {"qwen_moe": ("tiny", "small"), "deepseek_moe": ("tiny", "small")}
+DEVICE_SIZES = {"qwen2": ("tiny", "small", "base"), "llama": ("tiny", "small", "tinyllama", "base"),
+                "gpt2": ("tiny", "small", "medium"), "olmo": ("tiny", "small"), "bloom": ("tiny", "small")}
+GLOBAL_FAMILIES = tuple(MOE_SIZES)
+DEVICE_FAMILIES = tuple(DEVICE_SIZES)
 ATTACKS = ("uniform", "shifted", "inverted")
 UPLOAD_DTYPES = ("float16", "bfloat16")
 CLUSTER_METHODS = ("kmeans", "random")
@@ -89,7 +94,7 @@ class DeviceConfig:
     id: str  # unique device name, e.g. "gard"
     source: str  # private data: "medquad:gard", "tatqa:0/2", "jsonl:path", "text:dir"
     family: str = "qwen2"  # on-device LLM family: qwen2 | llama
-    size: str = "small"  # preset name in models.DEVICE_PRESETS[family]; "auto" picks by memory_mb
+    size: str = "small"  # preset name in DEVICE_SIZES[family] (models.DEVICE_PRESETS); "auto" picks by memory_mb
     memory_mb: int | None = None  # device memory budget, for size = "auto"
     domain: str | None = None  # domain label for jsonl/text sources (medquad/tatqa know theirs)
     local_steps: int = 20  # local optimiser steps per round
@@ -112,9 +117,7 @@ class DeviceConfig:
             _fail(where, "id", self.id, "must be a non-empty name of letters, digits, '-' and '_'")
         if self.family not in DEVICE_FAMILIES:
             _fail(where, "family", self.family, f"allowed: {', '.join(DEVICE_FAMILIES)}")
-        from deepfusion.models import DEVICE_PRESETS  # late: models imports torch
-
-        sizes = (*DEVICE_PRESETS[self.family], "auto")
+        sizes = (*DEVICE_SIZES[self.family], "auto")
         if self.size not in sizes:
             _fail(where, "size", self.size, f"allowed for {self.family}: {', '.join(sizes)}")
         if self.size == "auto" and not self.memory_mb:
@@ -144,7 +147,7 @@ class DeviceConfig:
 @dataclass
 class ServerConfig:
     family: str = "qwen_moe"  # global MoE family: qwen_moe | deepseek_moe
-    size: str = "small"  # preset name in models.MOE_PRESETS[family]
+    size: str = "small"  # preset name in MOE_SIZES[family] (models.MOE_PRESETS)
     pretrained: str | None = None  # local pretrained MoE directory (overrides family/size)
     dense_base: str | None = None  # deepfusion: local directory of the MoE's dense base; None: made from the public text
     steps: int = 40  # distillation steps per round
@@ -170,12 +173,10 @@ class ServerConfig:
     max_rounds: int = 40  # centralized-converged: the most rounds it may train, converged or not
 
     def validate(self) -> None:
-        from deepfusion.models import MOE_PRESETS
-
         if self.family not in GLOBAL_FAMILIES:
             _fail("server", "family", self.family, f"allowed: {', '.join(GLOBAL_FAMILIES)}")
-        if self.pretrained is None and self.size not in MOE_PRESETS[self.family]:
-            _fail("server", "size", self.size, f"allowed for {self.family}: {', '.join(MOE_PRESETS[self.family])}")
+        if self.pretrained is None and self.size not in MOE_SIZES[self.family]:
+            _fail("server", "size", self.size, f"allowed for {self.family}: {', '.join(MOE_SIZES[self.family])}")
         for key, lo in (("steps", 0), ("batch_size", 1), ("topk", 1), ("views_stages", 1), ("views_heads", 1),
                         ("views_dim", 1), ("min_devices", 1), ("round_retries", 0), ("host_steps", 0), ("patience", 1), ("max_rounds", 1)):
             if getattr(self, key) < lo:
