@@ -104,3 +104,24 @@ def test_loading_a_config_does_not_load_torch():
     out = subprocess.run([sys.executable, "-c", code, str(default_config_path("smoke"))], capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_configs_built_or_replaced_in_code_are_validated_too():
+    import dataclasses
+
+    from deepfusion.config import DeviceConfig, DistillConfig, from_dict, to_dict
+
+    cfg = load_config(default_config_path("smoke"))
+    with pytest.raises(ConfigError, match=r"\[server\] lam = -1.0"):
+        dataclasses.replace(cfg.server, lam=-1.0)
+    with pytest.raises(ConfigError, match=r"\[distill\] patches = 30: must be a multiple of stages = 4"):
+        DistillConfig(patches=30)
+    with pytest.raises(ConfigError, match=r"\[\[devices\]\] \(id 'x'\) family = 'mamba'"):  # no place in a file
+        DeviceConfig(id="x", source="medquad:cdc", family="mamba")
+    with pytest.raises(ConfigError, match="at least one"):
+        dataclasses.replace(cfg, devices=[])
+    cfg.server.min_devices = len(cfg.devices) + 1  # assigned after construction: caught when the whole is rebuilt
+    with pytest.raises(ConfigError, match="min_devices"):
+        dataclasses.replace(cfg)
+    cfg.server.min_devices = 1
+    assert from_dict(to_dict(cfg)) == cfg

@@ -62,12 +62,12 @@ def test_peak_memory_grows_with_batch():
 
 
 def test_auto_size_picks_the_largest_preset_that_fits():
-    base = DeviceConfig(id="d", source="x", family="qwen2", size="auto", batch_size=2)
-    big = choose_size(DeviceConfig(**{**base.__dict__, "memory_mb": 4096}), V, T, torch.device("cpu"))
-    small = choose_size(DeviceConfig(**{**base.__dict__, "memory_mb": 1}), V, T, torch.device("cpu"))
+    base = dict(id="d", source="x", family="qwen2", size="auto", batch_size=2)  # size auto needs memory_mb to build
+    big = choose_size(DeviceConfig(**{**base, "memory_mb": 4096}), V, T, torch.device("cpu"))
+    small = choose_size(DeviceConfig(**{**base, "memory_mb": 1}), V, T, torch.device("cpu"))
     assert big == "base" and small == "tiny"
     with pytest.raises(ConfigError, match="memory_mb = 1 fits no qwen2 preset"):  # a 20k vocab alone needs more
-        choose_size(DeviceConfig(**{**base.__dict__, "memory_mb": 1}), 20000, T, torch.device("cpu"))
+        choose_size(DeviceConfig(**{**base, "memory_mb": 1}), 20000, T, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("attack", ["uniform", "shifted", "inverted"])

@@ -1,4 +1,8 @@
-"""The federation's one typed config: TOML files and CLI flags all become these validated dataclasses.
+"""The federation's one typed config: TOML files, CLI flags and the Flower run config all become these dataclasses.
+
+Each dataclass validates itself on construction (`__post_init__`), so a config built in code or changed with
+dataclasses.replace is checked like one read from a file; a field assigned afterwards is checked when the
+config holding it is next constructed, or by calling validate().
 
 A config error names the key, the value it got and what is allowed, e.g.
     config error: [server] lam = -1.0: must be >= 0 (weight of the distillation term)
@@ -9,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -51,9 +55,11 @@ def _at(section: str) -> str:
     return section if section.startswith("[") else f"[{section}]"
 
 
-def device_at(i: int, device_id: Any = None) -> str:
-    """The i-th (0-based) [[devices]] table counted from 1, with its id if it has one: [[devices]] #2 (id 'ghr')."""
-    return f"[[devices]] #{i + 1}" + (f" (id {device_id!r})" if isinstance(device_id, str) and device_id else "")
+def device_at(i: int | None, device_id: Any = None) -> str:
+    """The i-th (0-based) [[devices]] table counted from 1, with its id if it has one: [[devices]] #2 (id 'ghr');
+    i None (a device built in code, outside a federation's list): [[devices]] (id 'ghr')."""
+    return ("[[devices]]" + (f" #{i + 1}" if i is not None else "")
+            + (f" (id {device_id!r})" if isinstance(device_id, str) and device_id else ""))
 
 
 @dataclass
@@ -71,6 +77,9 @@ class DataConfig:
     vocab_size: int = 8192  # BPE vocabulary size when training one
     private_split: str = "even"  # devices sharing a source: "even" (round-robin) or "uneven" (Dirichlet shares)
     split_alpha: float = 1.0  # Dirichlet concentration of the uneven split (smaller: more uneven)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         for key in ("proxy_frac", "test_frac"):
@@ -111,8 +120,13 @@ class DeviceConfig:
     patience: int = 2  # checks without a better local validation loss before training stops
     val_frac: float = 0.1  # share of the private blocks held out for local validation
     upload_dtype: str = "float16"  # the weights' dtype on the wire: float16 | bfloat16
+    at: InitVar[str | None] = None  # where its errors point (device_at); not a field: a config file cannot set it
 
-    def validate(self, where: str) -> None:
+    def __post_init__(self, at: str | None) -> None:
+        self.validate(at)
+
+    def validate(self, where: str | None = None) -> None:
+        where = where or device_at(None, self.id)
         if not self.id or not self.id.replace("_", "").replace("-", "").isalnum():
             _fail(where, "id", self.id, "must be a non-empty name of letters, digits, '-' and '_'")
         if self.family not in DEVICE_FAMILIES:
@@ -172,6 +186,9 @@ class ServerConfig:
     patience: int = 3  # centralized-converged: rounds without a better validation perplexity before it stops
     max_rounds: int = 40  # centralized-converged: the most rounds it may train, converged or not
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         if self.family not in GLOBAL_FAMILIES:
             _fail("server", "family", self.family, f"allowed: {', '.join(GLOBAL_FAMILIES)}")
@@ -209,6 +226,9 @@ class PretrainConfig:
     lr: float = 3e-3
     seed: int = 0  # fixed apart from the training seed: a public checkpoint is the same for every run
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         for key in ("steps", "batch_size"):
             if getattr(self, key) < 1:
@@ -225,6 +245,9 @@ class ClusteringConfig:
     method: str = "kmeans"  # kmeans (Eq. 6) | random (the no-clustering ablation: same K, devices dealt at random)
     embed_dim: int = 32  # e_n's dimensions: the encoder's output projected on the public text's principal axes
     embed_texts: int = 64  # private documents a device embeds (their mean is e_n)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         if self.domains < 0:
@@ -254,6 +277,9 @@ class DistillConfig:
     heads: int = 4  # VAA's attention heads
     causal: bool = True  # a patch attends only to patches of its own or earlier positions (the LM is causal)
     ofa_gamma: float = 1.0  # OFA-KD's modulating exponent on the target class
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         for key, lo in (("steps", 0), ("batch_size", 1), ("stages", 1), ("patches", 1), ("dim", 1), ("heads", 1)):
@@ -289,6 +315,9 @@ class TuneConfig:
     router_init: str = "domains"  # domains: each domain's experts answer its text | random
     shared: str = "auto"  # shared expert: mean (of the students' FFNs) | zero | auto (mean when widths allow)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         for key, lo in (("steps", 0), ("batch_size", 1), ("topk", 1), ("eval_every", 1), ("patience", 1)):
             if getattr(self, key) < lo:
@@ -317,7 +346,11 @@ class FederationConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     devices: list[DeviceConfig] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> FederationConfig:
+        """Every section and device again (one may have been assigned since it was built), then the whole."""
         if self.method not in METHODS:
             _fail("federation", "method", self.method, f"allowed: {', '.join(METHODS)}")
         if self.rounds < 1:
@@ -351,6 +384,8 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         kwargs[key] = _coerce(hints[key], value, where, key)
+    if cls is DeviceConfig:  # its errors name its place in the file: [[devices]] #2 (id 'ghr')
+        kwargs["at"] = where
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required key is missing
@@ -396,7 +431,7 @@ def load_config(path: str | Path | None = None, sets: list[str] | None = None, *
     raw.update({k: v for k, v in overrides.items() if v is not None})
     for item in sets or []:
         apply_set(raw, item)
-    return _build(FederationConfig, raw, "federation").validate()
+    return _build(FederationConfig, raw, "federation")
 
 
 def apply_set(raw: dict, item: str) -> None:
@@ -437,4 +472,4 @@ def from_dict(raw: dict[str, Any]) -> FederationConfig:
     raw["devices"] = [{k: v for k, v in d.items() if v is not None} for d in raw["devices"]]
     for section in SECTIONS:
         raw[section] = {k: v for k, v in raw.get(section, {}).items() if v is not None}
-    return _build(FederationConfig, raw, "federation").validate()
+    return _build(FederationConfig, raw, "federation")

@@ -57,11 +57,10 @@ VARIANTS: dict[str, dict[str, dict]] = {
 
 
 def variant(cfg: FederationConfig) -> FederationConfig:
-    """The config this method actually runs (summary.json records it)."""
-    out = dataclasses.replace(cfg)
-    for section, changes in VARIANTS[cfg.method].items():
-        setattr(out, section, dataclasses.replace(getattr(cfg, section), **changes))
-    return out
+    """The config this method actually runs (summary.json records it), validated as a whole."""
+    sections = {section: dataclasses.replace(getattr(cfg, section), **changes)
+                for section, changes in VARIANTS[cfg.method].items()}
+    return dataclasses.replace(cfg, **sections)
 
 
 def run(cfg: FederationConfig, out_dir: Path, data: FederationData, send: Send, torch_device: torch.device,
