@@ -83,10 +83,10 @@ def test_bad_config_values(tmp_path, capsys, edit, needles):
     fails_with_one_line(capsys, ["run", "--config", config(tmp_path, **edit), "--out", tmp_path / "o"], *needles)
 
 
-def test_the_round_loop_refuses_the_one_shot_pipeline(tmp_path, capsys):
-    """`deepfusion` is the paper's one-shot pipeline: the multi-round loop must not run it as an empty round loop."""
+def test_the_one_shot_pipeline_fails_in_one_line_and_leaves_nothing(tmp_path, capsys):
+    """`deepfusion` (the paper's pipeline) on a data directory without its sources: one line, no run directory."""
     fails_with_one_line(capsys, ["run", "--config", config(tmp_path, top='method = "deepfusion"\n'), "--data-dir",
-                                 tmp_path / "data", "--out", tmp_path / "o"], "method = 'deepfusion'", "multiround-views")
+                                 tmp_path / "nowhere", "--out", tmp_path / "o"], "nowhere")
     assert not (tmp_path / "o").exists()
 
 
