@@ -40,7 +40,7 @@ def test_cli_overrides_apply(tmp_path):
     ('bogus = 1\n' + DEVICE, ["bogus", "allowed"]),
     ('[server]\nlam = -1.0\n' + DEVICE, ["[server]", "lam", "-1.0"]),
     ('[server]\nfamily = "gpt"\n' + DEVICE, ["family", "'gpt'", "qwen_moe"]),
-    ('[server]\ntopk = "8"\n' + DEVICE, ["topk", "'8'", "int"]),
+    ('[knowledge]\ntopk = "8"\n' + DEVICE, ["topk", "'8'", "int"]),
     ('[data]\nproxy_frac = 0.9\n' + DEVICE, ["proxy_frac", "0.9"]),
     ('method = "fedprox"\n' + DEVICE, ["method", "fedprox", "deepfusion", "multiround-views"]),
     ('[server]\nviews_mix = 1.5\n' + DEVICE, ["[server] views_mix = 1.5", "[0, 1]"]),

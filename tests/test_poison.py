@@ -10,16 +10,16 @@ end-to-end perplexity damage is measured by `python -m deepfusion.bench poison` 
 import pytest
 import torch
 
-from deepfusion.config import ATTACKS, ServerConfig
+from deepfusion.config import ATTACKS, KnowledgeConfig, ServerConfig
 from deepfusion.device import poison
 from deepfusion.knowledge import encode_knowledge
 from deepfusion.server import aggregate, build_server, reliability_weights, stack_targets
 
 V, P, T, K = 64, 8, 17, 8
 DEVICES = [f"d{i}" for i in range(6)]
-SERVER = build_server(ServerConfig(family="qwen_moe", size="tiny", topk=K), "device-kd", V,
+SERVER = build_server(ServerConfig(family="qwen_moe", size="tiny"), "device-kd", V,
                       torch.randint(V, (P, T), generator=torch.Generator().manual_seed(0)), DEVICES, 0,
-                      torch.device("cpu"))
+                      torch.device("cpu"), KnowledgeConfig(topk=K))
 
 
 def honest_packets():

@@ -13,7 +13,7 @@ def test_the_key_is_the_device_side_only(smoke_config):
     server_only.method, server_only.server.family, server_only.server.lam = "plain-fkd", "deepseek_moe", 3.0
     server_only.server.steps, server_only.rounds = 99, 7
     assert device_key(server_only) == base
-    for change in (lambda c: setattr(c.server, "topk", 2), lambda c: setattr(c, "seed", 5),
+    for change in (lambda c: setattr(c.knowledge, "topk", 2), lambda c: setattr(c, "seed", 5),
                    lambda c: setattr(c.devices[0], "local_steps", 9), lambda c: setattr(c.data, "seq_len", 16)):
         other = copy.deepcopy(smoke_config)
         change(other)

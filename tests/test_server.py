@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from deepfusion.config import ServerConfig
+from deepfusion.config import KnowledgeConfig, ServerConfig
 from deepfusion.knowledge import encode_knowledge
 from deepfusion.server import (aggregate, build_server, distill, evaluate, receive, reliability_weights,
                                load_server_state, server_round, server_state, stack_targets)
@@ -14,8 +14,8 @@ DEVICES = ["a", "b", "c"]
 
 def make_server(method="multiround-views", **cfg):
     proxy = torch.randint(V, (P, T), generator=torch.Generator().manual_seed(0))
-    config = ServerConfig(**{"family": "qwen_moe", "size": "tiny", "steps": 2, "batch_size": 2, "topk": 4, **cfg})
-    return build_server(config, method, V, proxy, DEVICES, 0, torch.device("cpu"))
+    config = ServerConfig(**{"family": "qwen_moe", "size": "tiny", "steps": 2, "batch_size": 2, **cfg})
+    return build_server(config, method, V, proxy, DEVICES, 0, torch.device("cpu"), KnowledgeConfig(topk=4))
 
 
 def packet_for(server, device_id, logits=None, round=1, k=4):

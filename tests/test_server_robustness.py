@@ -18,16 +18,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import deepfusion.server as server_mod
-from deepfusion.config import ServerConfig
+from deepfusion.config import KnowledgeConfig, ServerConfig
 from deepfusion.knowledge import KnowledgePacket, encode_knowledge, validate_packet
 from deepfusion.server import (build_server, load_server_state, packet_byte_cap, receive, server_round, server_state,
                                stack_targets)
 
 V, P, T, K = 64, 3, 6, 4
 N = P * (T - 1)  # proxy positions a packet must cover
-SERVER = build_server(ServerConfig(family="qwen_moe", size="tiny", steps=1, batch_size=2, topk=K), "multiround-views", V,
+SERVER = build_server(ServerConfig(family="qwen_moe", size="tiny", steps=1, batch_size=2), "multiround-views", V,
                       torch.randint(V, (P, T), generator=torch.Generator().manual_seed(0)), ["a", "b"], 0,
-                      torch.device("cpu"))
+                      torch.device("cpu"), KnowledgeConfig(topk=K))
 
 
 def good(device_id: str, seed: int) -> KnowledgePacket:

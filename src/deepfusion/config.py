@@ -43,7 +43,7 @@ FEATURE_KD = ("vaa", "ofa", "none")
 TUNE_LOSSES = ("keep", "ce")
 ROUTER_INITS = ("domains", "random")
 SHARED_RULES = ("auto", "mean", "zero")
-SECTIONS = ("data", "server", "pretrain", "clustering", "distill", "tune")
+SECTIONS = ("data", "knowledge", "server", "pretrain", "clustering", "distill", "tune")
 
 
 def _fail(section: str, key: str, value: Any, why: str) -> None:
@@ -159,6 +159,26 @@ class DeviceConfig:
 
 
 @dataclass
+class KnowledgeConfig:
+    """[knowledge] What a device sends each round in the multi-round protocol (multiround-views, device-kd,
+    plain-fkd): per proxy position, its top-k next-token probabilities at temperature T, and the tail mass.
+    Devices act on these keys (a replay recording is keyed by them); the server caps uploads at topk and
+    distils at the same T."""
+
+    topk: int = 8  # k: token ids a device sends per position
+    temperature: float = 1.0  # T at which devices soften their predictions (and the server its student's)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.topk < 1:
+            _fail("knowledge", "topk", self.topk, "must be >= 1")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            _fail("knowledge", "temperature", self.temperature, "must be finite and > 0")
+
+
+@dataclass
 class ServerConfig:
     family: str = "qwen_moe"  # global MoE family: qwen_moe | deepseek_moe
     size: str = "small"  # preset name in MOE_SIZES[family] (models.MOE_PRESETS)
@@ -168,8 +188,6 @@ class ServerConfig:
     batch_size: int = 8  # proxy blocks per step
     lr: float = 2e-3
     lam: float = 1.0  # λ: weight of the distillation term against the proxy cross-entropy
-    topk: int = 8  # k of the devices' top-k predictions
-    temperature: float = 1.0  # T at which devices soften their predictions
     # multiround-views: the per-device logit views (logit_views.py)
     views_stages: int = 4  # MoE depths the views attend over (evenly spaced, the last included)
     views_heads: int = 2  # attention heads over stages
@@ -194,7 +212,7 @@ class ServerConfig:
             _fail("server", "family", self.family, f"allowed: {', '.join(GLOBAL_FAMILIES)}")
         if self.pretrained is None and self.size not in MOE_SIZES[self.family]:
             _fail("server", "size", self.size, f"allowed for {self.family}: {', '.join(MOE_SIZES[self.family])}")
-        for key, lo in (("steps", 0), ("batch_size", 1), ("topk", 1), ("views_stages", 1), ("views_heads", 1),
+        for key, lo in (("steps", 0), ("batch_size", 1), ("views_stages", 1), ("views_heads", 1),
                         ("views_dim", 1), ("min_devices", 1), ("round_retries", 0), ("host_steps", 0), ("patience", 1), ("max_rounds", 1)):
             if getattr(self, key) < lo:
                 _fail("server", key, getattr(self, key), f"must be >= {lo}")
@@ -202,8 +220,6 @@ class ServerConfig:
             _fail("server", "lr", self.lr, "must be > 0")
         if not self.lam >= 0:
             _fail("server", "lam", self.lam, "must be >= 0 (weight of the distillation term)")
-        if not self.temperature > 0:
-            _fail("server", "temperature", self.temperature, "must be > 0")
         if not 0.0 <= self.views_mix <= 1.0:
             _fail("server", "views_mix", self.views_mix, "must be in [0, 1]")
         if not self.device_timeout >= 0:
@@ -339,6 +355,7 @@ class FederationConfig:
     seed: int = 0  # training seed (model init, batches)
     device: str = "auto"  # torch device for server and devices: auto | cpu | cuda | cuda:N
     data: DataConfig = field(default_factory=DataConfig)
+    knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
@@ -357,7 +374,7 @@ class FederationConfig:
             _fail("federation", "rounds", self.rounds, "must be >= 1")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             _fail("federation", "device", self.device, "allowed: auto, cpu, cuda, cuda:N")
-        for section in (self.data, self.server, self.pretrain, self.clustering, self.distill, self.tune):
+        for section in (self.data, self.knowledge, self.server, self.pretrain, self.clustering, self.distill, self.tune):
             section.validate()
         if not self.devices:
             _fail("devices", "devices", [], "a federation needs at least one [[devices]] entry")

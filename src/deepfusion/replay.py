@@ -6,7 +6,7 @@ So the benchmark records one run's upload bytes per round and device, and feeds 
 other knowledge method and global family: the same experiment, paired (every method distils identical
 knowledge), at a fraction of the CPU time. tests/test_replay.py checks a replayed run equals a live one.
 
-A recording is keyed by everything the devices' side depends on (data, devices, seed, k, T, privacy,
+A recording is keyed by everything the devices' side depends on (data, devices, seed, [knowledge], privacy,
 fault settings) and nothing the server alone decides (method, global family, steps, λ, the logit views).
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from deepfusion.config import FederationConfig, to_dict
 
-_DEVICE_SIDE_SERVER_KEYS = ("topk", "temperature", "device_timeout", "min_devices", "round_retries")
+_DEVICE_SIDE_SERVER_KEYS = ("device_timeout", "min_devices", "round_retries")  # which answers a round keeps
 _DEVICE_SIDE_CLUSTERING_KEYS = ("embed_dim", "embed_texts")  # the task's basis and what a device embeds
 _SERVER_ONLY = ("name", "method", "rounds", "server", "clustering", "distill", "tune")
 

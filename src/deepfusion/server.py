@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
-from deepfusion.config import SERVER_METHODS, ServerConfig
+from deepfusion.config import SERVER_METHODS, KnowledgeConfig, ServerConfig
 from deepfusion.knowledge import (KnowledgePacket, PacketError, id_dtype, to_targets, topk_kl, topk_kl_shared,
                                   validate_packet)
 from deepfusion.models import autocast, build_global_moe, routed_experts
@@ -38,6 +38,7 @@ HEADER_ROOM = 64 << 10  # safetensors header + metadata of a valid packet: a few
 @dataclass
 class Server:
     cfg: ServerConfig
+    knowledge: KnowledgeConfig  # what devices send: the upload cap, the padding of stacked targets, T of the KD term
     method: str
     model: PreTrainedModel
     views: LogitViews | None  # multiround-views only
@@ -62,7 +63,7 @@ class Targets:
 
 
 def build_server(cfg: ServerConfig, method: str, vocab_size: int, proxy: torch.Tensor, device_ids: list[str],
-                 seed: int, torch_device: torch.device) -> Server:
+                 seed: int, torch_device: torch.device, knowledge: KnowledgeConfig | None = None) -> Server:
     torch.manual_seed(seed)
     model = build_global_moe(cfg.family, cfg.size, vocab_size, cfg.pretrained).to(torch_device)
     layers = stage_layers(model.config.num_hidden_layers, cfg.views_stages)
@@ -75,7 +76,8 @@ def build_server(cfg: ServerConfig, method: str, vocab_size: int, proxy: torch.T
         groups.append({"params": list(views.parameters()), "lr": cfg.lr * cfg.views_lr_scale})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
-    return Server(cfg, method, model, views, layers, optimizer, proxy, device_ids, generator, torch_device)
+    return Server(cfg, knowledge or KnowledgeConfig(), method, model, views, layers, optimizer, proxy, device_ids,
+                  generator, torch_device)
 
 
 # ---- receiving ----------------------------------------------------------------------------------
@@ -85,14 +87,14 @@ def receive(server: Server, payloads: dict[str, bytes], round: int) -> tuple[dic
     accepted, rejected = {}, {}
     n_positions = server.proxy.shape[0] * (server.proxy.shape[1] - 1)
     vocab_size = server.model.config.vocab_size
-    cap = min(MAX_PACKET_BYTES, packet_byte_cap(n_positions, max(server.cfg.topk, 1), vocab_size))
+    cap = min(MAX_PACKET_BYTES, packet_byte_cap(n_positions, max(server.knowledge.topk, 1), vocab_size))
     for device_id, payload in payloads.items():
         try:
             packet = KnowledgePacket.from_bytes(payload, max_bytes=cap)
             if packet.device_id != device_id:
                 raise PacketError(f"packet claims device {packet.device_id!r} but came from {device_id!r}")
             validate_packet(packet, round=round, known_devices=set(server.device_ids), n_positions=n_positions,
-                            vocab_size=server.model.config.vocab_size, k_max=max(server.cfg.topk, 1))
+                            vocab_size=server.model.config.vocab_size, k_max=max(server.knowledge.topk, 1))
         except PacketError as e:
             rejected[device_id] = str(e)
             log.warning("[ROUND %d] rejected upload of device %r: %s; the round goes on without it", round, device_id, e)
@@ -109,7 +111,7 @@ def packet_byte_cap(n_positions: int, k_max: int, vocab_size: int) -> int:
 
 def stack_targets(server: Server, packets: dict[str, KnowledgePacket]) -> Targets:
     P, T = server.proxy.shape
-    k = server.cfg.topk
+    k = server.knowledge.topk
     ids, probs, tails, views = [], [], [], []
     for device_id, packet in packets.items():
         i, p, t = to_targets(packet)
@@ -189,7 +191,7 @@ def _batch(targets: Targets, weights: torch.Tensor, blocks_idx: torch.Tensor, de
 
 def kd_loss(server: Server, out, blocks_idx: torch.Tensor, targets: Targets, weights: torch.Tensor) -> torch.Tensor:
     """λ-free distillation term for one batch; T² keeps gradients comparable across temperatures."""
-    T = server.cfg.temperature
+    T = server.knowledge.temperature
     final = out.logits[:, :-1].flatten(0, 1)  # (N, V), N = B*(T-1)
     ids, probs, tail, w = _batch(targets, weights, blocks_idx, final.device)  # (K, N, k) x2, (K, N) x2
     if targets.final is None:
@@ -248,10 +250,10 @@ def server_round(server: Server, payloads: dict[str, bytes], round: int) -> dict
     targets = stack_targets(server, packets)
     weights = reliability_weights(server, targets, server.cfg.reliability)
     if server.method == "plain-fkd":
-        targets = aggregate(targets, weights, server.model.config.vocab_size, server.cfg.topk)
+        targets = aggregate(targets, weights, server.model.config.vocab_size, server.knowledge.topk)
         weights = torch.ones(1, weights.shape[1])
     elif server.views is not None and server.cfg.views_final == "average":
-        targets.final = aggregate(targets, weights, server.model.config.vocab_size, server.cfg.topk)
+        targets.final = aggregate(targets, weights, server.model.config.vocab_size, server.knowledge.topk)
     losses = distill(server, targets, weights, server.cfg.steps)
     result = {"accepted": sorted(packets), "rejected": rejected, "losses": losses,
               "device_weight": {server.device_ids[v]: round_(float(weights[i].mean()))

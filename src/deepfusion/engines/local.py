@@ -92,7 +92,7 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
     devices = setup_devices(cfg, data, torch_device) if live else {}
     train_blocks = pooled_blocks(data) if method.startswith("centralized") else data.proxy
     server = build_server(cfg.server, method, vocab, train_blocks, [d.id for d in cfg.devices], cfg.seed,
-                          torch_device)
+                          torch_device, cfg.knowledge)
     hosts, infos = setup_hosts(cfg, data, server.model, torch_device) if method in HOSTING_METHODS else ({}, {})
     stopper = EarlyStopping(cfg.server.patience) if method == "centralized-converged" else None
     rounds = cfg.server.max_rounds if stopper else cfg.rounds
@@ -290,8 +290,8 @@ def _knowledge_exchange(cfg: FederationConfig, proxy: torch.Tensor, devices: dic
     def down_of(device_id: str) -> bytes:
         dc = settings[device_id]
         return Instruction(round=r, proxy_indices=list(range(len(proxy))), local_steps=dc.local_steps,
-                           batch_size=dc.batch_size, lr=dc.lr, topk=cfg.server.topk,
-                           temperature=cfg.server.temperature).to_bytes()
+                           batch_size=dc.batch_size, lr=dc.lr, topk=cfg.knowledge.topk,
+                           temperature=cfg.knowledge.temperature).to_bytes()
 
     return _exchange(cfg, r, per_device, tick, down_of,
                      lambda device_id, down: run_round(devices[device_id], Instruction.from_bytes(down)).to_bytes())

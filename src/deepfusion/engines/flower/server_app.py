@@ -82,7 +82,7 @@ def run(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, 
     torch_device = resolve_device(cfg.device)
     data = prepare_data(cfg, data_dir, private=False)  # the server never packs a device's private blocks
     server = build_server(cfg.server, cfg.method, len(data.tokenizer), data.proxy, [d.id for d in cfg.devices],
-                          cfg.seed, torch_device)
+                          cfg.seed, torch_device, cfg.knowledge)
     hosts = cfg.method in HOSTING_METHODS  # devices host (part of) the global MoE: its architecture goes in the Setup
     roster = Roster(cfg, make_setup(cfg, data, server.model if hosts else None).to_bytes())
     infos: dict[str, hosting.HostInfo] = {}  # hosting methods: what the server knows of each host
@@ -242,5 +242,5 @@ def _instruction(cfg: FederationConfig, device: str, r: int, n_proxy: int) -> by
     """The local engine's instruction, byte for byte: same round, proxy blocks and training settings."""
     dc = next(d for d in cfg.devices if d.id == device)
     return Instruction(round=r, proxy_indices=list(range(n_proxy)), local_steps=dc.local_steps,
-                       batch_size=dc.batch_size, lr=dc.lr, topk=cfg.server.topk,
-                       temperature=cfg.server.temperature).to_bytes()
+                       batch_size=dc.batch_size, lr=dc.lr, topk=cfg.knowledge.topk,
+                       temperature=cfg.knowledge.temperature).to_bytes()
