@@ -7,7 +7,6 @@ across rounds; the private data never leaves this module (only `KnowledgePacket`
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -22,6 +21,7 @@ from transformers import PreTrainedModel
 from deepfusion import privacy
 from deepfusion.config import DeviceConfig
 from deepfusion.errors import ConfigError
+from deepfusion.memory import train_peak_bytes
 from deepfusion.knowledge import KnowledgePacket, encode_knowledge
 from deepfusion.models import autocast, build_device_model, n_params
 
@@ -189,57 +189,8 @@ def evaluate_device(device: Device, blocks: torch.Tensor, batch: int = 16) -> fl
 
 
 def measure_train_peak(device: Device, batch_size: int) -> int:
-    """Peak bytes of one training step of the device's model at `batch_size` (see `train_peak_bytes`)."""
+    """Peak bytes of one training step of the device's model at `batch_size` (memory.py)."""
     return train_peak_bytes(device.model, device.private[:batch_size].to(device.torch_device), lm_loss, device.cfg.lr)
-
-
-def train_peak_bytes(model: PreTrainedModel, batch: torch.Tensor, loss_fn=lm_loss, lr: float = 1e-3) -> int:
-    """Peak bytes of one training step: weights + optimiser state + gradients + activations.
-
-    On CUDA the allocator's own peak counter. PyTorch keeps no CPU peak counter (and the profiler
-    costs seconds a step), so on CPU the activations are measured as the distinct storages autograd
-    saves for backward (the loss's log-softmax over the vocabulary among them): the tensors alive together
-    at the step's peak. Counting only those still alive after forward (weak references, as scale.py does)
-    differed by at most 0.1 % on our presets. The step runs on a throw-away copy so training is not
-    perturbed. `loss_fn(model, batch)` is the step's loss (an MoE host adds its router loss).
-    """
-    model = copy.deepcopy(model).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    _train_step(model, optimizer, batch, loss_fn)  # materialise AdamW state, so it counts as resident below
-    resident = sum(t.numel() * t.element_size() for t in _state_tensors(model, optimizer))
-    if batch.device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(batch.device)
-        base = torch.cuda.memory_allocated(batch.device)
-        _train_step(model, optimizer, batch, loss_fn)
-        return resident + torch.cuda.max_memory_allocated(batch.device) - base
-    return resident + _train_step(model, optimizer, batch, loss_fn)
-
-
-def _train_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer, batch: torch.Tensor, loss_fn) -> int:
-    """One step; returns the bytes of activations saved for backward plus gradients."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(batch.device):
-        loss = loss_fn(model, batch)
-    loss.backward()
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return sum(saved.values()) + grads
-
-
-def _state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    yield from model.parameters()
-    for state in optimizer.state.values():
-        yield from (v for v in state.values() if torch.is_tensor(v))
 
 
 def device_state(device: Device) -> dict:

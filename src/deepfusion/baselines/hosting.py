@@ -34,8 +34,9 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from deepfusion.baselines.weights import WeightsPacket, validate_upload
 from deepfusion.config import DeviceConfig, ServerConfig
-from deepfusion.device import train_peak_bytes
+from deepfusion.device import lm_loss
 from deepfusion.knowledge import PacketError
+from deepfusion.memory import train_peak_bytes
 from deepfusion.models import autocast, build_device_model, routed_experts, set_routed_experts
 
 log = logging.getLogger("deepfusion.hosting")
@@ -99,7 +100,7 @@ def memory_budget(cfg: DeviceConfig, vocab_size: int, seq_len: int, torch_device
         return cfg.memory_mb * 2**20
     size = cfg.size if cfg.size != "auto" else "small"
     model = build_device_model(cfg.family, size, vocab_size).to(torch_device)
-    return train_peak_bytes(model, torch.randint(vocab_size, (cfg.batch_size, seq_len), device=torch_device))
+    return train_peak_bytes(model, torch.randint(vocab_size, (cfg.batch_size, seq_len), device=torch_device), lm_loss)
 
 
 def fit_experts(global_config: PretrainedConfig, budget: int, batch: torch.Tensor) -> tuple[int, int]:
