@@ -25,7 +25,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-METHODS = ("kmeans", "random")
+from deepfusion.config import CLUSTER_METHODS
+
 SPACES = ("similarity", "embedding")
 
 
@@ -74,7 +75,7 @@ def cluster(E: torch.Tensor, K: int, method: str = "kmeans", seed: int = 0, spac
         x = sim if space == "similarity" else (E.double() / E.double().norm(dim=1, keepdim=True))
         labels = _kmeans(x.numpy(), K, seed)
     else:
-        raise ClusteringError(f"got method={method!r}; allowed: {', '.join(METHODS)}")
+        raise ClusteringError(f"got method={method!r}; allowed: {', '.join(CLUSTER_METHODS)}")
     return _canonical(labels)
 
 

@@ -23,7 +23,7 @@ from deepfusion.errors import ConfigError
 # distils (VAA) and fuses. Its ablations and OFA-KD run the same pipeline with one part changed (ONESHOT_VARIANTS).
 ONESHOT_METHODS = ("deepfusion", "deepfusion-no-vaa", "deepfusion-logits-only", "deepfusion-no-clustering", "ofa-kd")
 # The multi-round knowledge protocol (beyond the paper): devices send top-k predictions every round.
-KNOWLEDGE_METHODS = ("multiround-views", "plain-fkd", "device-kd")
+KNOWLEDGE_METHODS = ("multiround-views", "device-kd", "plain-fkd")
 # Devices host the global MoE, or the experts that fit them, and send weights (baselines/hosting.py).
 HOSTING_METHODS = ("fedavg-moe", "expert-subset")
 # The server trains alone: on the proxy set (the floor) or on everyone's pooled data (the upper bound).
