@@ -435,9 +435,10 @@ def _allowed_types(hint: Any) -> list[type]:
     return [a for a in args if a is not type(None)] if args else [hint]
 
 
-def load_config(path: str | Path | None = None, sets: list[str] | None = None, **overrides: Any) -> FederationConfig:
+def load_config(path: str | Path | None = None, sets: list[str] | None = None, *, set_by: str = "--set",
+                **overrides: Any) -> FederationConfig:
     """Read a TOML federation config (the shipped default when path is None), apply CLI overrides and dotted
-    `sets` ("tune.loss=ce", "seed=3"), validate."""
+    `sets` ("tune.loss=ce", "seed=3"; `set_by` names where they came from in an error), validate."""
     path = Path(path) if path else default_config_path("default")
     if not path.is_file():
         raise ConfigError(f"config error: file {path} not found; pass --config PATH to an existing TOML file")
@@ -447,16 +448,16 @@ def load_config(path: str | Path | None = None, sets: list[str] | None = None, *
         raise ConfigError(f"config error: {path} is not valid TOML: {e}") from None
     raw.update({k: v for k, v in overrides.items() if v is not None})
     for item in sets or []:
-        apply_set(raw, item)
+        apply_set(raw, item, set_by)
     return _build(FederationConfig, raw, "federation")
 
 
-def apply_set(raw: dict, item: str) -> None:
+def apply_set(raw: dict, item: str, set_by: str = "--set") -> None:
     """One dotted override, SECTION.KEY=VALUE or KEY=VALUE; the value is read as TOML (2.0, true, "x"), else
     taken as a string. Unknown keys are refused on build, like a key in the file."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"config error: --set {item!r}: expected SECTION.KEY=VALUE, e.g. --set tune.loss=ce")
+        raise ConfigError(f"config error: {set_by} {item!r}: expected SECTION.KEY=VALUE, e.g. tune.loss=ce")
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -465,7 +466,7 @@ def apply_set(raw: dict, item: str) -> None:
     table = raw
     for section in sections:
         if section not in SECTIONS or not isinstance(table.setdefault(section, {}), dict):
-            raise ConfigError(f"config error: --set {item!r}: no section [{section}]; sections: {', '.join(SECTIONS)}")
+            raise ConfigError(f"config error: {set_by} {item!r}: no section [{section}]; sections: {', '.join(SECTIONS)}")
         table = table[section]
     table[name] = parsed
 

@@ -78,3 +78,26 @@ def test_failures_say_what_happened(as_a_task):
     raised = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "ValueError: bad"), reply_to=msg)
     assert failure(raised, 45) == "ValueError: bad"
     assert failure(Message(content(packet=b"p"), reply_to=msg), 45) is None
+
+
+def test_run_config_set_overrides_any_config_key_as_the_cli_does():
+    s = run_settings({"config": "smoke", "set": "tune.loss=ce; distill.alpha=0.5;knowledge.topk=16;"})
+    cfg = s.federation()
+    assert (cfg.tune.loss, cfg.distill.alpha, cfg.knowledge.topk) == ("ce", 0.5, 16)
+    assert run_settings({"config": "smoke", "set": ""}).federation().tune.loss == "keep"  # the file's
+    with pytest.raises(ConfigError, match=r"\[tune\] loss = 'mse': allowed: keep, ce"):
+        run_settings({"config": "smoke", "set": "tune.loss=mse"}).federation()
+    with pytest.raises(ConfigError, match=r"run config set 'lam': expected SECTION.KEY=VALUE"):
+        run_settings({"config": "smoke", "set": "lam"}).federation()
+    with pytest.raises(ConfigError, match=r"run config set 'vaa.alpha=1': no section \[vaa\]"):
+        run_settings({"config": "smoke", "set": "vaa.alpha=1"}).federation()
+
+
+def test_the_app_config_in_pyproject_is_every_run_setting_at_its_default():
+    import tomllib
+    from pathlib import Path
+
+    from deepfusion.engines.flower.wire import RunSettings
+
+    app = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert run_settings(app) == RunSettings() and len(app) == len(RunSettings.__dataclass_fields__)

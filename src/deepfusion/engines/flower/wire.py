@@ -184,11 +184,13 @@ class RunSettings:
     seed: int = -1  # -1 = the config's
     node_timeout: float = 300.0  # seconds round 1 waits for every device's SuperNode to join
     round_timeout: float = 600.0  # seconds a round waits for packets (server.device_timeout wins if set)
+    set: str = ""  # dotted overrides as the CLI's --set, separated by ';': "tune.loss=ce;server.lam=2.0"
 
     def federation(self) -> FederationConfig:
         path = self.config if self.config.endswith(".toml") else default_config_path(self.config)
-        return load_config(path, method=self.method or None, rounds=self.rounds or None,
-                           seed=self.seed if self.seed >= 0 else None)
+        sets = [item for item in self.set.split(";") if item.strip()]
+        return load_config(path, sets, set_by="run config set", method=self.method or None,
+                           rounds=self.rounds or None, seed=self.seed if self.seed >= 0 else None)
 
 
 def run_settings(run_config: dict) -> RunSettings:
