@@ -4,7 +4,7 @@ Six devices that know the proxy text (their logits favour each position's real n
 replaced by an adversarial upload (`device.poison`: well-formed, so validation cannot catch it). The measure
 is what the federation teaches: the probability the weighted teacher (`server.aggregate`, plain-fkd's
 teacher; the per-device methods weight each device's KL the same way) gives the real next token. The
-end-to-end perplexity damage is measured by `python -m deepfusion.bench poison` (docs/RELIABILITY.md).
+end-to-end perplexity damage is measured by `deepfusion bench poison` (docs/RELIABILITY.md).
 """
 
 import pytest

@@ -17,6 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from deepfusion.benchmarks import MICRO, PROFILES
 from deepfusion.config import KNOWLEDGE_METHODS, METHODS, ONESHOT_METHODS, load_config
 from deepfusion.errors import ConfigError, DataError, RunDirError, RunInterrupted
 from deepfusion.rundir import claim, resume_command, user_message
@@ -223,16 +224,15 @@ def _load_exported(path: Path, device):
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.profile == "pipeline":
-        from deepfusion.benchmarks.pipeline import run_bench as run_pipeline
+    from deepfusion import benchmarks
 
-        results = run_pipeline(Path(args.out), Path(args.config) if args.config else None, args.seeds)
-        print(f"{len(results['runs'])} runs -> {Path(args.out) / 'RESULTS.md'}")
+    benchmarks.check_arguments(args.micro, args.profile, args.out, args.seeds, args.seed)
+    config = Path(args.config) if args.config else None
+    if args.micro:
+        for row in benchmarks.run_micro(args.micro, Path(args.out or "runs/bench"), config, args.seed):
+            print(json.dumps(row))
         return 0
-    from deepfusion.experiments import run_bench
-
-    results = run_bench(args.profile, Path(args.out), Path(args.config) if args.config else None, args.seeds)
-    print(f"{len(results['rows'])} rows -> {Path(args.out) / ('SCALE.md' if args.profile == 'scale' else 'RESULTS.md')}")
+    print(benchmarks.run_profile(args.profile or "quick", Path(args.out), config, args.seeds))
     return 0
 
 
@@ -329,14 +329,23 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=cmd_generate)
 
-    bench = sub.add_parser("bench", help="every method side by side: results.json/.csv, RESULTS.md, plots")
-    bench.add_argument("--profile", choices=("quick", "full", "scale", "pipeline"), default="quick",
-                       help="quick: both families, every multi-round method and baseline, one seed; full: 3 seeds, "
-                            "tuned λ, ablations; scale: the paper's MoEs on the meta device; pipeline: the paper "
-                            "pipeline beside its ablations and the multi-round protocol on the default federation")
-    bench.add_argument("--out", required=True, help="output directory (runs already there are reused)")
-    bench.add_argument("--config", help="federation TOML (default: configs/bench-quick.toml)")
-    bench.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
+    bench = sub.add_parser("bench", help="every method side by side, the scale projection, or a micro-benchmark",
+                           description="A profile runs methods side by side and writes results.json, RESULTS.md "
+                                       "(SCALE.md for scale) and plots into --out DIR; a micro-benchmark prints one "
+                                       "JSON row per line. `python -m deepfusion.benchmarks` takes the same arguments.")
+    bench.add_argument("micro", nargs="?", choices=MICRO, metavar="MICRO",
+                       help=f"a micro-benchmark instead of a profile: {', '.join(MICRO)}")
+    bench.add_argument("--profile", choices=PROFILES, help="quick (default): both families, every multi-round method "
+                       "and baseline, one seed; full: 3 seeds, tuned λ, ablations; scale: the paper's MoEs on the meta "
+                       "device; pipeline: the paper pipeline beside its ablations and the multi-round protocol on the "
+                       "default federation")
+    bench.add_argument("--out", help="output directory, required for a profile (runs already there are reused); "
+                       "poison and dp: where their runs go (default runs/bench)")
+    bench.add_argument("--config", help="federation TOML (defaults: quick/full configs/bench-quick.toml, scale "
+                       "configs/multiround.toml, pipeline configs/default.toml, poison configs/reliability.toml, "
+                       "dp configs/smoke-multiround.toml)")
+    bench.add_argument("--seeds", type=int, nargs="+", help="a profile: override its seeds")
+    bench.add_argument("--seed", type=int, help="dp: override the config's training seed")
     bench.set_defaults(func=cmd_bench)
 
     pre = sub.add_parser("pretrain", help="build (or reuse) the public checkpoints a config needs, as JSON",

@@ -7,16 +7,16 @@ import pytest
 import safetensors.torch
 import torch
 
-from deepfusion import scale
-from deepfusion.knowledge import KnowledgePacket, id_dtype
-from deepfusion.models import build_device_model, build_global_moe
+from deepfusion.benchmarks.scale import cards, project
+from deepfusion.models import build_global_moe
+from deepfusion.wire.knowledge import KnowledgePacket, id_dtype
 
 
-def _census(name: str) -> scale.Census:
-    return scale.census(scale.build_on_meta(*scale.transformers_config(scale.read_config(name))))
+def _census(name: str) -> cards.Census:
+    return cards.census(cards.build_on_meta(*cards.transformers_config(cards.read_config(name))))
 
 
-@pytest.mark.parametrize("card", [*scale.GLOBAL_MODELS, *scale.DEVICE_MODELS], ids=lambda c: c.name)
+@pytest.mark.parametrize("card", [*cards.GLOBAL_MODELS, *cards.DEVICE_MODELS], ids=lambda c: c.name)
 def test_every_shipped_config_builds_its_published_size(card):
     c = _census(card.name)
     assert abs(c.total / card.published_total - 1) < 0.01, f"{card.title}: built {c.total:,} vs published {card.published_total:,.0f}"
@@ -34,37 +34,14 @@ def test_moe_layouts_are_the_cards():
     assert sum(map(lambda s: torch.Size(s).numel(), qwen.hosted_shapes(0).values())) == qwen.non_expert
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny real steps: one thread is fastest, and on a shared machine two threads can wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.mark.parametrize("build", [lambda: build_global_moe("qwen_moe", "tiny", 512),
-                                   lambda: build_device_model("llama", "small", 512)], ids=["qwen_moe", "llama"])
-def test_a_meta_step_holds_what_a_real_cpu_step_holds(build, one_thread):
-    torch.manual_seed(0)
-    real = build().train()
-    cls, config = type(real), real.config
-    on_meta = scale.build_on_meta(cls, config)
-    a, b = scale.step_memory(real, 8, 32), scale.step_memory(on_meta, 8, 32)
-    assert (a.params, a.weights, a.gradients, a.optimizer) == (b.params, b.weights, b.gradients, b.optimizer)
-    # the real grouped_mm keeps its (E,) int32 offsets as saved tensors, the fallback op keeps them on ctx
-    assert 0 <= a.activations - b.activations <= 64 and b.activations > 0
-    assert abs(b.resident_per_param_bytes - 16) < 1e-3  # fp32 weight + gradient + AdamW's two moments
-
-
 def test_safetensors_bytes_are_the_librarys_to_the_byte():
     model = build_global_moe("qwen_moe", "tiny", 512)
-    c = scale.census(model)
+    c = cards.census(model)
     for dtype in (torch.float32, torch.bfloat16):
         tensors = {n: p.detach().to(dtype) for n, p in model.named_parameters()}
-        assert scale.safetensors_bytes(c.shapes, dtype) == len(safetensors.torch.save(tensors))
+        assert project.safetensors_bytes(c.shapes, dtype) == len(safetensors.torch.save(tensors))
         hosted = {n: (t[:2] if n in c.expert_names else t).contiguous() for n, t in tensors.items()}
-        assert scale.safetensors_bytes(c.hosted_shapes(2), dtype) == len(safetensors.torch.save(hosted))
+        assert project.safetensors_bytes(c.hosted_shapes(2), dtype) == len(safetensors.torch.save(hosted))
 
 
 def test_packet_bytes_grow_exactly_linearly_with_positions():
@@ -72,7 +49,7 @@ def test_packet_bytes_grow_exactly_linearly_with_positions():
     per_position = k * id_dtype(vocab).itemsize + k * 2 + 2  # ids, fp16 probs, one fp16 tail
     assert per_position == 50  # a vocabulary over 65,536 needs uint32 ids
     for n in (1_000, 4_000):
-        blob = scale.knowledge_packet(n, k, vocab, sample=8).to_bytes()
+        blob = project.knowledge_packet(n, k, vocab, sample=8).to_bytes()
         header = int.from_bytes(blob[:8], "little")
         assert len(blob) - 8 - header == n * per_position
         assert header < 1024
@@ -81,19 +58,19 @@ def test_packet_bytes_grow_exactly_linearly_with_positions():
 
 def test_unknown_architecture_names_what_is_known():
     with pytest.raises(ValueError, match="'MysteryForCausalLM' has no mapping; known: .*DeepseekForCausalLM"):
-        scale.transformers_config({"architectures": ["MysteryForCausalLM"]})
+        cards.transformers_config({"architectures": ["MysteryForCausalLM"]})
     with pytest.raises(ValueError, match="moe_layer_freq = 2"):
-        scale.transformers_config(scale.read_config("deepseek-moe-16b-base") | {"moe_layer_freq": 2})
+        cards.transformers_config(cards.read_config("deepseek-moe-16b-base") | {"moe_layer_freq": 2})
 
 
 @pytest.fixture(scope="module")
 def projected(tmp_path_factory):
     """One global MoE and one on-device LLM through the whole projection (the full run is the benchmark)."""
     mp = pytest.MonkeyPatch()
-    mp.setattr(scale, "GLOBAL_MODELS", scale.GLOBAL_MODELS[:1])
-    mp.setattr(scale, "DEVICE_MODELS", scale.DEVICE_MODELS[:1])
+    mp.setattr(cards, "GLOBAL_MODELS", cards.GLOBAL_MODELS[:1])
+    mp.setattr(cards, "DEVICE_MODELS", cards.DEVICE_MODELS[:1])
     out = tmp_path_factory.mktemp("scale")
-    rows = scale.project(out)
+    rows = project.project(out)
     mp.undo()
     return out, rows
 
@@ -112,8 +89,8 @@ def test_expert_subset_lies_strictly_between_the_kd_methods_and_fedavg(projected
 
 def test_kd_methods_cost_the_same_and_ship_no_weights(projected):
     _, rows = projected
-    kd = [r for r in rows if r["method"] in scale.KD_METHODS]
-    assert {r["method"] for r in kd} == set(scale.KD_METHODS)
+    kd = [r for r in rows if r["method"] in cards.KD_METHODS]
+    assert {r["method"] for r in kd} == set(cards.KD_METHODS)
     strip = lambda r: {k: v for k, v in r.items() if k != "method"}
     assert all(strip(r) == strip(kd[0]) for r in kd)
     header = kd[0]["up_bytes"] - 512 * 127 * 50  # the multi-round proxy: 512 blocks x 127 positions, 50 bytes each
@@ -123,7 +100,7 @@ def test_kd_methods_cost_the_same_and_ship_no_weights(projected):
 def test_totals_are_n_times_one_device(projected):
     _, rows = projected
     for r in rows:
-        for n in scale.DEVICE_COUNTS:
+        for n in cards.DEVICE_COUNTS:
             assert r[f"total_bytes_{n}"] == n * (r["down_bytes"] + r["up_bytes"])
             assert r[f"total_bytes_bf16_{n}"] == n * r["round_bytes_bf16"]
 
@@ -135,4 +112,4 @@ def test_outputs_are_written(projected):
     with open(out / "scale.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     md = (out / "SCALE.md").read_text()
-    assert "Command: `python -m deepfusion.scale --out" in md and "Machine:" in md and "| fedavg-moe |" in md
+    assert "Command: `deepfusion bench --profile scale --out" in md and "Machine:" in md and "| fedavg-moe |" in md

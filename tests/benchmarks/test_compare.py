@@ -1,4 +1,4 @@
-"""deepfusion bench on the smoke multi-round federation: every method, both families, the report's files."""
+"""deepfusion bench --profile quick|full on the smoke multi-round federation: every method, both families, files."""
 
 import csv
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 
 from deepfusion.config import default_config_path
-from deepfusion.experiments import ABLATIONS, FAMILIES, HETEROGENEITY, METHODS, aggregate, paired
+from deepfusion.benchmarks.compare import ABLATIONS, FAMILIES, HETEROGENEITY, METHODS, aggregate, paired
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +75,7 @@ def test_every_sweep_change_is_a_valid_config_that_changes_something(name):
 
 
 def test_lambda_is_tuned_on_validation_text(tmp_path, data_dir, monkeypatch, smoke_config):
-    import deepfusion.experiments as ex
+    import deepfusion.benchmarks.compare as ex
 
     monkeypatch.setattr(ex, "LAMBDAS", (0.0, 1.0))
     lam = ex.tune_lambda(smoke_config, tmp_path, "qwen_moe", "device-kd")

@@ -1,4 +1,6 @@
-from deepfusion.bench import bench_distill, bench_experts
+import pytest
+
+from deepfusion.benchmarks.micro import bench_distill, bench_experts
 
 
 def test_experts_bench_times_every_kernel_of_both_families():
@@ -17,7 +19,7 @@ def test_distill_bench_reports_ratios():
 def test_poison_bench_compares_against_the_clean_run(tmp_path, smoke_config):
     import tomllib
 
-    from deepfusion.bench import bench_poison
+    from deepfusion.benchmarks.micro import bench_poison
     from deepfusion.config import default_config_path
 
     text = default_config_path("smoke-multiround").read_text().replace('seed = 0\nseq_len', f'seed = 0\ndir = "{smoke_config.data.dir}"\nseq_len')
@@ -29,3 +31,31 @@ def test_poison_bench_compares_against_the_clean_run(tmp_path, smoke_config):
     assert [(r["attack"], r["reliability"]) for r in rows] == [("none", True), ("none", False), ("inverted", True),
                                                                ("inverted", False)]
     assert rows[0]["damage_pct"] == {"medical": 0.0, "finance": 0.0}
+
+
+def test_a_micro_benchmark_runs_through_deepfusion_bench(monkeypatch, capsys):
+    import json
+
+    from deepfusion.benchmarks import micro
+    from deepfusion.cli import main
+
+    monkeypatch.setattr(micro, "bench_distill", lambda: [{"method": "proxy-only", "seconds_per_step": 0.1}])
+    assert main(["bench", "distill"]) == 0
+    assert [json.loads(x) for x in capsys.readouterr().out.splitlines()] == [{"method": "proxy-only",
+                                                                             "seconds_per_step": 0.1}]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["experts", "--profile", "quick"], "give one of them"),
+    (["--profile", "scale"], "--out DIR is required"),
+    (["dp", "--seeds", "1", "2"], "--seeds is a profile's"),
+    (["--profile", "quick", "--out", "x", "--seed", "1"], "--seed is the dp micro-benchmark's"),
+])
+def test_python_m_benchmarks_is_deepfusion_bench_and_says_what_a_mix_of_arguments_means(args, says):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "deepfusion.benchmarks", *args], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("deepfusion: ") and says in done.stderr and len(done.stderr.splitlines()) == 1

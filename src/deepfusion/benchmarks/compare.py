@@ -1,9 +1,8 @@
-"""`deepfusion bench`: the paper's comparison at CPU scale, every method side by side in one run.
+"""`deepfusion bench --profile quick|full`: the paper's comparison at CPU scale, every method side by side.
 
     deepfusion bench --profile quick --out DIR    both global families, every method, one seed
     deepfusion bench --profile full  --out DIR    3 seeds, λ tuned per method, paired differences, ablations,
                                                   heterogeneity sweep
-    deepfusion bench --profile scale --out DIR    the paper's industry MoEs on the meta device (scale.py)
 
 Every run sees the same data, splits, tokenizer and budgets (configs/bench-quick.toml). The knowledge
 methods replay one recording of the devices' uploads per seed (replay.py), so they distil identical
@@ -24,15 +23,17 @@ import statistics
 import time
 from pathlib import Path
 
-from deepfusion.config import KNOWLEDGE_METHODS, FederationConfig, default_config_path, load_config
+from deepfusion.config import (GLOBAL_FAMILIES, HOSTING_METHODS, KNOWLEDGE_METHODS, FederationConfig, default_config_path,
+                               load_config)
 
 log = logging.getLogger("deepfusion.bench")
 
-FAMILIES = ("qwen_moe", "deepseek_moe")
-# Table order: the upper bounds, the federated-MoE baselines, the floor, the distillation methods, the reference.
-METHODS = ("centralized-converged", "centralized", "fedavg-moe", "expert-subset", "proxy-only",
-           "plain-fkd", "device-kd", "multiround-views", "local-only")
+FAMILIES = GLOBAL_FAMILIES
 VIEWS = "multiround-views"  # the method the bench's targets, pairs and sweeps are about
+OTHER_KD = tuple(m for m in KNOWLEDGE_METHODS if m != VIEWS)  # the distillation baselines VIEWS is paired with
+# Table order: the upper bounds, the federated-MoE baselines, the floor, the distillation methods, the reference
+# (local-only is read off the VIEWS run just before it). The one-shot methods have their own bench (pipeline.py).
+METHODS = ("centralized-converged", "centralized", *HOSTING_METHODS, "proxy-only", *OTHER_KD[::-1], VIEWS, "local-only")
 LAMBDAS = (0.5, 1.0, 2.0, 4.0)  # the grid each distillation method's λ is tuned over (full profile)
 
 
@@ -78,7 +79,7 @@ def host_steps_rows(base: FederationConfig, root: Path, seeds: list[int]) -> lis
     steps = max(d.local_steps for d in base.devices)
     return [run_one(base, root, "qwen_moe", method, seed, tag=f"host_steps={steps}",
                     change=lambda c: setattr(c.server, "host_steps", steps))
-            for seed in seeds for method in ("fedavg-moe", "expert-subset")]
+            for seed in seeds for method in HOSTING_METHODS]
 
 
 def local_only_row(knowledge: dict) -> dict:
@@ -110,7 +111,7 @@ def main_table(base: FederationConfig, root: Path, seeds: list[int], tune: bool)
     """Every method x family x seed. The multiround-views run of each seed records the devices' uploads first."""
     rows, lams = [], {}
     for family in FAMILIES if tune else ():
-        for method in (VIEWS, "device-kd", "plain-fkd"):
+        for method in KNOWLEDGE_METHODS:
             lams[family, method] = tune_lambda(base, root, family, method)
     for seed in seeds:
         for family in FAMILIES:
@@ -148,9 +149,9 @@ ABLATIONS = {
     "views_dim=64": lambda c: setattr(c.server, "views_dim", 64),
     "views_mix=1.0": lambda c: setattr(c.server, "views_mix", 1.0),
     "reliability=off": lambda c: setattr(c.server, "reliability", False),
-    "topk=2": lambda c: setattr(c.server, "topk", 2),
-    "topk=32": lambda c: setattr(c.server, "topk", 32),
-    "temperature=2": lambda c: setattr(c.server, "temperature", 2.0),
+    "topk=2": lambda c: setattr(c.knowledge, "topk", 2),
+    "topk=32": lambda c: setattr(c.knowledge, "topk", 32),
+    "temperature=2": lambda c: setattr(c.knowledge, "temperature", 2.0),
 }
 # From one family and size to mixed families, sizes and calibration: where do the logit views beat device-kd?
 HETEROGENEITY = {"1-uniform": _uniform, "2-families": _two_families, "3-families+sizes": None,
@@ -206,15 +207,10 @@ def _shown(path: Path) -> str:
 
 
 def run_bench(profile: str, out: Path, config: Path | None = None, seeds: list[int] | None = None) -> dict:
-    """Run a profile and write its results; returns the results object."""
-    from deepfusion import report
+    """Run the quick or full profile and write its results; returns the results object."""
+    from deepfusion.benchmarks import report
 
     out.mkdir(parents=True, exist_ok=True)
-    if profile == "scale":
-        from deepfusion.scale import project
-
-        rows = project(out, command=f"deepfusion bench --profile scale --out {out}")
-        return {"profile": "scale", "rows": rows}
     base = load_config(config or default_config_path("bench-quick"))
     seeds = seeds or ([0] if profile == "quick" else [0, 1, 2])
     start = time.perf_counter()
@@ -222,11 +218,10 @@ def run_bench(profile: str, out: Path, config: Path | None = None, seeds: list[i
     extra = host_steps_rows(base, out, seeds)
     if profile == "full":
         extra += sweep(base, out, seeds, "ablation", ABLATIONS) + sweep(base, out, seeds, "hetero", HETEROGENEITY)
-    pairs = [paired(rows, VIEWS, b, f) for f in FAMILIES for b in ("device-kd", "plain-fkd", "fedavg-moe",
-                                                                    "expert-subset", "centralized-converged")]
+    pairs = [paired(rows, VIEWS, b, f) for f in FAMILIES for b in (*OTHER_KD, *HOSTING_METHODS, "centralized-converged")]
     for tag in sorted({r["tag"] for r in extra}):
         if tag.startswith("host_steps"):  # main multiround-views against the hosts given more steps
-            pairs += [paired(rows + extra, VIEWS, m, "qwen_moe", "", tag) for m in ("fedavg-moe", "expert-subset")]
+            pairs += [paired(rows + extra, VIEWS, m, "qwen_moe", "", tag) for m in HOSTING_METHODS]
         else:
             pairs.append(paired(extra, VIEWS, "device-kd", "qwen_moe", tag))
     results = {"profile": profile, "config": _shown(config or default_config_path("bench-quick")), "seeds": seeds,

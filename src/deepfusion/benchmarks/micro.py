@@ -1,18 +1,17 @@
 """Micro-benchmarks that back the defaults (speed is measured here, never asserted in timed tests).
 
-    python -m deepfusion.bench experts     # MoE experts kernels: one training step per implementation
-    python -m deepfusion.bench distill     # one distillation step per method, 6 devices
-    python -m deepfusion.bench poison      # one adversarial device of six: damage with / without reliability
-    python -m deepfusion.bench dp          # differential privacy on uploads: perplexity and (ε, δ) per noise level
-    python -m deepfusion.bench vaa         # one Phase II step: VAA vs no feature term vs OFA-KD (crosskd.time_steps)
+    python -m deepfusion.benchmarks experts     # MoE experts kernels: one training step per implementation
+    python -m deepfusion.benchmarks distill     # one distillation step per method, 6 devices
+    python -m deepfusion.benchmarks poison      # one adversarial device of six: damage with / without reliability
+    python -m deepfusion.benchmarks dp          # differential privacy on uploads: perplexity and (ε, δ) per noise level
+    python -m deepfusion.benchmarks vaa         # one Phase II step: VAA vs no feature term vs OFA-KD (crosskd.time_steps)
 
+(`deepfusion bench experts` and so on is the same command.) Each prints one JSON object per row.
 Timings are ratios within one run on one machine: compare rows, not machines.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
@@ -120,26 +119,15 @@ def bench_dp(out: Path, noise: tuple[float, ...] = (0.01, 0.05, 0.2, 100.0), con
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("experts", "distill", "poison", "dp", "vaa"))
-    parser.add_argument("--out", default="runs/bench", help="output directory for runs (poison, dp)")
-    parser.add_argument("--config", type=Path, help="federation TOML (poison: reliability.toml, dp: smoke-multiround.toml)")
-    parser.add_argument("--seed", type=int, help="dp: override the config's training seed")
-    args = parser.parse_args(argv)
-    if args.what == "poison":
-        rows = bench_poison(Path(args.out), config=args.config)
-    elif args.what == "dp":
-        rows = bench_dp(Path(args.out), config=args.config, seed=args.seed)
-    elif args.what == "vaa":
+
+def run(what: str, out: Path, config: Path | None = None, seed: int | None = None) -> list[dict]:
+    """One micro-benchmark's rows. `out` holds the federation runs of poison and dp; `config` and `seed` are theirs."""
+    if what == "poison":
+        return bench_poison(out, config=config)
+    if what == "dp":
+        return bench_dp(out, config=config, seed=seed)
+    if what == "vaa":
         from deepfusion.crosskd import time_steps
 
-        rows = time_steps()
-    else:
-        rows = bench_experts() if args.what == "experts" else bench_distill()
-    for row in rows:
-        print(json.dumps(row))
-
-
-if __name__ == "__main__":
-    main()
+        return time_steps()
+    return bench_experts() if what == "experts" else bench_distill()
