@@ -33,7 +33,7 @@ from transformers import (
 
 from deepfusion.errors import ConfigError, DeviceUnavailable
 
-# Measured on the 2-core CPU (benchmarks/experts.md, `python -m deepfusion.bench experts`): batched_mm was
+# Measured on the 2-core CPU (benchmarks/experts.md, `deepfusion bench experts`): batched_mm was
 # 17-27x slower than the other two; grouped_mm and eager were within noise, grouped_mm ahead in 3 of 4 pairs.
 # But DeepseekV2's grouped_mm backward is not deterministic on more than one CPU thread (the same step twice
 # gives different gradients; qwen_moe's does not, nor does eager): deepseek_moe takes eager, so a seed
