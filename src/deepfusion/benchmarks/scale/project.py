@@ -50,7 +50,7 @@ def safetensors_bytes(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) ->
 
     The format is an 8-byte header length, a JSON header (tensors sorted by name, each with dtype, shape and
     byte offsets, padded with spaces to 8 bytes) and the raw data. Checked byte for byte against the library
-    on a real model in tests/test_scale.py.
+    on a real model in tests/benchmarks/test_scale.py.
     """
     header, offset = {}, 0
     for name in sorted(shapes):
