@@ -125,3 +125,13 @@ def test_configs_built_or_replaced_in_code_are_validated_too():
         dataclasses.replace(cfg)
     cfg.server.min_devices = 1
     assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_a_config_saved_before_the_knowledge_section_still_reads_back():
+    # checkpoints and summary.json files written before [knowledge] had topk and temperature under [server]
+    from deepfusion.config import from_dict, to_dict
+
+    cfg = load_config(default_config_path("smoke-multiround"), ["knowledge.topk=6", "knowledge.temperature=2.0"])
+    old = to_dict(cfg)
+    old["server"].update(old.pop("knowledge"))
+    assert from_dict(old) == cfg

@@ -485,9 +485,12 @@ def to_dict(cfg: FederationConfig) -> dict[str, Any]:
 
 
 def from_dict(raw: dict[str, Any]) -> FederationConfig:
-    """The inverse of to_dict (a resumed run reads its config back from its checkpoint)."""
+    """The inverse of to_dict (a resumed run reads its config back from its checkpoint, eval from summary.json)."""
     raw = {k: v for k, v in raw.items()}
     raw["devices"] = [{k: v for k, v in d.items() if v is not None} for d in raw["devices"]]
     for section in SECTIONS:
         raw[section] = {k: v for k, v in raw.get(section, {}).items() if v is not None}
+    for key in ("topk", "temperature"):  # runs saved before [knowledge] was a section kept these under [server]
+        if key in raw["server"]:
+            raw["knowledge"].setdefault(key, raw["server"].pop(key))
     return _build(FederationConfig, raw, "federation")
