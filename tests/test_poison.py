@@ -12,8 +12,8 @@ import torch
 
 from deepfusion.config import ATTACKS, KnowledgeConfig, ServerConfig
 from deepfusion.device import poison
-from deepfusion.knowledge import encode_knowledge
 from deepfusion.server import aggregate, build_server, reliability_weights, stack_targets
+from deepfusion.wire.knowledge import encode_knowledge
 
 V, P, T, K = 64, 8, 17, 8
 DEVICES = [f"d{i}" for i in range(6)]

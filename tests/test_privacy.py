@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepfusion import privacy
-from deepfusion.knowledge import encode_knowledge, validate_packet
+from deepfusion.wire.knowledge import encode_knowledge, validate_packet
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -131,7 +131,8 @@ def make_device(**dp):
 
 
 def test_a_dp_device_noises_its_uploads_withholds_its_loss_and_counts_what_it_spent():
-    from deepfusion.device import Instruction, describe, device_state, load_device_state, run_round
+    from deepfusion.device import describe, device_state, load_device_state, run_round
+    from deepfusion.wire.instruction import Instruction
 
     device = make_device(dp_noise=2.0, dp_clip=0.5, dp_delta=1e-6)
     ask = Instruction(round=1, proxy_indices=[0, 1, 2, 3], local_steps=1, batch_size=2, lr=1e-3, topk=4,
@@ -183,9 +184,9 @@ def test_no_private_text_or_token_sequence_leaves_a_device(smoke_config, tmp_pat
     import numpy as np
 
     import deepfusion.engines.local as local
-    from deepfusion.device import Instruction
     from deepfusion.federation import prepare_data
-    from deepfusion.knowledge import KnowledgePacket
+    from deepfusion.wire.instruction import Instruction
+    from deepfusion.wire.knowledge import KnowledgePacket
 
     messages = []
     real_from, real_round = Instruction.from_bytes, local.server_round

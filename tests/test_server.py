@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from deepfusion.config import KnowledgeConfig, ServerConfig
-from deepfusion.knowledge import encode_knowledge
 from deepfusion.server import (aggregate, build_server, distill, evaluate, receive, reliability_weights,
                                load_server_state, server_round, server_state, stack_targets)
+from deepfusion.wire.knowledge import encode_knowledge
 
 V, P, T = 64, 6, 9
 DEVICES = ["a", "b", "c"]

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 import deepfusion.server as server_mod
 from deepfusion.config import KnowledgeConfig, ServerConfig
-from deepfusion.knowledge import KnowledgePacket, encode_knowledge, validate_packet
 from deepfusion.server import (build_server, load_server_state, packet_byte_cap, receive, server_round, server_state,
                                stack_targets)
+from deepfusion.wire.knowledge import KnowledgePacket, encode_knowledge, validate_packet
 
 V, P, T, K = 64, 3, 6, 4
 N = P * (T - 1)  # proxy positions a packet must cover

@@ -8,10 +8,9 @@ across rounds; the private data never leaves this module (only `KnowledgePacket`
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,33 +21,11 @@ from deepfusion import privacy
 from deepfusion.config import DeviceConfig
 from deepfusion.errors import ConfigError
 from deepfusion.memory import train_peak_bytes
-from deepfusion.knowledge import KnowledgePacket, encode_knowledge
 from deepfusion.models import autocast, build_device_model, n_params
+from deepfusion.wire.instruction import Instruction
+from deepfusion.wire.knowledge import KnowledgePacket, encode_knowledge
 
 LABEL_BATCH = 16  # proxy blocks per labelling forward pass: bounds the (B, T, V) logits in memory
-
-
-@dataclass
-class Instruction:
-    """Server -> device, each round. No model weights: only what to do and which proxy blocks to label."""
-
-    round: int
-    proxy_indices: list[int]
-    local_steps: int
-    batch_size: int
-    lr: float
-    topk: int
-    temperature: float
-
-    def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Instruction:
-        try:
-            return cls(**json.loads(data.decode()))
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"malformed instruction from the server: {e}") from None
 
 
 @dataclass

@@ -9,10 +9,7 @@ Two kinds of device, by method:
     hosting.Host    fedavg-moe, expert-subset: it hosts the global MoE, or the part that fits its memory
                     (baselines/hosting.py); the weights come from the server every round
 
-Why the server sends the tokenizer and the proxy blocks (a `Setup`) instead of every node rebuilding
-them: the tokenizer is trained on the proxy documents of *every* source, and a node holds only its own
-source. Rebuilding would mean shipping every source's proxy text to every node anyway, plus a BPE
-training per node; one Setup message is smaller, faster and cannot drift between tokenizer versions.
+A node starts from the server's `Setup` (wire/setup.py): the federation's config, tokenizer and proxy blocks.
 
 On a node the device lives in a state directory, `<state-dir>/run-<run id>/`:
     <device>.data.pt   its private (and held-out) blocks, packed once (re-tokenising each round costs seconds)
@@ -24,99 +21,24 @@ restarted, continues exactly where its device was.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import safetensors.numpy
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM
 
-from deepfusion import __version__
 from deepfusion.baselines import hosting
-from deepfusion.config import FederationConfig, from_dict, to_dict
-from deepfusion.data import load_source, load_tokenizer, resolve_data_dir, split_documents
+from deepfusion.config import FederationConfig
+from deepfusion.data import load_source, resolve_data_dir, split_documents
 from deepfusion.device import (Device, build_device, choose_size, device_state, evaluate_device, load_device_state,
                                train_peak_bytes)
-from deepfusion.federation import FederationData, device_private, held_out_blocks
-from deepfusion.knowledge import id_dtype
+from deepfusion.federation import device_private, held_out_blocks
 from deepfusion.models import resolve_device
+from deepfusion.wire.setup import Setup
 
 log = logging.getLogger("deepfusion.node")
-
-
-@dataclass
-class Setup:
-    """Server -> every node, once: the federation's public parts. No private data, no model weights.
-
-    Wire format: safetensors with one tensor `proxy` (P, T) in the narrowest unsigned int dtype, and string
-    metadata `version` (deepfusion's), `config` (the federation config as JSON), `tokenizer/<file>`
-    (the tokenizer's saved files) and, for the hosting methods only, `moe` (the global MoE's architecture).
-    """
-
-    config: FederationConfig
-    tokenizer_files: dict[str, str]  # file name -> text, as written by save_pretrained
-    proxy: torch.Tensor  # (P, T) long, the public proxy blocks every device labels
-    moe: str = ""  # hosting methods: the global MoE's config as JSON (+ its experts kernel); "" otherwise
-
-    def to_bytes(self) -> bytes:
-        vocab = int(self.proxy.max()) + 1 if self.proxy.numel() else 1
-        meta = {"version": __version__, "config": json.dumps(to_dict(self.config)),
-                **{f"tokenizer/{name}": text for name, text in sorted(self.tokenizer_files.items())},
-                **({"moe": self.moe} if self.moe else {})}
-        return safetensors.numpy.save({"proxy": self.proxy.numpy().astype(id_dtype(vocab))}, metadata=meta)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Setup:
-        try:
-            n = int.from_bytes(data[:8], "little")
-            meta = json.loads(data[8:8 + n])["__metadata__"]
-            proxy = torch.from_numpy(safetensors.numpy.load(data)["proxy"].astype(np.int64))
-            files = {k.removeprefix("tokenizer/"): v for k, v in meta.items() if k.startswith("tokenizer/")}
-            version, config = meta.get("version"), meta["config"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"malformed setup from the server ({type(e).__name__}: {e}); "
-                             "server and node must run the same deepfusion version") from None
-        if version != __version__:
-            raise ValueError(f"the server runs deepfusion {version}, this node {__version__}; the packet "
-                             "format and device recipe must match: install the server's version on this node")
-        return cls(from_dict(json.loads(config)), files, proxy, meta.get("moe", ""))
-
-    def tokenizer(self):
-        """Load the shared tokenizer through the same loader as the server (eos/pad set the same way)."""
-        with tempfile.TemporaryDirectory(prefix="deepfusion-tok-") as tmp:
-            for name, text in self.tokenizer_files.items():
-                (Path(tmp) / name).write_text(text, encoding="utf-8")
-            return load_tokenizer(Path(tmp))
-
-    def global_config(self) -> PretrainedConfig:
-        """The global MoE's architecture (hosting methods), as the server's model has it, experts kernel included."""
-        if not self.moe:
-            raise ValueError(f"method {self.config.method!r}: this setup carries no MoE architecture; "
-                             "only the hosting methods (fedavg-moe, expert-subset) send one")
-        described = json.loads(self.moe)
-        kernel = described.pop("experts_implementation", None)
-        config = AutoConfig.for_model(**described)
-        if kernel:
-            config._experts_implementation = kernel
-        return config
-
-
-def make_setup(cfg: FederationConfig, data: FederationData, moe: PreTrainedModel | None = None) -> Setup:
-    """The server's Setup: its config, its tokenizer's files, its proxy blocks; and, for a method whose
-    devices host the global MoE, its architecture (no weights: those come every round)."""
-    with tempfile.TemporaryDirectory(prefix="deepfusion-tok-") as tmp:
-        data.tokenizer.save_pretrained(tmp)
-        files = {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(tmp).iterdir()) if p.is_file()}
-    described = ""
-    if moe is not None:  # to_json_string leaves out the experts kernel, which decides the host's numerics
-        kernel = getattr(moe.config, "_experts_implementation", None)
-        described = json.dumps({**json.loads(moe.config.to_json_string()), "experts_implementation": kernel})
-    return Setup(cfg, files, data.proxy, described)
 
 
 @dataclass

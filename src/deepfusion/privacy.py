@@ -41,7 +41,7 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
-from deepfusion.knowledge import KnowledgePacket, id_dtype
+from deepfusion.wire.knowledge import KnowledgePacket, id_dtype
 
 WITHHELD_LOSS = 0.0  # local_loss of a DP device's packet: the real one depends on the private data
 FALSE_MASS = 1e-3  # α: the chance that a position's reported mass is pure noise (sets the noise floor)
@@ -100,7 +100,7 @@ def privatize(logits: torch.Tensor, k: int, temperature: float, clip: float, noi
 def encode_private(logits: torch.Tensor, k: int, temperature: float, *, clip: float, noise_multiplier: float,
                    generator: torch.Generator, device_id: str, round: int, arch: str,
                    tokens_trained: int) -> KnowledgePacket:
-    """`knowledge.encode_knowledge` under DP: the same packet layout, noised values, local_loss withheld."""
+    """`wire.knowledge.encode_knowledge` under DP: the same packet layout, noised values, local_loss withheld."""
     ids, probs, tail = privatize(logits, k, temperature, clip, noise_multiplier, generator)
     V = logits.shape[1]
     return KnowledgePacket(device_id=device_id, round=round, arch=arch, tokens_trained=tokens_trained,

@@ -23,11 +23,12 @@ from transformers import PreTrainedModel
 from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
 from deepfusion.config import SERVER_METHODS, KnowledgeConfig, ServerConfig
-from deepfusion.knowledge import (KnowledgePacket, PacketError, id_dtype, to_targets, topk_kl, topk_kl_shared,
-                                  validate_packet)
+from deepfusion.losses import topk_kl, topk_kl_shared
 from deepfusion.models import autocast, build_global_moe, routed_experts
 from deepfusion.evaluation import evaluate  # noqa: F401  (moved; engines and the CLI import it from here)
 from deepfusion.logit_views import LogitViews, stage_layers, stage_logits
+from deepfusion.wire import PacketError
+from deepfusion.wire.knowledge import KnowledgePacket, id_dtype, to_targets, validate_packet
 
 log = logging.getLogger("deepfusion.server")
 

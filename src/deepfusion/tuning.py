@@ -14,7 +14,7 @@ devices' predictions reached 139. Both are offered and measured (README). Either
 The teachers' mixture is computed once over the public blocks (`teacher_targets`): per block, each domain
 teacher's distribution weighted by how well that teacher explains the block's real next tokens (a softmax
 over teachers of their mean log-likelihood: medical blocks lean on medical teachers), kept as top-k + tail
-so the tuning step uses the same exact, cheap KL as the multi-round protocol (knowledge.topk_kl_shared).
+so the tuning step uses the same exact, cheap KL as the multi-round protocol (losses.topk_kl_shared).
 The same scores give each public block a domain: the one whose teachers explain it best (router init).
 """
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from deepfusion.baselines.centralized import EarlyStopping, validation_score
 from deepfusion.config import TuneConfig
 from deepfusion.evaluation import evaluate
-from deepfusion.knowledge import topk_kl_shared
+from deepfusion.losses import topk_kl_shared
 from deepfusion.models import autocast
 from deepfusion.server import router_aux_loss
 from deepfusion.upcycling import expert_parameter_names

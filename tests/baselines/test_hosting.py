@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from deepfusion.baselines import hosting
-from deepfusion.baselines.weights import WeightsPacket
 from deepfusion.config import DeviceConfig
 from deepfusion.models import build_global_moe, routed_experts
+from deepfusion.wire.weights import WeightsPacket
 
 V, T = 300, 16
 FAMILIES = ["qwen_moe", "deepseek_moe"]

@@ -29,12 +29,13 @@ from flwr.serverapp.strategy import FedAvg
 from transformers import AutoModelForCausalLM
 
 from deepfusion.baselines import hosting
-from deepfusion.baselines.weights import WeightsPacket
 from deepfusion.config import default_config_path, load_config
 from deepfusion.engines.flower.wire import payload_bytes, weights_content, weights_digest, weights_packet
-from deepfusion.knowledge import PacketError
 from deepfusion.models import build_global_moe
-from deepfusion.node import Setup, load_host, save_host
+from deepfusion.node import load_host, save_host
+from deepfusion.wire import PacketError
+from deepfusion.wire.setup import Setup
+from deepfusion.wire.weights import WeightsPacket
 from tests.conftest import SHARED_DATA
 
 REL_PPL = 1e-3

@@ -1,18 +1,12 @@
-"""The Flower engine's small parts, without a runtime: the Setup's bytes, the run config, message sizes and
+"""The Flower engine's small parts, without a runtime: the run config, message sizes and
 the reasons the server logs. Fast: no Ray, no SuperLink."""
 
-import dataclasses
-
 import pytest
-import torch
 from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
 
-from deepfusion import __version__
-from deepfusion.config import default_config_path, load_config
 from deepfusion.errors import ConfigError
 from deepfusion.engines.flower.wire import content, failure, message_bytes, run_settings, values
-from deepfusion.node import Setup
 
 
 @pytest.fixture
@@ -22,32 +16,6 @@ def as_a_task(monkeypatch):
 
     for key, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, key, value)
-
-
-def setup_of(version: str = __version__) -> Setup:
-    cfg = load_config(default_config_path("smoke-multiround"))
-    return Setup(cfg, {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": "{}"},
-                 torch.randint(512, (4, 32)))
-
-
-def test_setup_round_trips_and_packs_token_ids_narrowly():
-    setup = setup_of()
-    data = setup.to_bytes()
-    back = Setup.from_bytes(data)
-    assert dataclasses.asdict(back.config) == dataclasses.asdict(setup.config)
-    assert back.tokenizer_files == setup.tokenizer_files and torch.equal(back.proxy, setup.proxy)
-    assert len(data) < 4 * 32 * 2 + 4096  # uint16 ids (vocab 512) + config and tokenizer metadata
-
-
-def test_setup_from_another_deepfusion_version_is_refused_with_what_to_do(monkeypatch):
-    import deepfusion.node
-
-    data = setup_of().to_bytes()
-    monkeypatch.setattr(deepfusion.node, "__version__", "9.9.9")
-    with pytest.raises(ValueError, match=f"server runs deepfusion {__version__}, this node 9.9.9.*install"):
-        Setup.from_bytes(data)
-    with pytest.raises(ValueError, match="malformed setup"):
-        Setup.from_bytes(b"not a setup")
 
 
 def test_run_config_becomes_typed_settings_and_names_bad_keys():

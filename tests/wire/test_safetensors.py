@@ -88,7 +88,7 @@ BAD = {
     "int": (_blob({**META, "n": "7.0"}), {}, "'n' must be a decimal integer"),
     "float": (_blob({**META, "x": "big"}), {}, "'x' must be a float"),
     "json": (_blob({**META, "cfg": "{"}), {}, "'cfg' must be JSON"),
-    "data short": (_blob()[:-1], {}, "not a valid safetensors blob"),
+    "data short": (_blob()[:-1], {}, "not valid safetensors, its header does not describe its data"),
     "too big": (_blob(), {"max_bytes": 100}, "thing is"),
 }
 

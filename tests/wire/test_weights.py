@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from deepfusion.baselines.weights import WeightsPacket, validate_upload
-from deepfusion.knowledge import PacketError
+from deepfusion.wire import PacketError
+from deepfusion.wire.weights import WeightsPacket, validate_upload
 
 
 def packet(**kw) -> WeightsPacket:

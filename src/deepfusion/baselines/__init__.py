@@ -4,7 +4,7 @@
                      at the federated methods' step budget, and trained to convergence (early stopping)
     hosting.py       federated MoE: devices host the global MoE (`fedavg-moe`) or the shared layers plus the
                      routed experts that fit their memory (`expert-subset`); the server averages weights
-    weights.py       the weights wire format those two exchange (safetensors + metadata), validated
+                     (their weights travel as wire/weights.py's WeightsPacket)
     local-only       needs no module: each device's own model on its own domain (engines/local.py)
 
 `proxy-only`, `plain-fkd` and `device-kd` are server-side variants of the multi-round knowledge protocol's round

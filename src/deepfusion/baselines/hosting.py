@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from deepfusion.baselines.weights import WeightsPacket, validate_upload
 from deepfusion.config import DeviceConfig, ServerConfig
 from deepfusion.device import lm_loss
-from deepfusion.knowledge import PacketError
 from deepfusion.memory import train_peak_bytes
 from deepfusion.models import autocast, build_device_model, routed_experts, set_routed_experts
+from deepfusion.wire import PacketError
+from deepfusion.wire.weights import WeightsPacket, validate_upload
 
 log = logging.getLogger("deepfusion.hosting")
 

@@ -26,8 +26,8 @@ import torch
 from deepfusion.baselines import hosting
 from deepfusion.baselines.centralized import EarlyStopping, pooled_blocks, validation_score
 from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ONESHOT_METHODS, FederationConfig, to_dict
-from deepfusion.device import (Device, Instruction, build_device, describe, device_state, evaluate_device,
-                               load_device_state, local_train, measure_train_peak, run_round, train_peak_bytes)
+from deepfusion.device import (Device, build_device, describe, device_state, evaluate_device, load_device_state,
+                               local_train, measure_train_peak, run_round, train_peak_bytes)
 from deepfusion.federation import (FederationData, append_metrics, device_documents, device_seed, load_checkpoint,
                                    prepare_data, rewrite_metrics, save_checkpoint, summary, write_json_atomic)
 from deepfusion.models import export_model, n_params, resolve_device
@@ -35,6 +35,7 @@ from deepfusion.privacy import federation_report
 from deepfusion.progress import RunProgress
 from deepfusion.replay import Replay
 from deepfusion.server import build_server, evaluate, load_server_state, server_round, server_state
+from deepfusion.wire.instruction import Instruction
 
 log = logging.getLogger("deepfusion")
 

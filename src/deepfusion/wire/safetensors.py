@@ -96,7 +96,7 @@ def read(data: bytes, what: str, *, version: str, fields: Mapping[str, Field], m
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # pyo3 panics derive from BaseException, not Exception
-        raise malformed(f"not a valid safetensors blob, its header does not describe its data "
+        raise malformed(f"not valid safetensors, its header does not describe its data "
                         f"({type(e).__name__}: {str(e)[:120]})") from None
     return loaded, meta
 

@@ -16,15 +16,14 @@ recipe then leaves that device out and goes on.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
-import safetensors.torch
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
-from deepfusion.knowledge import PacketError, canonical_safetensors
+from deepfusion.wire import PacketError
+from deepfusion.wire import safetensors as st
 
 VERSION = 1
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -32,6 +31,8 @@ MODEL_TYPES = ("gpt2", "llama", "olmo", "bloom", "qwen2")  # on-device families 
 EMBEDDING = "__embedding__"  # the tensor holding e_n's bytes (uint8) inside an upload
 BASIS = "__basis__"  # the tensor holding the public basis' bytes (uint8) inside a task
 HEADER_ROOM = 64 << 10  # safetensors header + metadata: a few kB for a model's names and config, ample room
+TASK_FIELDS = {"version": str, "device_id": str}
+UPLOAD_FIELDS = {"version": str, "device_id": str, "arch": str, "config": "json", "info": "json"}
 
 
 class UploadError(PacketError):
@@ -47,14 +48,12 @@ class Task:
 
     def to_bytes(self) -> bytes:
         tensors = {BASIS: torch.frombuffer(bytearray(self.basis), dtype=torch.uint8)}
-        meta = {"version": str(VERSION), "device_id": self.device_id}
-        return canonical_safetensors(safetensors.torch.save(tensors, metadata=meta))
+        return st.write(tensors, {"version": str(VERSION), "device_id": self.device_id})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Task:
-        tensors, meta = _parse(data, 1 << 26, "task")
-        if set(tensors) != {BASIS} or "device_id" not in meta:
-            raise UploadError(f"task must carry exactly {BASIS!r} and a device_id, got {sorted(tensors)}")
+        tensors, meta = st.read(data, "task", version=str(VERSION), fields=TASK_FIELDS, tensors={BASIS: ("U8",)},
+                                max_bytes=1 << 26, backend="torch", error=UploadError)
         return cls(meta["device_id"], tensors[BASIS].numpy().tobytes())
 
 
@@ -73,18 +72,19 @@ class Upload:
         tensors = {**{k: v.detach().cpu().contiguous() for k, v in self.tensors.items()},
                    EMBEDDING: torch.frombuffer(bytearray(self.embedding), dtype=torch.uint8)}
         meta = {"version": str(VERSION), "device_id": self.device_id, "arch": self.arch,
-                "config": json.dumps(self.config, sort_keys=True), "info": json.dumps(self.info, sort_keys=True)}
-        return canonical_safetensors(safetensors.torch.save(tensors, metadata=meta))
+                "config": st.to_str(self.config, "json"), "info": st.to_str(self.info, "json")}
+        return st.write(tensors, meta)
 
     @classmethod
     def from_bytes(cls, data: bytes, max_bytes: int = 1 << 32) -> Upload:
-        tensors, meta = _parse(data, max_bytes, "upload")
-        try:
-            embedding = tensors.pop(EMBEDDING).numpy().tobytes()
-            return cls(meta["device_id"], meta["arch"], json.loads(meta["config"]), tensors, embedding,
-                       json.loads(meta["info"]))
-        except (KeyError, ValueError, TypeError) as e:
-            raise UploadError(f"upload lacks a field or holds a malformed one ({type(e).__name__}: {e})") from None
+        tensors, meta = st.read(data, "upload", version=str(VERSION), fields=UPLOAD_FIELDS, max_bytes=max_bytes,
+                                backend="torch", error=UploadError)
+        embedding = tensors.pop(EMBEDDING, None)
+        if embedding is None or embedding.dtype != torch.uint8 or embedding.ndim != 1:
+            raise UploadError(f"malformed upload: it must carry e_n as a 1-D uint8 tensor {EMBEDDING!r}")
+        if not isinstance(meta["config"], dict) or not isinstance(meta["info"], dict):
+            raise UploadError("malformed upload: its config and info must be JSON objects")
+        return cls(meta["device_id"], meta["arch"], meta["config"], tensors, embedding.numpy().tobytes(), meta["info"])
 
     def dtype(self) -> torch.dtype:
         dtypes = {t.dtype for t in self.tensors.values()}
@@ -92,27 +92,6 @@ class Upload:
 
     def n_bytes(self) -> int:
         return len(self.to_bytes())
-
-
-def _parse(data: bytes, max_bytes: int, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not isinstance(data, (bytes, bytearray)) or len(data) < 8:
-        raise UploadError(f"{what} must be bytes of safetensors, got {type(data).__name__} of "
-                          f"{len(data) if isinstance(data, (bytes, bytearray)) else '?'} bytes")
-    if len(data) > max_bytes:
-        raise UploadError(f"{what} is {len(data)} bytes, over the {max_bytes}-byte limit")
-    n = int.from_bytes(data[:8], "little")
-    if n > min(len(data) - 8, HEADER_ROOM + (1 << 20)):
-        raise UploadError(f"{what} header claims {n} bytes; truncated or not safetensors")
-    try:
-        meta = json.loads(bytes(data[8:8 + n])).get("__metadata__") or {}
-        tensors = safetensors.torch.load(bytes(data))
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # safetensors' Rust panics derive from BaseException
-        raise UploadError(f"{what} is not valid safetensors ({type(e).__name__}: {str(e)[:120]})") from None
-    if meta.get("version") != str(VERSION):
-        raise UploadError(f"{what} wire version {meta.get('version')!r}, this reader understands {VERSION}")
-    return tensors, meta
 
 
 # ---- the server's checks -------------------------------------------------------------------------

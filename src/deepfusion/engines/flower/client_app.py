@@ -54,7 +54,8 @@ def make_app(data_dir: str | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        from deepfusion.device import Instruction, describe, run_round  # late: torch loads only to train
+        from deepfusion.device import describe, run_round  # late: torch loads only to train
+        from deepfusion.wire.instruction import Instruction
 
         asked = values(msg)
         node = _device(context, str(asked["device"]), data_dir)
@@ -68,7 +69,8 @@ def make_app(data_dir: str | None = None) -> ClientApp:
 
     @app.train("oneshot")
     def train_oneshot(msg: Message, context: Context) -> Message:
-        from deepfusion.node import Setup, oneshot_upload  # late: torch loads only to train
+        from deepfusion.node import oneshot_upload  # late: torch loads only to train
+        from deepfusion.wire.setup import Setup
 
         asked, device = values(msg), str(values(msg)["device"])
         mine = _setup_of(context, device)
@@ -90,7 +92,7 @@ def make_app(data_dir: str | None = None) -> ClientApp:
     @app.train("weights")
     def train_weights(msg: Message, context: Context) -> Message:
         from deepfusion.baselines.hosting import host_round
-        from deepfusion.baselines.weights import WeightsPacket
+        from deepfusion.wire.weights import WeightsPacket
         from deepfusion.node import host_report
 
         device = str(values(msg)["device"])
@@ -130,7 +132,8 @@ def _state_dir(context: Context) -> Path | None:
 def _device(context: Context, device_id: str, data_dir: str | None, host: bool = False) -> NodeDevice | Host:
     """This node's device (a host, for the hosting methods): kept in memory, restored from the state
     directory, or built from the Setup."""
-    from deepfusion.node import Setup, load_host, load_state, start_device, start_host
+    from deepfusion.node import load_host, load_state, start_device, start_host
+    from deepfusion.wire.setup import Setup
 
     mine = _setup_of(context, device_id)
     if (context.run_id, device_id) in _DEVICES:

@@ -25,18 +25,18 @@ from flwr.serverapp.strategy import FedAvg
 
 from deepfusion.baselines import hosting
 from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ONESHOT_METHODS, FederationConfig, to_dict
-from deepfusion.device import Instruction
 from deepfusion.engines.flower.roster import Roster
 from deepfusion.engines.flower.wire import (RunSettings, content, run_settings, upload_bytes, weights_content,
                                             weights_digest, weights_packet)
 from deepfusion.errors import ConfigError
 from deepfusion.federation import append_metrics, prepare_data, save_checkpoint, summary, write_json_atomic
-from deepfusion.knowledge import PacketError
-from deepfusion.wire.upload import UploadError
 from deepfusion.models import export_model, n_params, resolve_device
-from deepfusion.node import make_setup
 from deepfusion.progress import RunProgress
 from deepfusion.server import build_server, evaluate, server_round, server_state
+from deepfusion.wire import PacketError
+from deepfusion.wire.instruction import Instruction
+from deepfusion.wire.setup import make_setup
+from deepfusion.wire.upload import UploadError
 
 log = logging.getLogger("deepfusion")
 FLOWER_METHODS = (*ONESHOT_METHODS, *KNOWLEDGE_METHODS, *HOSTING_METHODS)  # the methods whose devices exchange something

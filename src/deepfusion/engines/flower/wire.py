@@ -31,7 +31,7 @@ from deepfusion.config import FederationConfig, default_config_path, load_config
 from deepfusion.errors import ConfigError
 
 if TYPE_CHECKING:  # torch loads late on a node: a ClientApp process that only joins never imports it
-    from deepfusion.baselines.weights import WeightsPacket
+    from deepfusion.wire.weights import WeightsPacket
 
 RECORD = "deepfusion"  # the ConfigRecord with our bytes and strings
 METRICS = "metrics"  # the MetricRecord with a device's numbers
@@ -69,7 +69,9 @@ def payload_bytes(msg: Message) -> int:
 
 def weights_content(packet: WeightsPacket, metrics: dict | None = None, **values) -> RecordDict:
     """A WeightsPacket as Flower records (layout above); `metrics` (up) gains num-examples = packet.tokens."""
-    hosted = None if packet.hosted is None else {str(layer): ids for layer, ids in packet.hosted.items()}
+    from deepfusion.wire.weights import hosted_to_json
+
+    hosted = hosted_to_json(packet.hosted)
     record = content(None if metrics is None else {**metrics, NUM_EXAMPLES: packet.tokens}, device=packet.device_id,
                      round=packet.round, settings=json.dumps(packet.settings, sort_keys=True),
                      hosted=json.dumps(hosted), **values)
@@ -82,16 +84,14 @@ def weights_packet(msg: Message) -> WeightsPacket:
     """The WeightsPacket a message carries; a defect is a PacketError naming it (the server rejects the upload)."""
     import torch
 
-    from deepfusion.baselines.weights import WeightsPacket
-    from deepfusion.knowledge import PacketError
+    from deepfusion.wire import PacketError
+    from deepfusion.wire.weights import WeightsPacket, hosted_from_json
 
     try:
         got = values(msg)
         tensors = {name: torch.from_numpy(array.numpy()) for name, array in msg.content.array_records[WEIGHTS].items()}
-        hosted = json.loads(str(got["hosted"]))
         return WeightsPacket(str(got["device"]), int(got["round"]), tensors, int(metrics(msg).get(NUM_EXAMPLES, 0)),
-                             None if hosted is None else {int(k): [int(e) for e in v] for k, v in hosted.items()},
-                             json.loads(str(got["settings"])))
+                             hosted_from_json(json.loads(str(got["hosted"]))), json.loads(str(got["settings"])))
     except Exception as e:  # a malformed record from a node: any defect, named
         raise PacketError(f"not a valid weights message ({type(e).__name__}: {str(e)[:120]})") from None
 
