@@ -71,5 +71,5 @@ def test_poisoned_packets_are_well_formed_but_wrong(attack):
     device = make_device()
     honest = label_proxy(device, [0, 1], 5, 1.0, 1, 0.0)
     bad = poison(honest, attack, torch.Generator().manual_seed(0))
-    validate_packet(bad, round=1, known_devices={"dev"}, n_positions=2 * (T - 1), vocab_size=V, k_max=5)
+    validate_packet(bad, round=1, known_devices={"dev"}, n_positions=2 * (T - 1), vocab_size=V, topk=5)
     assert not (bad.ids == honest.ids).all() or not (bad.probs == honest.probs).all()

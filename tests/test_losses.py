@@ -66,7 +66,7 @@ def test_kl_of_identical_coarsened_distributions_is_zero(N, V, k, seed):
 def test_identical_distributions_end_to_end_through_the_wire():
     teacher = torch.randn(64, 500) * 4
     p = KnowledgePacket.from_bytes(encode_knowledge(teacher, 8, 2.0, **META).to_bytes())
-    validate_packet(p, round=5, known_devices={"dev-7"}, n_positions=64, vocab_size=500, k_max=8)
+    validate_packet(p, round=5, known_devices={"dev-7"}, n_positions=64, vocab_size=500, topk=8)
     loss = topk_kl(teacher / 2.0, *to_targets(p))
     assert 0 <= loss.item() < 1e-5  # only fp16 rounding of the targets separates them
 

@@ -69,7 +69,7 @@ def test_a_private_packet_is_always_a_valid_packet(sigma, clip, temperature, k, 
     logits = torch.randn(24, 64, generator=g) * 4
     packet = privacy.encode_private(logits, k, temperature, clip=clip, noise_multiplier=sigma, generator=g,
                                     device_id="d", round=2, arch="qwen2/tiny", tokens_trained=7)
-    validate_packet(packet, round=2, known_devices={"d"}, n_positions=24, vocab_size=64, k_max=8)
+    validate_packet(packet, round=2, known_devices={"d"}, n_positions=24, vocab_size=64, topk=8)
     assert packet.local_loss == privacy.WITHHELD_LOSS  # the real loss is a function of the private data
 
 

@@ -174,7 +174,7 @@ def check_malformed_upload(upload):
         # only a flipped byte in slack (a low mantissa bit, header padding) may survive: then it is a valid packet
         assert kind == "flip", kind
         validate_packet(KnowledgePacket.from_bytes(blob), round=1, known_devices={"a", "b"}, n_positions=N,
-                        vocab_size=V, k_max=K)
+                        vocab_size=V, topk=K)
         TRIED["flip_still_valid"] += 1
         return
     assert result["accepted"] == ["b"] and result["rejected"][sender]

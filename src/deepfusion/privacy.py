@@ -72,17 +72,17 @@ def noise_floor(vocab_size: int, clip: float, noise_multiplier: float, alpha: fl
     return noise_multiplier * clip * NormalDist().inv_cdf(1.0 - alpha / max(vocab_size, 2))
 
 
-def sparsify(v: torch.Tensor, k: int, floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sparsify(v: torch.Tensor, topk: int, floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Post-processing of released vectors v (N, V): top-k ids, debiased probs in [0, 1] (rows descending,
     summing to <= 1) and the tail. Uses nothing but v and public constants."""
-    top_v, ids = v.topk(k, dim=-1)  # (N, k) each, sorted descending
+    top_v, ids = v.topk(topk, dim=-1)  # (N, k) each, sorted descending
     probs = (top_v - floor).clamp(0.0, 1.0)  # (N, k) monotone, so rows stay descending
     probs = probs / probs.sum(-1, keepdim=True).clamp_min(1.0)  # rescale only rows past 1
     tail = (1.0 - probs.sum(-1)).clamp_min(0.0)  # (N,)
     return ids, probs, tail
 
 
-def privatize(logits: torch.Tensor, k: int, temperature: float, clip: float, noise_multiplier: float,
+def privatize(logits: torch.Tensor, topk: int, temperature: float, clip: float, noise_multiplier: float,
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids, probs, tail) of one upload's positions under the Gaussian mechanism; logits (N, V) any float."""
     if logits.ndim != 2 or not logits.is_floating_point():
@@ -93,15 +93,15 @@ def privatize(logits: torch.Tensor, k: int, temperature: float, clip: float, noi
     V = logits.shape[1]
     p = torch.softmax(logits.float() / temperature, dim=-1)  # (N, V)
     v = gaussian_mechanism(p, clip, noise_multiplier, generator)  # (N, V)
-    return sparsify(v, k, noise_floor(V, clip, noise_multiplier))
+    return sparsify(v, topk, noise_floor(V, clip, noise_multiplier))
 
 
 @torch.no_grad()
-def encode_private(logits: torch.Tensor, k: int, temperature: float, *, clip: float, noise_multiplier: float,
+def encode_private(logits: torch.Tensor, topk: int, temperature: float, *, clip: float, noise_multiplier: float,
                    generator: torch.Generator, device_id: str, round: int, arch: str,
                    tokens_trained: int) -> KnowledgePacket:
     """`wire.knowledge.encode_knowledge` under DP: the same packet layout, noised values, local_loss withheld."""
-    ids, probs, tail = privatize(logits, k, temperature, clip, noise_multiplier, generator)
+    ids, probs, tail = privatize(logits, topk, temperature, clip, noise_multiplier, generator)
     V = logits.shape[1]
     return KnowledgePacket(device_id=device_id, round=round, arch=arch, tokens_trained=tokens_trained,
                            local_loss=WITHHELD_LOSS, temperature=float(temperature), vocab_size=V,

@@ -88,14 +88,14 @@ def receive(server: Server, payloads: dict[str, bytes], round: int) -> tuple[dic
     accepted, rejected = {}, {}
     n_positions = server.proxy.shape[0] * (server.proxy.shape[1] - 1)
     vocab_size = server.model.config.vocab_size
-    cap = min(MAX_PACKET_BYTES, packet_byte_cap(n_positions, max(server.knowledge.topk, 1), vocab_size))
+    cap = min(MAX_PACKET_BYTES, packet_byte_cap(n_positions, server.knowledge.topk, vocab_size))
     for device_id, payload in payloads.items():
         try:
             packet = KnowledgePacket.from_bytes(payload, max_bytes=cap)
             if packet.device_id != device_id:
                 raise PacketError(f"packet claims device {packet.device_id!r} but came from {device_id!r}")
             validate_packet(packet, round=round, known_devices=set(server.device_ids), n_positions=n_positions,
-                            vocab_size=server.model.config.vocab_size, k_max=max(server.knowledge.topk, 1))
+                            vocab_size=server.model.config.vocab_size, topk=server.knowledge.topk)
         except PacketError as e:
             rejected[device_id] = str(e)
             log.warning("[ROUND %d] rejected upload of device %r: %s; the round goes on without it", round, device_id, e)
@@ -104,10 +104,10 @@ def receive(server: Server, payloads: dict[str, bytes], round: int) -> tuple[dic
     return accepted, rejected
 
 
-def packet_byte_cap(n_positions: int, k_max: int, vocab_size: int) -> int:
+def packet_byte_cap(n_positions: int, topk: int, vocab_size: int) -> int:
     """The most bytes a valid upload can take: per position k ids, k fp16 probs and an fp16 tail, plus the header.
     Anything bigger is rejected unread, so a device cannot make the server parse or hold more than a round needs."""
-    return n_positions * (k_max * (id_dtype(vocab_size).itemsize + 2) + 2) + HEADER_ROOM
+    return n_positions * (topk * (id_dtype(vocab_size).itemsize + 2) + 2) + HEADER_ROOM
 
 
 def stack_targets(server: Server, packets: dict[str, KnowledgePacket]) -> Targets:
@@ -147,7 +147,7 @@ def reliability_weights(server: Server, targets: Targets, enabled: bool = True) 
     return score.softmax(dim=0)
 
 
-def aggregate(targets: Targets, weights: torch.Tensor, vocab_size: int, k: int, chunk: int = 4096) -> Targets:
+def aggregate(targets: Targets, weights: torch.Tensor, vocab_size: int, topk: int, chunk: int = 4096) -> Targets:
     """plain-fkd's single teacher: the weighted average of the devices' distributions, re-sparsified to top-k.
 
     Each device's tail mass is spread evenly over its non-top-k ids (the maximum-entropy reading of
@@ -164,12 +164,12 @@ def aggregate(targets: Targets, weights: torch.Tensor, vocab_size: int, k: int, 
         dense = fill.unsqueeze(-1).expand(-1, -1, vocab_size).clone()  # (K, n, V)
         dense.scatter_(-1, ids[:, sl], probs[:, sl])
         avg = (w[:, sl].unsqueeze(-1) * dense).sum(0)  # (n, V)
-        top_p, top_i = avg.topk(k, dim=-1)  # (n, k)
+        top_p, top_i = avg.topk(topk, dim=-1)  # (n, k)
         out_ids.append(top_i)
         out_probs.append(top_p)
         out_tail.append((1.0 - top_p.sum(-1)).clamp_min(0.0))
     shape = (1, P, T1)
-    return Targets(torch.tensor([0]), torch.cat(out_ids).view(*shape, k), torch.cat(out_probs).view(*shape, k),
+    return Targets(torch.tensor([0]), torch.cat(out_ids).view(*shape, topk), torch.cat(out_probs).view(*shape, topk),
                    torch.cat(out_tail).view(*shape))
 
 

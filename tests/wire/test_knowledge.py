@@ -257,7 +257,7 @@ def test_encode_is_topk_of_tempered_softmax(N, V, k, T, scale, seed):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_encode_accepts_any_float_dtype(dtype):
     p = encode_knowledge(torch.randn(8, 100).to(dtype), 5, 1.0, **META)
-    validate_packet(p, round=5, known_devices=None, n_positions=8, vocab_size=100, k_max=5)
+    validate_packet(p, round=5, known_devices=None, n_positions=8, vocab_size=100, topk=5)
 
 
 @pytest.mark.parametrize("logits, k, T, reason", [
@@ -278,7 +278,7 @@ def test_encode_rejects_bad_arguments(logits, k, T, reason):
 # -----------------------------------------------------------------------------
 # 3. validate_packet
 
-CHECK = dict(round=5, known_devices={"dev-7", "dev-8"}, n_positions=16, vocab_size=300, k_max=4)
+CHECK = dict(round=5, known_devices={"dev-7", "dev-8"}, n_positions=16, vocab_size=300, topk=4)
 
 
 def _set(name, index, value):

@@ -164,7 +164,7 @@ def _same_scalar(a, b) -> bool:
 
 
 @torch.no_grad()
-def encode_knowledge(logits: torch.Tensor, k: int, temperature: float, *, device_id: str,
+def encode_knowledge(logits: torch.Tensor, topk: int, temperature: float, *, device_id: str,
                      round: int, arch: str, tokens_trained: int, local_loss: float) -> KnowledgePacket:
     """Top-k of softmax(logits / T) per position, plus the tail mass, as a packet.
 
@@ -173,13 +173,13 @@ def encode_knowledge(logits: torch.Tensor, k: int, temperature: float, *, device
     if logits.ndim != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a float (N, V) tensor, got {logits.dtype} {tuple(logits.shape)}")
     V = logits.shape[1]
-    if not 1 <= k <= V:
-        raise ValueError(f"k must be in [1, V={V}], got {k}")
+    if not 1 <= topk <= V:
+        raise ValueError(f"topk must be in [1, V={V}], got {topk}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     z = logits.float() / temperature  # (N, V)
     # top-k of the probabilities == top-k of the logits; exp(z - lse) avoids a full softmax
-    top_z, top_ids = z.topk(k, dim=-1)  # (N, k) each, sorted descending
+    top_z, top_ids = z.topk(topk, dim=-1)  # (N, k) each, sorted descending
     probs = (top_z - z.logsumexp(-1, keepdim=True)).exp()  # (N, k)
     if not torch.isfinite(probs).all():
         raise ValueError("logits produce non-finite probabilities (NaN or +inf in logits); fix the model output")
@@ -198,7 +198,7 @@ def encode_knowledge(logits: torch.Tensor, k: int, temperature: float, *, device
 
 
 def validate_packet(p: KnowledgePacket, *, round: int, known_devices: set[str] | None,
-                    n_positions: int, vocab_size: int, k_max: int, tol: float = 1e-2) -> None:
+                    n_positions: int, vocab_size: int, topk: int, tol: float = 1e-2) -> None:
     """Raise PacketError (naming device, round and defect) unless p is fit to distil this round."""
     where = f"packet from device {p.device_id!r} for round {p.round}"
 
@@ -233,8 +233,8 @@ def validate_packet(p: KnowledgePacket, *, round: int, known_devices: set[str] |
     if p.n_positions != n_positions:
         reject(f"n_positions {p.n_positions} != {n_positions} proxy positions this round; "
                f"the device must score every proxy position")
-    if not 1 <= p.k <= k_max:
-        reject(f"k={p.k} outside [1, k_max={k_max}]; the device must send between 1 and k_max ids")
+    if not 1 <= p.k <= topk:
+        reject(f"k={p.k} outside [1, topk={topk}]; the device must send between 1 and topk ids per position")
     # values
     probs, tail = p.probs.astype(np.float32), p.tail.astype(np.float32)  # (N, k), (N,)
     if not (np.isfinite(probs).all() and np.isfinite(tail).all()):
