@@ -325,7 +325,7 @@ class TuneConfig:
     lr: float = 5e-4
     loss: str = "keep"  # ce: the paper's (cross-entropy + router loss); keep: + λ KL to the domain teachers
     kl_weight: float = 1.0  # λ of the knowledge-keeping KL
-    topk: int = 32  # the teachers' mixture is kept as top-k + tail per position (knowledge.topk_kl)
+    topk: int = 32  # the teachers' mixture is kept as top-k + tail per position (losses.topk_kl)
     eval_every: int = 25  # steps between validation checks
     patience: int = 4  # checks without a better validation perplexity before tuning stops
     router_init: str = "domains"  # domains: each domain's experts answer its text | random

@@ -140,10 +140,10 @@ An expert-subset device must hold every non-routed-expert parameter plus at leas
   trainable tensors (header + data), computed from names and shapes and checked byte for byte against the library
   on a real model (tests/benchmarks/test_scale.py). fp32 as our runs ship, and bf16. Expert-subset hosts every
   non-routed-expert tensor plus m routed experts per MoE layer, and ships exactly those, both ways.
-- **Instruction** ({human_bytes(kd['down_bytes'])} down, KD methods): `len(device.Instruction(...).to_bytes())`, built as
+- **Instruction** ({human_bytes(kd['down_bytes'])} down, KD methods): `len(wire.instruction.Instruction(...).to_bytes())`, built as
   `engines/local.py` builds it for the multi-round federation (it lists the {s['proxy_blocks']} proxy block indices).
 - **KnowledgePacket** ({human_bytes(kd['up_bytes'])} up, KD methods): `len(packet.to_bytes())` of a real packet of
-  {s['positions']:,} positions made by `knowledge.encode_knowledge` from random logits of the MoE's vocabulary (64
+  {s['positions']:,} positions made by `wire.knowledge.encode_knowledge` from random logits of the MoE's vocabulary (64
   positions encoded, their rows repeated: the size depends on shapes, not values). Per position: k ids in the
   narrowest unsigned int for the vocabulary (uint32 here: both vocabularies exceed 65,536), k fp16 probabilities, one
   fp16 tail: 50 bytes; the rest is the safetensors header.
