@@ -79,7 +79,7 @@ def test_a_directory_holding_a_run_is_refused_and_kept(finished, capsys, engine)
     rc, out, err = cli(capsys, *run_args(finished), "--engine", engine)
     line = one_line(err)
     assert rc == 2 and out == ""
-    for needle in ("already holds a run (summary.json, metrics.jsonl, model/, checkpoint/)",
+    for needle in ("already holds a run (summary.json, metrics.jsonl, model/, checkpoint/",
                    f"--resume {finished}", "a new --out", "--overwrite"):
         assert needle in line, (needle, line)
     assert {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.name != ".lock"} == before
