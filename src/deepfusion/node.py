@@ -2,7 +2,7 @@
 
 An engine that runs devices away from the server (the Flower ClientApp) calls these; nothing here imports
 `flwr`. A device is built exactly as the local engine builds it (same config, tokenizer, proxy, seed
-`cfg.seed * 1000 + i + 1`, same private blocks), so both engines send the same packet bytes.
+(federation.device_seed), same private blocks), so both engines send the same packet bytes.
 
 Two kinds of device, by method:
     NodeDevice      knowledge methods (multiround-views, plain-fkd, device-kd): its own small LLM (device.py)
@@ -34,7 +34,7 @@ from deepfusion.config import FederationConfig
 from deepfusion.data import load_source, resolve_data_dir, split_documents
 from deepfusion.device import (Device, build_device, choose_size, device_state, evaluate_device, load_device_state,
                                train_peak_bytes)
-from deepfusion.federation import device_private, held_out_blocks
+from deepfusion.federation import device_private, device_seed, held_out_blocks
 from deepfusion.models import resolve_device
 from deepfusion.wire.setup import Setup
 
@@ -76,7 +76,7 @@ def start_device(setup: Setup, device_id: str, data_dir: str | None,
         blocks = device_private(cfg, device_id, tokenizer, root, split), held_out_blocks(tokenizer, split.test, d)
     torch_device = resolve_device(cfg.device)
     size = dc.size if dc.size != "auto" else choose_size(dc, len(tokenizer), d.seq_len, torch_device)
-    device = build_device(dc, size, len(tokenizer), blocks[0], setup.proxy, cfg.seed * 1000 + i + 1, torch_device)
+    device = build_device(dc, size, len(tokenizer), blocks[0], setup.proxy, device_seed(cfg, dc.id), torch_device)
     return NodeDevice(device, blocks[1])
 
 
@@ -92,7 +92,7 @@ def start_host(setup: Setup, device_id: str, data_dir: str | None) -> hosting.Ho
     tokenizer, moe = setup.tokenizer(), setup.global_config()
     private = device_private(cfg, device_id, tokenizer, resolve_data_dir(data_dir))  # its own source only
     torch_device = resolve_device(cfg.device)
-    host = hosting.Host(dc, private, torch.Generator().manual_seed(cfg.seed * 1000 + i + 1), torch_device, moe, None)
+    host = hosting.Host(dc, private, torch.Generator().manual_seed(device_seed(cfg, dc.id)), torch_device, moe, None)
     vocab = len(tokenizer)
     batch = torch.randint(vocab, (cfg.server.batch_size, d.seq_len),
                           generator=torch.Generator().manual_seed(cfg.seed)).to(torch_device)
@@ -111,7 +111,7 @@ def oneshot_upload(setup: Setup, device_id: str, task: bytes, data_dir: str | No
     """The paper's Phase 0 on this node, exactly as the local engine runs it (same documents and blocks, same
     public checkpoint, same seed): the task in, the device's Upload bytes out."""
     from deepfusion import ondevice
-    from deepfusion.federation import device_documents, device_seed
+    from deepfusion.federation import device_documents
 
     cfg = setup.config
     dc, d = cfg.devices[device_index(cfg, device_id)], cfg.data

@@ -45,9 +45,9 @@ def setup_devices(cfg: FederationConfig, data: FederationData, torch_device: tor
 
     devices = {}
     vocab = len(data.tokenizer)
-    for i, dc in enumerate(cfg.devices):
+    for dc in cfg.devices:
         size = dc.size if dc.size != "auto" else choose_size(dc, vocab, cfg.data.seq_len, torch_device)
-        devices[dc.id] = build_device(dc, size, vocab, data.private[dc.id], data.proxy, cfg.seed * 1000 + i + 1,
+        devices[dc.id] = build_device(dc, size, vocab, data.private[dc.id], data.proxy, device_seed(cfg, dc.id),
                                       torch_device)
     return devices
 
@@ -61,7 +61,7 @@ def setup_hosts(cfg: FederationConfig, data: FederationData, model, torch_device
     batch = torch.randint(vocab, (cfg.server.batch_size, cfg.data.seq_len), device=torch_device)
     whole = 0 if subset else train_peak_bytes(model, batch, hosting.moe_loss)  # the same on every device
     for i, dc in enumerate(cfg.devices):
-        host = hosting.Host(dc, data.private[dc.id], torch.Generator().manual_seed(cfg.seed * 1000 + i + 1),
+        host = hosting.Host(dc, data.private[dc.id], torch.Generator().manual_seed(device_seed(cfg, dc.id)),
                             torch_device, model.config, None, peak_mem_bytes=whole)
         if subset:
             hosting.fit_host(host, vocab, batch)
