@@ -63,3 +63,14 @@ def test_size_cap():
     assert Instruction.from_bytes(blob, max_bytes=len(blob)) == instruction()
     with pytest.raises(PacketError, match="over the"):
         Instruction.from_bytes(blob, max_bytes=len(blob) - 1)
+
+
+def test_for_device_takes_the_devices_settings_and_the_federations_knowledge(tmp_path):
+    from deepfusion.config import default_config_path, load_config
+
+    cfg = load_config(default_config_path("smoke-multiround"), ["knowledge.topk=7"])
+    dc = cfg.devices[-1]
+    got = Instruction.from_bytes(Instruction.for_device(cfg, dc, 2, 5).to_bytes())
+    assert (got.round, got.proxy_indices, got.local_steps, got.batch_size, got.lr, got.topk) == \
+        (2, [0, 1, 2, 3, 4], dc.local_steps, dc.batch_size, dc.lr, 7)
+    assert got.temperature == cfg.knowledge.temperature

@@ -289,10 +289,7 @@ def _knowledge_exchange(cfg: FederationConfig, proxy: torch.Tensor, devices: dic
     settings = {dc.id: dc for dc in cfg.devices}
 
     def down_of(device_id: str) -> bytes:
-        dc = settings[device_id]
-        return Instruction(round=r, proxy_indices=list(range(len(proxy))), local_steps=dc.local_steps,
-                           batch_size=dc.batch_size, lr=dc.lr, topk=cfg.knowledge.topk,
-                           temperature=cfg.knowledge.temperature).to_bytes()
+        return Instruction.for_device(cfg, settings[device_id], r, len(proxy)).to_bytes()
 
     return _exchange(cfg, r, per_device, tick, down_of,
                      lambda device_id, down: run_round(devices[device_id], Instruction.from_bytes(down)).to_bytes())

@@ -32,6 +32,14 @@ class Instruction:
     topk: int  # k of the packet's top-k ids per position
     temperature: float  # T of the packet's probabilities
 
+    @classmethod
+    def for_device(cls, cfg, dc, round: int, n_proxy: int) -> Instruction:
+        """The round's message to device `dc` of `cfg` (a FederationConfig and one of its DeviceConfigs): every
+        proxy block, the device's own training settings, the federation's knowledge settings. Both engines and
+        the scale projection build it here, so their bytes agree."""
+        return cls(round=round, proxy_indices=list(range(n_proxy)), local_steps=dc.local_steps,
+                   batch_size=dc.batch_size, lr=dc.lr, topk=cfg.knowledge.topk, temperature=cfg.knowledge.temperature)
+
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
 

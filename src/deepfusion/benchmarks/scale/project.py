@@ -63,10 +63,7 @@ def safetensors_bytes(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) ->
 
 def instruction_bytes(cfg: FederationConfig) -> int:
     """The server's round message, built as engines/local.py builds it for the first device of cfg."""
-    dc = cfg.devices[0]
-    down = Instruction(round=cfg.rounds, proxy_indices=list(range(cfg.data.proxy_blocks)), local_steps=dc.local_steps,
-                       batch_size=dc.batch_size, lr=dc.lr, topk=cfg.knowledge.topk, temperature=cfg.knowledge.temperature)
-    return len(down.to_bytes())
+    return len(Instruction.for_device(cfg, cfg.devices[0], cfg.rounds, cfg.data.proxy_blocks).to_bytes())
 
 
 def knowledge_packet(n_positions: int, k: int, vocab_size: int, temperature: float = 1.0, sample: int = 64, seed: int = 0):

@@ -140,7 +140,7 @@ An expert-subset device must hold every non-routed-expert parameter plus at leas
   trainable tensors (header + data), computed from names and shapes and checked byte for byte against the library
   on a real model (tests/benchmarks/test_scale.py). fp32 as our runs ship, and bf16. Expert-subset hosts every
   non-routed-expert tensor plus m routed experts per MoE layer, and ships exactly those, both ways.
-- **Instruction** ({human_bytes(kd['down_bytes'])} down, KD methods): `len(wire.instruction.Instruction(...).to_bytes())`, built as
+- **Instruction** ({human_bytes(kd['down_bytes'])} down, KD methods): `len(wire.instruction.Instruction.for_device(...).to_bytes())`, built as
   `engines/local.py` builds it for the multi-round federation (it lists the {s['proxy_blocks']} proxy block indices).
 - **KnowledgePacket** ({human_bytes(kd['up_bytes'])} up, KD methods): `len(packet.to_bytes())` of a real packet of
   {s['positions']:,} positions made by `wire.knowledge.encode_knowledge` from random logits of the MoE's vocabulary (64

@@ -241,6 +241,4 @@ def _hosting_round(grid: Grid, cfg: FederationConfig, roster: Roster, server, in
 def _instruction(cfg: FederationConfig, device: str, r: int, n_proxy: int) -> bytes:
     """The local engine's instruction, byte for byte: same round, proxy blocks and training settings."""
     dc = next(d for d in cfg.devices if d.id == device)
-    return Instruction(round=r, proxy_indices=list(range(n_proxy)), local_steps=dc.local_steps,
-                       batch_size=dc.batch_size, lr=dc.lr, topk=cfg.knowledge.topk,
-                       temperature=cfg.knowledge.temperature).to_bytes()
+    return Instruction.for_device(cfg, dc, r, n_proxy).to_bytes()
