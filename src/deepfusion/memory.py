@@ -1,7 +1,7 @@
 """The training peak of one step: what a device must hold to train a model, on CPU, CUDA or the meta device.
 
 The package's one memory estimator. Its callers: a device's measured peak (device.py, ondevice.py), the
-budget an expert-subset host fits its experts into (baselines/hosting.py, node.py, engines/local.py), and
+budget an expert-subset host fits its experts into (baselines/hosting.py, engines/flower/node.py, engines/local.py), and
 the scale projection's models at the paper's sizes, built on PyTorch's meta device (benchmarks/scale).
 
     weights + AdamW state    resident: the parameters and the optimiser's moments (and step counters)

@@ -32,7 +32,7 @@ from deepfusion.baselines import hosting
 from deepfusion.config import default_config_path, load_config
 from deepfusion.engines.flower.wire import payload_bytes, weights_content, weights_digest, weights_packet
 from deepfusion.models import build_global_moe
-from deepfusion.node import load_host, save_host
+from deepfusion.engines.flower.node import load_host, save_host
 from deepfusion.wire import PacketError
 from deepfusion.wire.setup import Setup
 from deepfusion.wire.weights import WeightsPacket

@@ -3,18 +3,18 @@
 query.setup    the server's Setup (tokenizer, proxy, config) goes into Flower's node-local `context.state`;
                the node answers with its device id. Light on purpose: no torch, so joining is quick.
 train          knowledge methods: build or restore the device, train it on its own private data, label the
-               proxy, answer with the KnowledgePacket bytes (`deepfusion.node` and `deepfusion.device` work).
+               proxy, answer with the KnowledgePacket bytes (`engines/flower/node.py` and `deepfusion.device` work).
 query.host     hosting methods, once: build the host (its private data; what of the MoE fits its memory,
                measured) and say so: the server then knows which experts it can send it.
 train.oneshot  the paper's protocol (deepfusion and its ablations), once: Phase 0 on this node (its own data,
                its type's public checkpoint, trained until local validation stops improving), answered with
-               its weights (ArrayRecord) and its data embedding (`deepfusion.node.oneshot_upload`).
+               its weights (ArrayRecord) and its data embedding (`node.oneshot_upload`).
 train.weights  hosting methods: rebuild the WeightsPacket from the ArrayRecord, run `hosting.host_round` on
                its bytes (the local engine's device step), answer with the trained weights as an ArrayRecord
                and num-examples (tokens trained), FedAvg's weight.
 
 The device (or host) persists across rounds: in the simulation the Ray actor that runs every device keeps it
-in `_DEVICES`; on a SuperNode, where Flower starts a fresh ClientApp process per message, `deepfusion.node`
+in `_DEVICES`; on a SuperNode, where Flower starts a fresh ClientApp process per message, `engines/flower/node.py`
 saves it after every round under the node's state directory, which also lets a restarted SuperNode go on
 where its device was.
 
@@ -35,7 +35,7 @@ from deepfusion.engines.flower.wire import NO_SETUP, content, upload_content, va
 
 if TYPE_CHECKING:
     from deepfusion.baselines.hosting import Host
-    from deepfusion.node import NodeDevice
+    from deepfusion.engines.flower.node import NodeDevice
 
 STATE = "deepfusion"  # our ConfigRecord in context.state: the Setup bytes and this node's device id
 _DEVICES: dict[tuple[int, str], NodeDevice | Host] = {}  # (run id, device id) -> device, for this process's lifetime
@@ -69,7 +69,7 @@ def make_app(data_dir: str | None = None) -> ClientApp:
 
     @app.train("oneshot")
     def train_oneshot(msg: Message, context: Context) -> Message:
-        from deepfusion.node import oneshot_upload  # late: torch loads only to train
+        from deepfusion.engines.flower.node import oneshot_upload  # late: torch loads only to train
         from deepfusion.wire.setup import Setup
 
         asked, device = values(msg), str(values(msg)["device"])
@@ -81,7 +81,7 @@ def make_app(data_dir: str | None = None) -> ClientApp:
 
     @app.query("host")
     def host(msg: Message, context: Context) -> Message:
-        from deepfusion.node import host_report
+        from deepfusion.engines.flower.node import host_report
 
         device = str(values(msg)["device"])
         mine = _device(context, device, data_dir, host=True)
@@ -93,7 +93,7 @@ def make_app(data_dir: str | None = None) -> ClientApp:
     def train_weights(msg: Message, context: Context) -> Message:
         from deepfusion.baselines.hosting import host_round
         from deepfusion.wire.weights import WeightsPacket
-        from deepfusion.node import host_report
+        from deepfusion.engines.flower.node import host_report
 
         device = str(values(msg)["device"])
         mine = _device(context, device, data_dir, host=True)
@@ -132,7 +132,7 @@ def _state_dir(context: Context) -> Path | None:
 def _device(context: Context, device_id: str, data_dir: str | None, host: bool = False) -> NodeDevice | Host:
     """This node's device (a host, for the hosting methods): kept in memory, restored from the state
     directory, or built from the Setup."""
-    from deepfusion.node import load_host, load_state, start_device, start_host
+    from deepfusion.engines.flower.node import load_host, load_state, start_device, start_host
     from deepfusion.wire.setup import Setup
 
     mine = _setup_of(context, device_id)
@@ -159,6 +159,6 @@ def _setup_of(context: Context, device_id: str) -> ConfigRecord:
 def _keep(context: Context, device_id: str, node: NodeDevice | Host) -> None:
     _DEVICES[(context.run_id, device_id)] = node
     if where := _state_dir(context):
-        from deepfusion.node import NodeDevice, save_host, save_state
+        from deepfusion.engines.flower.node import NodeDevice, save_host, save_state
 
         (save_state if isinstance(node, NodeDevice) else save_host)(node, where, str(context.run_id))
