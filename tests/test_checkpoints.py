@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 from deepfusion import checkpoints
 from deepfusion.checkpoints import (checkpoint_key, fetch_or_build, load_public, mean_loss, public_checkpoint,
                                     read_record)
-from deepfusion.config import PretrainConfig
+from deepfusion.pipeline_config import PretrainConfig
 from deepfusion.errors import ConfigError
 from deepfusion.models import DEVICE_PRESETS, build_dense_base, dense_base_config, global_moe_config
 

@@ -109,7 +109,8 @@ def test_loading_a_config_does_not_load_torch():
 def test_configs_built_or_replaced_in_code_are_validated_too():
     import dataclasses
 
-    from deepfusion.config import DeviceConfig, DistillConfig, from_dict, to_dict
+    from deepfusion.config import DeviceConfig, from_dict, to_dict
+    from deepfusion.pipeline_config import DistillConfig
 
     cfg = load_config(default_config_path("smoke"))
     with pytest.raises(ConfigError, match=r"\[server\] lam = -1.0"):

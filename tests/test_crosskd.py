@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepfusion.config import DistillConfig
+from deepfusion.pipeline_config import DistillConfig
 from deepfusion.errors import ConfigError
 from deepfusion.crosskd import distill_domain, teacher_kl
 from deepfusion.data import load_medquad, pack_blocks, train_tokenizer

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from deepfusion.config import TuneConfig
+from deepfusion.pipeline_config import TuneConfig
 from deepfusion.models import build_dense_base, global_moe_config
 from deepfusion.tuning import teacher_targets, tune
 from deepfusion.upcycling import expert_parameter_names, fuse

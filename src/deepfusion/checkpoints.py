@@ -39,10 +39,11 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
-from deepfusion.config import PretrainConfig, device_at
+from deepfusion.config import device_at
 from deepfusion.device import lm_loss
 from deepfusion.errors import ConfigError, DataError
 from deepfusion.models import autocast, n_params
+from deepfusion.pipeline_config import PretrainConfig
 
 log = logging.getLogger("deepfusion")
 

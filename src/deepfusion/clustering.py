@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from deepfusion.config import CLUSTER_METHODS
+from deepfusion.pipeline_config import CLUSTER_METHODS
 
 SPACES = ("similarity", "embedding")
 

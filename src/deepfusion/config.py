@@ -17,7 +17,8 @@ from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from deepfusion.errors import ConfigError
+from deepfusion.errors import ConfigError, config_fail, toml_at
+from deepfusion.pipeline_config import ClusteringConfig, DistillConfig, PretrainConfig, TuneConfig
 
 # The paper's protocol (recipes/deepfusion.py): devices upload their trained LLM once; the server clusters,
 # distils (VAA) and fuses. Its ablations and OFA-KD run the same pipeline with one part changed (ONESHOT_VARIANTS).
@@ -38,21 +39,7 @@ GLOBAL_FAMILIES = tuple(MOE_SIZES)
 DEVICE_FAMILIES = tuple(DEVICE_SIZES)
 ATTACKS = ("uniform", "shifted", "inverted")
 UPLOAD_DTYPES = ("float16", "bfloat16")
-CLUSTER_METHODS = ("kmeans", "random")
-FEATURE_KD = ("vaa", "ofa", "none")
-TUNE_LOSSES = ("keep", "ce")
-ROUTER_INITS = ("domains", "random")
-SHARED_RULES = ("auto", "mean", "zero")
 SECTIONS = ("data", "knowledge", "server", "pretrain", "clustering", "distill", "tune")
-
-
-def _fail(section: str, key: str, value: Any, why: str) -> None:
-    raise ConfigError(f"config error: {_at(section)} {key} = {value!r}: {why}")
-
-
-def _at(section: str) -> str:
-    """Where in the TOML: "[server]", or a device as `device_at` names it."""
-    return section if section.startswith("[") else f"[{section}]"
 
 
 def device_at(i: int | None, device_id: Any = None) -> str:
@@ -85,17 +72,17 @@ class DataConfig:
         for key in ("proxy_frac", "test_frac"):
             v = getattr(self, key)
             if not 0.0 < v < 0.5:
-                _fail("data", key, v, "must be in (0, 0.5)")
+                config_fail("data", key, v, "must be in (0, 0.5)")
         if self.proxy_frac + self.test_frac >= 0.8:
-            _fail("data", "proxy_frac", self.proxy_frac, "proxy_frac + test_frac must leave devices >= 20% private data")
+            config_fail("data", "proxy_frac", self.proxy_frac, "proxy_frac + test_frac must leave devices >= 20% private data")
         for key, lo in (("seq_len", 8), ("proxy_blocks", 2), ("test_blocks", 1), ("val_blocks", 0), ("qa_pairs", 0),
                         ("vocab_size", 300)):
             if getattr(self, key) < lo:
-                _fail("data", key, getattr(self, key), f"must be >= {lo}")
+                config_fail("data", key, getattr(self, key), f"must be >= {lo}")
         if self.private_split not in ("even", "uneven"):
-            _fail("data", "private_split", self.private_split, "allowed: even, uneven")
+            config_fail("data", "private_split", self.private_split, "allowed: even, uneven")
         if not (self.split_alpha > 0 and math.isfinite(self.split_alpha)):
-            _fail("data", "split_alpha", self.split_alpha, "must be finite and > 0")
+            config_fail("data", "split_alpha", self.split_alpha, "must be finite and > 0")
 
 
 @dataclass
@@ -128,34 +115,34 @@ class DeviceConfig:
     def validate(self, where: str | None = None) -> None:
         where = where or device_at(None, self.id)
         if not self.id or not self.id.replace("_", "").replace("-", "").isalnum():
-            _fail(where, "id", self.id, "must be a non-empty name of letters, digits, '-' and '_'")
+            config_fail(where, "id", self.id, "must be a non-empty name of letters, digits, '-' and '_'")
         if self.family not in DEVICE_FAMILIES:
-            _fail(where, "family", self.family, f"allowed: {', '.join(DEVICE_FAMILIES)}")
+            config_fail(where, "family", self.family, f"allowed: {', '.join(DEVICE_FAMILIES)}")
         sizes = (*DEVICE_SIZES[self.family], "auto")
         if self.size not in sizes:
-            _fail(where, "size", self.size, f"allowed for {self.family}: {', '.join(sizes)}")
+            config_fail(where, "size", self.size, f"allowed for {self.family}: {', '.join(sizes)}")
         if self.size == "auto" and not self.memory_mb:
-            _fail(where, "memory_mb", self.memory_mb, "size = 'auto' needs a memory budget in MB")
+            config_fail(where, "memory_mb", self.memory_mb, "size = 'auto' needs a memory budget in MB")
         for key in ("local_steps", "batch_size"):
             if getattr(self, key) < 1:
-                _fail(where, key, getattr(self, key), "must be >= 1")
+                config_fail(where, key, getattr(self, key), "must be >= 1")
         if not self.lr > 0:
-            _fail(where, "lr", self.lr, "must be > 0")
+            config_fail(where, "lr", self.lr, "must be > 0")
         if self.attack is not None and self.attack not in ATTACKS:
-            _fail(where, "attack", self.attack, f"allowed: {', '.join(ATTACKS)}")
+            config_fail(where, "attack", self.attack, f"allowed: {', '.join(ATTACKS)}")
         if not (self.dp_noise >= 0 and math.isfinite(self.dp_noise)):
-            _fail(where, "dp_noise", self.dp_noise, "must be finite and >= 0 (0 turns differential privacy off)")
+            config_fail(where, "dp_noise", self.dp_noise, "must be finite and >= 0 (0 turns differential privacy off)")
         if not (self.dp_clip > 0 and math.isfinite(self.dp_clip)):
-            _fail(where, "dp_clip", self.dp_clip, "must be finite and > 0")
+            config_fail(where, "dp_clip", self.dp_clip, "must be finite and > 0")
         if not 0.0 < self.dp_delta < 1.0:
-            _fail(where, "dp_delta", self.dp_delta, "must be in (0, 1), well below 1 / (number of devices)")
+            config_fail(where, "dp_delta", self.dp_delta, "must be in (0, 1), well below 1 / (number of devices)")
         for key in ("max_steps", "eval_every", "patience"):
             if getattr(self, key) < 1:
-                _fail(where, key, getattr(self, key), "must be >= 1")
+                config_fail(where, key, getattr(self, key), "must be >= 1")
         if not 0.0 < self.val_frac < 0.5:
-            _fail(where, "val_frac", self.val_frac, "must be in (0, 0.5)")
+            config_fail(where, "val_frac", self.val_frac, "must be in (0, 0.5)")
         if self.upload_dtype not in UPLOAD_DTYPES:
-            _fail(where, "upload_dtype", self.upload_dtype, f"allowed: {', '.join(UPLOAD_DTYPES)}")
+            config_fail(where, "upload_dtype", self.upload_dtype, f"allowed: {', '.join(UPLOAD_DTYPES)}")
 
 
 @dataclass
@@ -173,9 +160,9 @@ class KnowledgeConfig:
 
     def validate(self) -> None:
         if self.topk < 1:
-            _fail("knowledge", "topk", self.topk, "must be >= 1")
+            config_fail("knowledge", "topk", self.topk, "must be >= 1")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            _fail("knowledge", "temperature", self.temperature, "must be finite and > 0")
+            config_fail("knowledge", "temperature", self.temperature, "must be finite and > 0")
 
 
 @dataclass
@@ -209,142 +196,27 @@ class ServerConfig:
 
     def validate(self) -> None:
         if self.family not in GLOBAL_FAMILIES:
-            _fail("server", "family", self.family, f"allowed: {', '.join(GLOBAL_FAMILIES)}")
+            config_fail("server", "family", self.family, f"allowed: {', '.join(GLOBAL_FAMILIES)}")
         if self.pretrained is None and self.size not in MOE_SIZES[self.family]:
-            _fail("server", "size", self.size, f"allowed for {self.family}: {', '.join(MOE_SIZES[self.family])}")
+            config_fail("server", "size", self.size, f"allowed for {self.family}: {', '.join(MOE_SIZES[self.family])}")
         for key, lo in (("steps", 0), ("batch_size", 1), ("views_stages", 1), ("views_heads", 1),
                         ("views_dim", 1), ("min_devices", 1), ("round_retries", 0), ("host_steps", 0), ("patience", 1), ("max_rounds", 1)):
             if getattr(self, key) < lo:
-                _fail("server", key, getattr(self, key), f"must be >= {lo}")
+                config_fail("server", key, getattr(self, key), f"must be >= {lo}")
         if not self.lr > 0:
-            _fail("server", "lr", self.lr, "must be > 0")
+            config_fail("server", "lr", self.lr, "must be > 0")
         if not self.lam >= 0:
-            _fail("server", "lam", self.lam, "must be >= 0 (weight of the distillation term)")
+            config_fail("server", "lam", self.lam, "must be >= 0 (weight of the distillation term)")
         if not 0.0 <= self.views_mix <= 1.0:
-            _fail("server", "views_mix", self.views_mix, "must be in [0, 1]")
+            config_fail("server", "views_mix", self.views_mix, "must be in [0, 1]")
         if not self.device_timeout >= 0:
-            _fail("server", "device_timeout", self.device_timeout, "must be >= 0 seconds (0: no limit)")
+            config_fail("server", "device_timeout", self.device_timeout, "must be >= 0 seconds (0: no limit)")
         if self.views_final not in ("devices", "average"):
-            _fail("server", "views_final", self.views_final, "allowed: devices, average")
+            config_fail("server", "views_final", self.views_final, "allowed: devices, average")
         if not self.views_lr_scale > 0:
-            _fail("server", "views_lr_scale", self.views_lr_scale, "must be > 0 (a multiple of lr)")
+            config_fail("server", "views_lr_scale", self.views_lr_scale, "must be > 0 (a multiple of lr)")
         if not 0.0 < self.views_positions <= 1.0:
-            _fail("server", "views_positions", self.views_positions, "must be in (0, 1]")
-
-
-@dataclass
-class PretrainConfig:
-    """[pretrain] The public checkpoints (paper §V-A: devices start from GPT-2, TinyLlama, ...): every device
-    type and the MoE's dense base, trained on the public text and cached by content hash (checkpoints.py)."""
-
-    steps: int = 200  # optimiser steps per model
-    batch_size: int = 16
-    lr: float = 3e-3
-    seed: int = 0  # fixed apart from the training seed: a public checkpoint is the same for every run
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        for key in ("steps", "batch_size"):
-            if getattr(self, key) < 1:
-                _fail("pretrain", key, getattr(self, key), "must be >= 1")
-        if not self.lr > 0:
-            _fail("pretrain", "lr", self.lr, "must be > 0")
-
-
-@dataclass
-class ClusteringConfig:
-    """[clustering] Phase I (paper §IV-B, Eq. 6): the devices' data embeddings, clustered into K domains."""
-
-    domains: int = 0  # K; 0: the MoE's routed experts / fine-grained experts per dense FFN (upcycling.py)
-    method: str = "kmeans"  # kmeans (Eq. 6) | random (the no-clustering ablation: same K, devices dealt at random)
-    embed_dim: int = 32  # e_n's dimensions: the encoder's output projected on the public text's principal axes
-    embed_texts: int = 64  # private documents a device embeds (their mean is e_n)
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        if self.domains < 0:
-            _fail("clustering", "domains", self.domains, "must be >= 0 (0: from the MoE's experts)")
-        if self.method not in CLUSTER_METHODS:
-            _fail("clustering", "method", self.method, f"allowed: {', '.join(CLUSTER_METHODS)}")
-        for key, lo in (("embed_dim", 2), ("embed_texts", 1)):
-            if getattr(self, key) < lo:
-                _fail("clustering", key, getattr(self, key), f"must be >= {lo}")
-
-
-@dataclass
-class DistillConfig:
-    """[distill] Phase II (paper §IV-C, Eqs. 7-11): per domain, L = CE + α Σ_j MSE(F_j^T, F_j^S') + β KL."""
-
-    steps: int = 200  # optimiser steps per domain
-    batch_size: int = 8  # public blocks per step
-    lr: float = 1e-3
-    alpha: float = 1.0  # α: weight of the feature term (VAA's MSE, or OFA's per-stage loss)
-    beta: float = 1.0  # β: weight of the logit KL
-    ce: bool = True  # keep L_CE (false: the logits-only ablation)
-    temperature: float = 1.0  # T of the logit KL
-    features: str = "vaa"  # vaa (Fig. 5) | ofa (OFA-KD's stage branches into logit space) | none
-    stages: int = 4  # J: representation stages of teacher and student
-    patches: int = 32  # P_q: stage-patches VAA attends over, P_q / J per stage
-    dim: int = 64  # d: VAA's attention width
-    heads: int = 4  # VAA's attention heads
-    causal: bool = True  # a patch attends only to patches of its own or earlier positions (the LM is causal)
-    ofa_gamma: float = 1.0  # OFA-KD's modulating exponent on the target class
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        for key, lo in (("steps", 0), ("batch_size", 1), ("stages", 1), ("patches", 1), ("dim", 1), ("heads", 1)):
-            if getattr(self, key) < lo:
-                _fail("distill", key, getattr(self, key), f"must be >= {lo}")
-        for key in ("alpha", "beta"):
-            if not (getattr(self, key) >= 0 and math.isfinite(getattr(self, key))):
-                _fail("distill", key, getattr(self, key), "must be finite and >= 0")
-        for key in ("lr", "temperature", "ofa_gamma"):
-            if not getattr(self, key) > 0:
-                _fail("distill", key, getattr(self, key), "must be > 0")
-        if self.features not in FEATURE_KD:
-            _fail("distill", "features", self.features, f"allowed: {', '.join(FEATURE_KD)}")
-        if self.patches % self.stages:
-            _fail("distill", "patches", self.patches, f"must be a multiple of stages = {self.stages} (P_q / J per stage)")
-        if self.dim % self.heads:
-            _fail("distill", "dim", self.dim, f"must be a multiple of heads = {self.heads}")
-
-
-@dataclass
-class TuneConfig:
-    """[tune] Phase III (paper §IV-D, Eqs. 12-13): fuse the K students into the MoE, then tune with the experts
-    frozen (embeddings, attention, router, norms, output) on the public data."""
-
-    steps: int = 300  # most tuning steps (early stopping on validation may end it sooner)
-    batch_size: int = 8
-    lr: float = 5e-4
-    loss: str = "keep"  # ce: the paper's (cross-entropy + router loss); keep: + λ KL to the domain teachers
-    kl_weight: float = 1.0  # λ of the knowledge-keeping KL
-    topk: int = 32  # the teachers' mixture is kept as top-k + tail per position (losses.topk_kl)
-    eval_every: int = 25  # steps between validation checks
-    patience: int = 4  # checks without a better validation perplexity before tuning stops
-    router_init: str = "domains"  # domains: each domain's experts answer its text | random
-    shared: str = "auto"  # shared expert: mean (of the students' FFNs) | zero | auto (mean when widths allow)
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        for key, lo in (("steps", 0), ("batch_size", 1), ("topk", 1), ("eval_every", 1), ("patience", 1)):
-            if getattr(self, key) < lo:
-                _fail("tune", key, getattr(self, key), f"must be >= {lo}")
-        if not self.lr > 0:
-            _fail("tune", "lr", self.lr, "must be > 0")
-        if not (self.kl_weight >= 0 and math.isfinite(self.kl_weight)):
-            _fail("tune", "kl_weight", self.kl_weight, "must be finite and >= 0")
-        for key, allowed in (("loss", TUNE_LOSSES), ("router_init", ROUTER_INITS), ("shared", SHARED_RULES)):
-            if getattr(self, key) not in allowed:
-                _fail("tune", key, getattr(self, key), f"allowed: {', '.join(allowed)}")
+            config_fail("server", "views_positions", self.views_positions, "must be in (0, 1]")
 
 
 @dataclass
@@ -369,35 +241,35 @@ class FederationConfig:
     def validate(self) -> FederationConfig:
         """Every section and device again (one may have been assigned since it was built), then the whole."""
         if self.method not in METHODS:
-            _fail("federation", "method", self.method, f"allowed: {', '.join(METHODS)}")
+            config_fail("federation", "method", self.method, f"allowed: {', '.join(METHODS)}")
         if self.rounds < 1:
-            _fail("federation", "rounds", self.rounds, "must be >= 1")
+            config_fail("federation", "rounds", self.rounds, "must be >= 1")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            _fail("federation", "device", self.device, "allowed: auto, cpu, cuda, cuda:N")
+            config_fail("federation", "device", self.device, "allowed: auto, cpu, cuda, cuda:N")
         for section in (self.data, self.knowledge, self.server, self.pretrain, self.clustering, self.distill, self.tune):
             section.validate()
         if not self.devices:
-            _fail("devices", "devices", [], "a federation needs at least one [[devices]] entry")
+            config_fail("devices", "devices", [], "a federation needs at least one [[devices]] entry")
         seen: set[str] = set()
         for i, d in enumerate(self.devices):
             d.validate(device_at(i, d.id))
             if d.id in seen:
-                _fail(device_at(i, d.id), "id", d.id, "device ids must be unique")
+                config_fail(device_at(i, d.id), "id", d.id, "device ids must be unique")
             seen.add(d.id)
         if self.server.min_devices > len(self.devices):
-            _fail("server", "min_devices", self.server.min_devices, f"only {len(self.devices)} devices are configured")
+            config_fail("server", "min_devices", self.server.min_devices, f"only {len(self.devices)} devices are configured")
         return self
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
     """Build dataclass `cls` from a TOML table, rejecting unknown keys and wrong types by name."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"config error: {_at(where)} must be a table, got {type(raw).__name__}")
+        raise ConfigError(f"config error: {toml_at(where)} must be a table, got {type(raw).__name__}")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ConfigError(f"config error: {_at(where)} unknown key {unknown[0]!r}; allowed: {', '.join(sorted(names))}")
+        raise ConfigError(f"config error: {toml_at(where)} unknown key {unknown[0]!r}; allowed: {', '.join(sorted(names))}")
     kwargs = {}
     for key, value in raw.items():
         kwargs[key] = _coerce(hints[key], value, where, key)
@@ -408,7 +280,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     except TypeError as e:  # a required key is missing
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw]
-        raise ConfigError(f"config error: {_at(where)} missing required key {missing[0]!r}" if missing
+        raise ConfigError(f"config error: {toml_at(where)} missing required key {missing[0]!r}" if missing
                           else str(e)) from None
 
 
@@ -417,16 +289,16 @@ def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
         return _build(hint, value, key)
     if hint == list[DeviceConfig]:
         if not isinstance(value, list):
-            _fail(where, key, value, "must be an array of tables [[devices]]")
+            config_fail(where, key, value, "must be an array of tables [[devices]]")
         return [_build(DeviceConfig, v, device_at(i, v.get("id") if isinstance(v, dict) else None))
                 for i, v in enumerate(value)]
     allowed = _allowed_types(hint)
     if isinstance(value, bool) and bool not in allowed:
-        _fail(where, key, value, f"must be {' or '.join(t.__name__ for t in allowed)}")
+        config_fail(where, key, value, f"must be {' or '.join(t.__name__ for t in allowed)}")
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, tuple(allowed)):
-        _fail(where, key, value, f"must be {' or '.join(t.__name__ for t in allowed)}")
+        config_fail(where, key, value, f"must be {' or '.join(t.__name__ for t in allowed)}")
     return value
 
 

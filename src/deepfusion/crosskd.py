@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from deepfusion.config import DistillConfig
+from deepfusion.pipeline_config import DistillConfig
 from deepfusion.errors import ConfigError
 from deepfusion.models import autocast
 from deepfusion.ofa import OFABranches

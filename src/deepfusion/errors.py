@@ -12,6 +12,16 @@ class ConfigError(ValueError):
     config error: [server] lam = -1.0: must be >= 0 (weight of the distillation term)"""
 
 
+def toml_at(section: str) -> str:
+    """Where in the TOML: "[server]", or a device as config.device_at names it ("[[devices]] #2 (id 'ghr')")."""
+    return section if section.startswith("[") else f"[{section}]"
+
+
+def config_fail(section: str, key: str, value, why: str) -> None:
+    """Raise the one-line config error every section's validate() gives."""
+    raise ConfigError(f"config error: {toml_at(section)} {key} = {value!r}: {why}")
+
+
 class DeviceUnavailable(ConfigError, RuntimeError):
     """The config names a torch device this machine does not have: a config error where the run starts."""
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from deepfusion.baselines.centralized import EarlyStopping, validation_score
-from deepfusion.config import TuneConfig
+from deepfusion.pipeline_config import TuneConfig
 from deepfusion.evaluation import evaluate
 from deepfusion.losses import topk_kl_shared
 from deepfusion.models import autocast

@@ -51,7 +51,7 @@ from __future__ import annotations
 import torch
 from transformers import DeepseekV3ForCausalLM, PreTrainedConfig, PreTrainedModel, Qwen2MoeForCausalLM
 
-from deepfusion.config import SHARED_RULES
+from deepfusion.pipeline_config import SHARED_RULES
 from deepfusion.errors import ConfigError
 from deepfusion.models import build_dense_base, routed_experts
 
