@@ -100,9 +100,9 @@ def test_log_records_are_one_line_each(multiround, oneshot):
 
 
 def test_a_multi_line_message_is_one_record_line(capsys):
-    from deepfusion.cli import _setup_logging
+    from deepfusion.logs import setup_logging
 
-    _setup_logging(False)
+    setup_logging(False)
     import logging
 
     logging.getLogger("deepfusion").warning("upload rejected:\n  bad header\n  bad shape")
