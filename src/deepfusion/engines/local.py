@@ -24,17 +24,18 @@ from typing import Callable
 import torch
 
 from deepfusion.baselines import hosting
-from deepfusion.baselines.centralized import EarlyStopping, pooled_blocks, validation_score
-from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ONESHOT_METHODS, FederationConfig, to_dict
+from deepfusion.baselines.centralized import EarlyStopping, pooled_blocks
+from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ONESHOT_METHODS, FederationConfig
 from deepfusion.device import (Device, build_device, describe, device_state, evaluate_device, load_device_state,
                                local_train, measure_train_peak, run_round, train_peak_bytes)
-from deepfusion.federation import (FederationData, append_metrics, device_documents, device_seed, load_checkpoint,
-                                   prepare_data, rewrite_metrics, save_checkpoint, summary, write_json_atomic)
+from deepfusion.federation import (FederationData, device_documents, device_seed, load_checkpoint, prepare_data,
+                                   rewrite_metrics, summary, write_json_atomic)
 from deepfusion.models import export_model, n_params, resolve_device
 from deepfusion.privacy import federation_report
 from deepfusion.progress import RunProgress
+from deepfusion.recipes.multiround import checkpoint_path, run_rounds
 from deepfusion.replay import Replay
-from deepfusion.server import build_server, evaluate, load_server_state, server_round, server_state
+from deepfusion.server import build_server, evaluate, load_server_state, server_round
 from deepfusion.wire.instruction import Instruction
 
 log = logging.getLogger("deepfusion")
@@ -101,7 +102,7 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
              n_params(server.model) / 1e6, torch_device, [describe(d) for d in devices.values()] or list(hosts),
              f" (replaying {recorded.dir})" if replaying else "")
 
-    ckpt = out_dir / "checkpoint" / "state.pt"
+    ckpt = checkpoint_path(out_dir)
     per_device = {d: {"up": 0, "down": 0, "rounds": []} for d in (*devices, *hosts)}
     records: list[dict] = []
     before: list[float] = []  # earlier stretches' seconds (a resumed run), each up to its last checkpoint
@@ -111,52 +112,43 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
         before = state.get("wall_seconds_stretches", [])
         log.info("resumed after round %d of %d from %s", len(records), rounds, ckpt)
     rewrite_metrics(out_dir, records)
+
+    def step(r: int) -> dict:
+        """This engine's round: the devices in-process (or their recorded uploads), then the server's step."""
+        started = time.perf_counter()
+        if replaying:
+            payloads, t_devices = recorded.load_round(r, per_device)
+            result = server_round(server, payloads, r)
+        elif method in KNOWLEDGE_METHODS:
+            payloads = _knowledge_exchange(cfg, server.proxy, devices, r, per_device, tick)
+            payloads = _retry(cfg, r, payloads, list(devices), lambda ids: _knowledge_exchange(
+                cfg, server.proxy, devices, r, {d: per_device[d] for d in ids}, lambda: None))
+            t_devices = time.perf_counter() - started
+            if recorded:
+                recorded.save_round(r, payloads, per_device, t_devices)
+            result = server_round(server, payloads, r)
+        elif method in HOSTING_METHODS:
+            result = _hosting_round(cfg, server, hosts, infos, r, per_device, tick)
+            t_devices = result.pop("seconds_devices")
+        elif method == "local-only":
+            result, t_devices = _local_only_round(cfg, devices, r, per_device, tick), time.perf_counter() - started
+        else:
+            result, t_devices = server_round(server, {}, r), 0.0
+        return {**result, "bytes_up": sum(x["up"] for v in per_device.values() for x in v["rounds"] if x["round"] == r),
+                "seconds_devices": round(t_devices, 2)}
+
+    def engine_state(records: list[dict]) -> dict:
+        return {"devices": {d: device_state(dev) for d, dev in devices.items()}, "hosts": _hosts_state(hosts, infos),
+                "stopper": stopper.state() if stopper else None, "comm": per_device,
+                "wall_seconds_stretches": [*before, round(time.perf_counter() - start, 2)]}
+
     with RunProgress(out_dir, live=progress, tensorboard=tensorboard) as shown:
         shown.stage("ROUND", "round", rounds, done=len(records))
         tick = lambda: shown.advance(1 / (len(cfg.devices) + 1), line=False)  # noqa: E731  a device's share of a round
-        for r in range(len(records) + 1, rounds + 1):
-            t_round = time.perf_counter()
-            if replaying:
-                payloads, t_devices = recorded.load_round(r, per_device)
-                result = server_round(server, payloads, r)
-            elif method in KNOWLEDGE_METHODS:
-                payloads = _knowledge_exchange(cfg, server.proxy, devices, r, per_device, tick)
-                payloads = _retry(cfg, r, payloads, list(devices), lambda ids: _knowledge_exchange(
-                    cfg, server.proxy, devices, r, {d: per_device[d] for d in ids}, lambda: None))
-                t_devices = time.perf_counter() - t_round
-                if recorded:
-                    recorded.save_round(r, payloads, per_device, t_devices)
-                result = server_round(server, payloads, r)
-            elif method in HOSTING_METHODS:
-                result = _hosting_round(cfg, server, hosts, infos, r, per_device, tick)
-                t_devices = result.pop("seconds_devices")
-            elif method == "local-only":
-                result, t_devices = _local_only_round(cfg, devices, r, per_device, tick), time.perf_counter() - t_round
-            else:
-                result, t_devices = server_round(server, {}, r), 0.0
-            metrics = local_only_eval(devices, data) if method == "local-only" else evaluate(
-                server.model, data.test_sets, torch_device)
-            stop = False
-            if stopper:
-                result["validation_ppl"] = evaluate(server.model, data.validation, torch_device)["ppl"]
-                stop = stopper.update(server.model, validation_score(result["validation_ppl"]), r)
-            records.append({"round": r, **metrics, **result,
-                            "bytes_up": sum(x["up"] for v in per_device.values() for x in v["rounds"] if x["round"] == r),
-                            "seconds_devices": round(t_devices, 2),
-                            "seconds_round": round(time.perf_counter() - t_round, 2)})
-            append_metrics(out_dir, records[-1])
-            save_checkpoint(ckpt, {"config": to_dict(cfg), "round": r, "server": server_state(server),
-                                   "devices": {d: device_state(dev) for d, dev in devices.items()},
-                                   "hosts": _hosts_state(hosts, infos), "stopper": stopper.state() if stopper else None,
-                                   "comm": per_device, "metrics": records,
-                                   "wall_seconds_stretches": [*before, round(time.perf_counter() - start, 2)]})
-            log.info("[ROUND %d/%d] ppl %s | accepted %d rejected %d | %.1fs", r, rounds, metrics["ppl"],
-                     len(result.get("accepted", [])), len(result.get("rejected", {})), records[-1]["seconds_round"])
-            shown.update(r)
-            if stop:
-                log.info("[ROUND %d] validation perplexity has not improved for %d rounds (best: round %d): "
-                         "stopping", r, stopper.patience, stopper.best_round)
-                break
+        evaluate_round = ((lambda: local_only_eval(devices, data)) if method == "local-only"
+                          else lambda: evaluate(server.model, data.test_sets, torch_device))
+        run_rounds(cfg, out_dir, server, step, evaluate_round, engine_state, shown, rounds, records, stopper,
+                   lambda: evaluate(server.model, data.validation, torch_device))
 
     last, extra = records[-1], {"global_params": n_params(server.model), "vocab_size": vocab}
     if stopper:  # the best round's weights are the converged model
@@ -363,7 +355,7 @@ def local_only_eval(devices: dict[str, Device], data: FederationData) -> dict:
     figure is the mean over its devices (a device drawn at random), its best device alongside."""
     by_device = {d: evaluate(dev.model, domain_tests(data, dev.cfg.source), dev.torch_device)
                  for d, dev in devices.items()}
-    ppl, best, by_source = {}, {}, {}
+    ppl, by_source = {}, {}
     for result in by_device.values():
         for domain, p in result["ppl"].items():
             ppl.setdefault(domain, []).append(p)

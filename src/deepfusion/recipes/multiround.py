@@ -1,0 +1,67 @@
+"""The multi-round protocols as one loop: every engine's rounds run here, so a round means the same everywhere.
+
+    for r in the rounds not yet done (all of them, or those after a resumed run's last):
+        result  = step(r)          the engine: messages out, answers back, the server's step on them
+                                   (knowledge methods: instructions and packets, server.server_round;
+                                   hosting methods: weights and FedAvg; local-only, server-only methods)
+        metrics = evaluate()       the global model on the held-out text (local-only: the devices' own)
+        early stopping             centralized-converged: validation perplexity, server.patience rounds
+        one record                 metrics.jsonl, one line per completed round
+        checkpoint                 checkpoint/state.pt: the server, the records, and what the engine keeps
+        log, progress
+
+The engine passes what only it knows as functions (its step, what it checkpoints beside the server); the
+loop imports no engine and no transport. engines/local.py and engines/flower/server_app.py then write the
+summary and the exported model, each with what its devices reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from deepfusion.baselines.centralized import validation_score
+from deepfusion.config import FederationConfig, to_dict
+from deepfusion.federation import append_metrics, save_checkpoint
+from deepfusion.progress import RunProgress
+from deepfusion.server import server_state
+
+log = logging.getLogger("deepfusion")
+
+
+def checkpoint_path(out_dir: Path) -> Path:
+    return out_dir / "checkpoint" / "state.pt"
+
+
+def run_rounds(cfg: FederationConfig, out_dir: Path, server, step: Callable[[int], dict],
+               evaluate: Callable[[], dict], engine_state: Callable[[list[dict]], dict], shown: RunProgress,
+               rounds: int, records: list[dict], stopper=None, validate: Callable[[], dict] | None = None
+               ) -> list[dict]:
+    """Run rounds len(records)+1 .. rounds; returns every round's record, the earlier ones included.
+
+    `step(r)` returns the round's result (it says `seconds_devices` and `bytes_up`); `engine_state(records)`
+    what the engine checkpoints beside the server (devices, hosts, bytes, wall time); `stopper` with
+    `validate` stops when validation perplexity has not improved for server.patience rounds."""
+    for r in range(len(records) + 1, rounds + 1):
+        started = time.perf_counter()
+        result = step(r)
+        metrics = evaluate()
+        stop = False
+        if stopper:
+            result["validation_ppl"] = validate()["ppl"]
+            stop = stopper.update(server.model, validation_score(result["validation_ppl"]), r)
+        records.append({"round": r, **metrics, **result, "seconds_round": round(time.perf_counter() - started, 2)})
+        append_metrics(out_dir, records[-1])
+        save_checkpoint(checkpoint_path(out_dir), {"config": to_dict(cfg), "round": r, "server": server_state(server),
+                                                   "metrics": records, **engine_state(records)})
+        log.info("[ROUND %d/%d] ppl %s | accepted %d rejected %d | %.1fs", r, rounds, metrics["ppl"],
+                 len(result.get("accepted", [])), len(result.get("rejected", {})), records[-1]["seconds_round"])
+        shown.update(r)
+        if stop:
+            log.info("[ROUND %d] validation perplexity has not improved for %d rounds (best: round %d): stopping",
+                     r, stopper.patience, stopper.best_round)
+            break
+    return records
+
