@@ -1,7 +1,7 @@
 """The DeepFusion ServerApp: Flower carries the messages, `deepfusion.server` does the science.
 
-The same recipe as engines/local.py: set up data and the global MoE, then per round: new nodes join,
-the devices' step, the server step, evaluate, checkpoint, log. Outputs are the local engine's
+The local engine's recipe: set up data and the global MoE, then the round loop both engines share
+(recipes/multiround.py) with this engine's step: new nodes join, the devices' step over Flower, the server step. Outputs are the local engine's
 (summary.json, metrics.jsonl, model/), with the Flower message bytes next to the payload bytes in comm_bytes.
 
 What a round exchanges depends on the method, as in the local engine:
@@ -24,15 +24,16 @@ from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 
 from deepfusion.baselines import hosting
-from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ONESHOT_METHODS, FederationConfig, to_dict
+from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ONESHOT_METHODS, FederationConfig
 from deepfusion.engines.flower.roster import Roster
 from deepfusion.engines.flower.wire import (RunSettings, content, run_settings, upload_bytes, weights_content,
                                             weights_digest, weights_packet)
 from deepfusion.errors import ConfigError
-from deepfusion.federation import append_metrics, prepare_data, save_checkpoint, summary, write_json_atomic
+from deepfusion.federation import prepare_data, summary, write_json_atomic
 from deepfusion.models import export_model, n_params, resolve_device
 from deepfusion.progress import RunProgress
-from deepfusion.server import build_server, evaluate, server_round, server_state
+from deepfusion.recipes.multiround import run_rounds
+from deepfusion.server import build_server, evaluate, server_round
 from deepfusion.wire import PacketError
 from deepfusion.wire.instruction import Instruction
 from deepfusion.wire.setup import make_setup
@@ -90,24 +91,20 @@ def run(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, 
              n_params(server.model) / 1e6, torch_device, len(cfg.devices), [d.id for d in cfg.devices])
 
     timeout = cfg.server.device_timeout or s.round_timeout  # the config's straggler limit, else the run's
-    records: list[dict] = []
+
+    def step(r: int) -> dict:
+        roster.join(grid, r, wait=s.node_timeout if r == 1 else 0.0, timeout=timeout)
+        return (_hosting_round(grid, cfg, roster, server, infos, r, timeout) if hosts
+                else _knowledge_round(grid, cfg, roster, server, r, timeout))
+
+    def engine_state(records: list[dict]) -> dict:  # the server's part of the local engine's; devices keep theirs
+        return {"comm": roster.per_device,
+                "hosts": {d: {"experts": i.experts, "usage": i.usage} for d, i in infos.items()}}
+
     with RunProgress(out_dir, live=progress, tensorboard=tensorboard) as shown:
         shown.stage("ROUND", "round", cfg.rounds)
-        for r in range(1, cfg.rounds + 1):
-            t_round = time.perf_counter()
-            roster.join(grid, r, wait=s.node_timeout if r == 1 else 0.0, timeout=timeout)
-            result = (_hosting_round(grid, cfg, roster, server, infos, r, timeout) if hosts
-                      else _knowledge_round(grid, cfg, roster, server, r, timeout))
-            metrics = evaluate(server.model, data.test_sets, torch_device)
-            records.append({"round": r, **metrics, **result, "seconds_round": round(time.perf_counter() - t_round, 2)})
-            append_metrics(out_dir, records[-1])
-            # the server's part of the local engine's checkpoint; device states stay on their nodes
-            save_checkpoint(out_dir / "checkpoint" / "state.pt", {"config": to_dict(cfg), "round": r,
-                            "server": server_state(server), "comm": roster.per_device, "metrics": records,
-                            "hosts": {d: {"experts": i.experts, "usage": i.usage} for d, i in infos.items()}})
-            log.info("[ROUND %d/%d] ppl %s | accepted %d rejected %d | %.1fs", r, cfg.rounds, metrics["ppl"],
-                     len(result["accepted"]), len(result["rejected"]), records[-1]["seconds_round"])
-            shown.update(r)
+        records = run_rounds(cfg, out_dir, server, step, lambda: evaluate(server.model, data.test_sets, torch_device),
+                             engine_state, shown, cfg.rounds, [])
 
     export_model(server.model, data.tokenizer, out_dir / "model")
     side = roster.devices_side()
