@@ -33,7 +33,7 @@ from deepfusion.federation import (FederationData, device_documents, device_seed
 from deepfusion.models import export_model, n_params, resolve_device
 from deepfusion.privacy import federation_report
 from deepfusion.progress import RunProgress
-from deepfusion.recipes.multiround import checkpoint_path, run_rounds
+from deepfusion.recipes.multiround import checkpoint_path, retry_missing, run_rounds
 from deepfusion.replay import Replay
 from deepfusion.server import build_server, evaluate, load_server_state, server_round
 from deepfusion.wire.instruction import Instruction
@@ -121,7 +121,7 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
             result = server_round(server, payloads, r)
         elif method in KNOWLEDGE_METHODS:
             payloads = _knowledge_exchange(cfg, server.proxy, devices, r, per_device, tick)
-            payloads = _retry(cfg, r, payloads, list(devices), lambda ids: _knowledge_exchange(
+            payloads = retry_missing(cfg, r, payloads, list(devices), lambda ids: _knowledge_exchange(
                 cfg, server.proxy, devices, r, {d: per_device[d] for d in ids}, lambda: None))
             t_devices = time.perf_counter() - started
             if recorded:
@@ -285,26 +285,6 @@ def _knowledge_exchange(cfg: FederationConfig, proxy: torch.Tensor, devices: dic
 
     return _exchange(cfg, r, per_device, tick, down_of,
                      lambda device_id, down: run_round(devices[device_id], Instruction.from_bytes(down)).to_bytes())
-
-
-def _retry(cfg: FederationConfig, r: int, payloads: dict[str, bytes], device_ids: list[str],
-           ask: Callable[[list[str]], dict[str, bytes]]) -> dict[str, bytes]:
-    """Below server.min_devices answers, ask the devices that failed or timed out again, at most
-    server.round_retries times; then the server skips the round. A device whose packet the server rejects
-    is not asked again: it answered, and would send the same bytes."""
-    need, retries = cfg.server.min_devices, cfg.server.round_retries
-    for attempt in range(1, retries + 1):
-        missing = [d for d in device_ids if d not in payloads]
-        if len(payloads) >= need or not missing:
-            break
-        log.warning("[ROUND %d] %d answers of the %d a round needs (server.min_devices); retry %d/%d: asking %s "
-                    "again", r, len(payloads), need, attempt, retries, ", ".join(missing))
-        payloads = {**payloads, **ask(missing)}
-    if len(payloads) < need:
-        log.warning("[ROUND %d] %d answers after %d retries, %d needed (server.min_devices): the server skips "
-                    "this round; raise server.round_retries or device_timeout, or lower min_devices", r,
-                    len(payloads), retries, need)
-    return payloads
 
 
 def _hosting_round(cfg: FederationConfig, server, hosts: dict[str, hosting.Host], infos: dict[str, hosting.HostInfo],

@@ -65,3 +65,22 @@ def run_rounds(cfg: FederationConfig, out_dir: Path, server, step: Callable[[int
             break
     return records
 
+
+def retry_missing(cfg: FederationConfig, r: int, payloads: dict[str, bytes], device_ids: list[str],
+                  ask: Callable[[list[str]], dict[str, bytes]]) -> dict[str, bytes]:
+    """Below server.min_devices answers, ask the devices that failed or timed out again, at most
+    server.round_retries times; then the server skips the round. A device whose packet the server rejects
+    is not asked again: it answered, and would send the same bytes."""
+    need, retries = cfg.server.min_devices, cfg.server.round_retries
+    for attempt in range(1, retries + 1):
+        missing = [d for d in device_ids if d not in payloads]
+        if len(payloads) >= need or not missing:
+            break
+        log.warning("[ROUND %d] %d answers of the %d a round needs (server.min_devices); retry %d/%d: asking %s "
+                    "again", r, len(payloads), need, attempt, retries, ", ".join(missing))
+        payloads = {**payloads, **ask(missing)}
+    if len(payloads) < need:
+        log.warning("[ROUND %d] %d answers after %d retries, %d needed (server.min_devices): the server skips "
+                    "this round; raise server.round_retries or device_timeout, or lower min_devices", r,
+                    len(payloads), retries, need)
+    return payloads

@@ -32,7 +32,7 @@ from deepfusion.errors import ConfigError
 from deepfusion.federation import prepare_data, summary, write_json_atomic
 from deepfusion.models import export_model, n_params, resolve_device
 from deepfusion.progress import RunProgress
-from deepfusion.recipes.multiround import run_rounds
+from deepfusion.recipes.multiround import retry_missing, run_rounds
 from deepfusion.server import build_server, evaluate, server_round
 from deepfusion.wire import PacketError
 from deepfusion.wire.instruction import Instruction
@@ -161,15 +161,7 @@ def _knowledge_round(grid: Grid, cfg: FederationConfig, roster: Roster, server, 
     def ask(devices: list[str] | None) -> dict[str, bytes]:
         return roster.train(grid, r, lambda device: _instruction(cfg, device, r, len(server.proxy)), timeout, devices)
 
-    payloads = ask(None)
-    for attempt in range(1, cfg.server.round_retries + 1):
-        missing = [d.id for d in cfg.devices if d.id not in payloads]
-        if len(payloads) >= cfg.server.min_devices or not missing:
-            break
-        log.warning("[ROUND %d] %d answers of the %d a round needs (server.min_devices); retry %d/%d: asking %s "
-                    "again", r, len(payloads), cfg.server.min_devices, attempt, cfg.server.round_retries,
-                    ", ".join(missing))
-        payloads = {**payloads, **ask(missing)}
+    payloads = retry_missing(cfg, r, ask(None), [d.id for d in cfg.devices], ask)
     seconds_devices = time.perf_counter() - started
     missing = {d.id: roster.per_device[d.id]["rounds"][-1]["failed"] for d in cfg.devices if d.id not in payloads}
     if missing:
