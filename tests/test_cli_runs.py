@@ -379,3 +379,9 @@ def test_pyproject_licence_is_an_spdx_string():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert project["project"]["license"] == "Apache-2.0"
     assert any(r.replace(" ", "").startswith("setuptools>=77") for r in project["build-system"]["requires"])
+
+
+def test_a_run_resumes_on_its_own_engine_only(finished, capsys):
+    assert main(["run", "--resume", str(finished), "--engine", "flower", "--rounds", "3"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "ran on the local engine" in line and "drop --engine flower" in line

@@ -56,24 +56,30 @@ def main(argv: list[str] | None = None) -> int:
 # ---- run ----------------------------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.resume and args.engine != "local":  # a Flower run's device states live on its SuperNodes
-        raise ConfigError("deepfusion run --resume continues local-engine runs only; rerun a flower run from "
-                          "the start (its devices keep their state on their nodes)")
     if args.resume:
         return _resume(args)
     cfg = load_config(args.config, args.set, method=args.method, rounds=args.rounds, seed=args.seed)
-    run = _runner(args.engine)
-    if args.replay and (args.engine != "local" or cfg.method not in (*KNOWLEDGE_METHODS, *ONESHOT_METHODS)):
+    engine = args.engine or "local"
+    run = _runner(engine)
+    if args.replay and (engine != "local" or cfg.method not in (*KNOWLEDGE_METHODS, *ONESHOT_METHODS)):
         raise ConfigError(f"--replay records and replays the devices' uploads: it needs --engine local and one of "
-                          f"{', '.join((*ONESHOT_METHODS, *KNOWLEDGE_METHODS))} (got --engine {args.engine}, "
+                          f"{', '.join((*ONESHOT_METHODS, *KNOWLEDGE_METHODS))} (got --engine {engine}, "
                           f"method {cfg.method!r})")
     extra = {"replay": Path(args.replay)} if args.replay else {}
     extra["tensorboard"] = Path(args.tensorboard) if args.tensorboard else None
-    resume_with = "" if args.engine == "flower" else _resume_with(args, Path(args.out))
+    resume_with = _resume_with(args, Path(args.out))
     with claim(args.out, overwrite=args.overwrite, command=args.command_line, resume_with=resume_with) as run_dir:
         result = run(cfg, run_dir.path, data_dir=args.data_dir, progress=not args.no_progress, **extra)
     _print_brief(result)
     return 0
+
+
+def _runner_of(args: argparse.Namespace, out: Path, recorded: str):
+    """A run continues on the engine it started on (its checkpoint says which); --engine may only agree."""
+    if args.engine and args.engine != recorded:
+        raise ConfigError(f"--resume {out}: that run ran on the {recorded} engine and continues there (its devices' "
+                          f"states are that engine's); drop --engine {args.engine}")
+    return _runner(recorded)
 
 
 def _runner(engine: str):
@@ -85,9 +91,8 @@ def _runner(engine: str):
 
 
 def _resume(args: argparse.Namespace) -> int:
-    """Continue DIR's run after its last completed round, with the config it was started with."""
+    """Continue DIR's run after its last completed round, with the config and engine it was started with."""
     from deepfusion.config import from_dict
-    from deepfusion.engines.local import run
 
     out = Path(args.resume)
     ignored = [flag for flag, given in (("--config", args.config), ("--method", args.method), ("--seed", args.seed),
@@ -111,6 +116,7 @@ def _resume(args: argparse.Namespace) -> int:
                           f"to train it longer give --rounds > {done}")
     if args.rounds:  # the one setting a resume may change: run longer than first planned
         cfg.rounds = args.rounds
+    run = _runner_of(args, out, state.get("engine", "local"))
     with claim(out, resume=True, command=args.command_line, resume_with=_resume_with(args, out)) as run_dir:
         result = run(cfg, run_dir.path, data_dir=args.data_dir, progress=not args.no_progress, resume=True,
                      tensorboard=Path(args.tensorboard) if args.tensorboard else None)
@@ -121,7 +127,6 @@ def _resume(args: argparse.Namespace) -> int:
 def _resume_phases(args: argparse.Namespace, out: Path) -> int:
     """Continue a one-shot run after its last saved phase (or distilled domain), with its own config."""
     from deepfusion.config import from_dict
-    from deepfusion.engines.local import run
 
     if args.rounds is not None:
         raise ConfigError(f"--rounds {args.rounds}: {out} is a one-shot run (method deepfusion and its ablations "
@@ -129,10 +134,12 @@ def _resume_phases(args: argparse.Namespace, out: Path) -> int:
     if (out / "summary.json").is_file():
         raise ConfigError(f"--resume {out}: that run has finished (summary.json); nothing to continue")
     try:
-        cfg = from_dict(json.loads((out / "checkpoint" / "progress.json").read_text())["config"])
+        progress = json.loads((out / "checkpoint" / "progress.json").read_text())
+        cfg = from_dict(progress["config"])
     except (ValueError, KeyError) as e:
         raise DataError(f"{out / 'checkpoint' / 'progress.json'}: unreadable ({type(e).__name__}); it was damaged "
                         "or not written by `deepfusion run`; start afresh with --out DIR") from None
+    run = _runner_of(args, out, progress.get("engine", "local"))
     with claim(out, resume=True, command=args.command_line, resume_with=_resume_with(args, out)) as run_dir:
         result = run(cfg, run_dir.path, data_dir=args.data_dir, progress=not args.no_progress, resume=True,
                      tensorboard=Path(args.tensorboard) if args.tensorboard else None)
@@ -294,8 +301,9 @@ def _parser() -> argparse.ArgumentParser:
                      "what a run writes there)")
     run.add_argument("--config", help="federation TOML (default: the shipped default config)")
     run.add_argument("--method", choices=METHODS, help="override the config's method")
-    run.add_argument("--engine", choices=ENGINES, default="local",
-                     help="local: in-process (default); flower: Flower's Simulation Runtime, one SuperNode per device")
+    run.add_argument("--engine", choices=ENGINES,
+                     help="local: in-process (default); flower: Flower's Simulation Runtime, one SuperNode per device "
+                          "(with --resume: the run's own engine)")
     run.add_argument("--rounds", type=int, help="override the number of rounds (with --resume: run to this many)")
     run.add_argument("--seed", type=int, help="override the training seed")
     run.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",

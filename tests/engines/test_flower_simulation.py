@@ -141,6 +141,22 @@ def test_a_method_without_devices_is_refused_before_ray_starts(tmp_path, capsys)
     assert "method = 'proxy-only'" in err and "--engine local" in err
 
 
-def test_resume_is_refused_for_flower_runs(tmp_path, capsys):
-    assert main(["run", "--engine", "flower", "--resume", str(tmp_path)]) == 2
-    assert "local-engine runs only" in capsys.readouterr().err
+def test_a_killed_flower_run_resumes_as_the_unbroken_one(flower_run, tmp_path, monkeypatch):
+    """Stopped after round 1 (as a kill after its checkpoint leaves it), resumed to round 2: the server from its
+    checkpoint and every device from its saved state send the unbroken run's packet bytes and end in its model."""
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "run"
+    common = ["--data-dir", str(SHARED_DATA), "--no-progress"]
+    assert main(["run", "--engine", "flower", "--config", str(smoke_path()), "--rounds", "1", "--out", str(out),
+                 *common]) == 0
+    (out / "summary.json").unlink()  # as if killed after round 1's checkpoint
+    assert main(["run", "--resume", str(out), "--rounds", "2", *common]) == 0  # its engine from its checkpoint
+    resumed, unbroken = (json.loads((d / "summary.json").read_text()) for d in (out, flower_run))
+    assert resumed["engine"] == "flower" and [json.loads(x)["round"] for x in
+                                               (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    digests = {s: {d: [r["sha256"] for r in v["rounds"]] for d, v in s_["comm_bytes"]["per_device"].items()}
+               for s, s_ in (("resumed", resumed), ("unbroken", unbroken))}
+    assert digests["resumed"] == digests["unbroken"]
+    a, b = (AutoModelForCausalLM.from_pretrained(d / "model").state_dict() for d in (out, flower_run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -64,10 +64,10 @@ def variant(cfg: FederationConfig) -> FederationConfig:
 
 
 def run(cfg: FederationConfig, out_dir: Path, data: FederationData, send: Send, torch_device: torch.device,
-        resume: bool = False, progress: RunProgress | None = None) -> dict:
+        resume: bool = False, progress: RunProgress | None = None, engine: str = "local") -> dict:
     start, asked, cfg = time.perf_counter(), cfg, variant(cfg)
     shown = progress or RunProgress(out_dir, live=False)  # a line per device, phase, domain, tuning check
-    state = PhaseState(out_dir / "checkpoint", resume, asked)
+    state = PhaseState(out_dir / "checkpoint", resume, asked, engine)
     moe_config = (build_global_moe(cfg.server.family, cfg.server.size, len(data.tokenizer), cfg.server.pretrained).config
                   if cfg.server.pretrained else global_moe_config(cfg.server.family, cfg.server.size, len(data.tokenizer)))
     K = cfg.clustering.domains or upcycling.num_domains(moe_config)
@@ -242,22 +242,22 @@ def device_reports(cfg: FederationConfig, data: FederationData, uploads: dict, c
 class PhaseState:
     """out/checkpoint/: what finished phases left, written atomically, read back on --resume.
 
-        progress.json       the config the run was started with, and what is saved so far (in words)
+        progress.json       the config the run was started with, its engine, and what is saved so far (in words)
         phase0.json         bytes down/up per device, who replied, who failed and why
         uploads/<id>.bin    each reply exactly as received (validated again on resume: same verdicts)
         student<i>.json     domain i's distillation record; student<i>.safetensors its weights
         (out/metrics.jsonl is rewritten at every phase boundary: device curves, clusters, domains, tuning)
     """
 
-    def __init__(self, root: Path, resume: bool, cfg: FederationConfig):
-        self.root, self.cfg = root, cfg
+    def __init__(self, root: Path, resume: bool, cfg: FederationConfig, engine: str = "local"):
+        self.root, self.cfg, self.engine = root, cfg, engine
         (root / "uploads").mkdir(parents=True, exist_ok=True)
         if not resume:
             self.mark(None)
 
     def mark(self, saved: str | None) -> None:
-        """progress.json: the run's config (what --resume continues) and, in words, what is saved so far."""
-        self.write("progress", {"config": to_dict(self.cfg), "saved": saved})
+        """progress.json: the run's config and engine (what --resume continues) and, in words, what is saved."""
+        self.write("progress", {"config": to_dict(self.cfg), "engine": self.engine, "saved": saved})
 
     def done(self, name: str) -> bool:
         return (self.root / f"{name}.json").is_file()

@@ -13,10 +13,10 @@ train.weights  hosting methods: rebuild the WeightsPacket from the ArrayRecord, 
                its bytes (the local engine's device step), answer with the trained weights as an ArrayRecord
                and num-examples (tokens trained), FedAvg's weight.
 
-The device (or host) persists across rounds: in the simulation the Ray actor that runs every device keeps it
-in `_DEVICES`; on a SuperNode, where Flower starts a fresh ClientApp process per message, `engines/flower/node.py`
-saves it after every round under the node's state directory, which also lets a restarted SuperNode go on
-where its device was.
+The device (or host) persists across rounds: the process keeps it in `_DEVICES` (the simulation's Ray actor
+runs every device), and `engines/flower/node.py` saves it after every round under a state directory: a
+SuperNode's, where Flower starts a fresh ClientApp process per message and a restarted node goes on where its
+device was; the simulation's, in its run's checkpoint/, so `deepfusion run --resume` continues every device.
 
 Node config (flower-supernode --node-config): device-id (required on a SuperNode), data-dir, state-dir.
 """
@@ -41,9 +41,11 @@ STATE = "deepfusion"  # our ConfigRecord in context.state: the Setup bytes and t
 _DEVICES: dict[tuple[int, str], NodeDevice | Host] = {}  # (run id, device id) -> device, for this process's lifetime
 
 
-def make_app(data_dir: str | None = None) -> ClientApp:
-    """`flwr run` uses `app` below (settings from the node config); the simulation passes its data dir."""
+def make_app(data_dir: str | None = None, state_dir: Path | None = None, run_key: str | None = None) -> ClientApp:
+    """`flwr run` uses `app` below (settings from the node config); the simulation passes its data dir, and
+    the state directory and run key its devices keep their state under (so a resumed simulation finds them)."""
     app = ClientApp()
+    store = (state_dir, run_key)
 
     @app.query("setup")
     def setup(msg: Message, context: Context) -> Message:
@@ -58,10 +60,10 @@ def make_app(data_dir: str | None = None) -> ClientApp:
         from deepfusion.wire.instruction import Instruction
 
         asked = values(msg)
-        node = _device(context, str(asked["device"]), data_dir)
+        node = _device(context, str(asked["device"]), data_dir, store=store)
         started = time.perf_counter()
         packet = run_round(node.device, Instruction.from_bytes(asked["instruction"]))
-        _keep(context, str(asked["device"]), node)
+        _keep(context, str(asked["device"]), node, store)
         report = {**describe(node.device), **({"ppl_own_source": node.ppl_own_source()} if asked["final"] else {})}
         numbers = {"peak_mem_bytes": node.device.peak_mem_bytes, "tokens_trained": node.device.tokens_trained,
                    "local_loss": node.device.history[-1]["local_loss"], "seconds": time.perf_counter() - started}
@@ -84,8 +86,8 @@ def make_app(data_dir: str | None = None) -> ClientApp:
         from deepfusion.engines.flower.node import host_report
 
         device = str(values(msg)["device"])
-        mine = _device(context, device, data_dir, host=True)
-        _keep(context, device, mine)
+        mine = _device(context, device, data_dir, host=True, store=store)
+        _keep(context, device, mine, store)
         return Message(content({"peak_mem_bytes": mine.peak_mem_bytes}, report=json.dumps(host_report(mine))),
                        reply_to=msg)
 
@@ -96,10 +98,10 @@ def make_app(data_dir: str | None = None) -> ClientApp:
         from deepfusion.engines.flower.node import host_report
 
         device = str(values(msg)["device"])
-        mine = _device(context, device, data_dir, host=True)
+        mine = _device(context, device, data_dir, host=True, store=store)
         started = time.perf_counter()
         up = WeightsPacket.from_bytes(host_round(mine, weights_packet(msg).to_bytes()))
-        _keep(context, device, mine)
+        _keep(context, device, mine, store)
         numbers = {"peak_mem_bytes": mine.peak_mem_bytes, "seconds": time.perf_counter() - started}
         return Message(weights_content(up, numbers, report=json.dumps(host_report(mine))), reply_to=msg)
 
@@ -118,8 +120,14 @@ def _device_id(context: Context, devices: list[str]) -> str:
     raise ValueError("this SuperNode names no device: start it with --node-config 'device-id=\"<id from the config>\"'")
 
 
-def _state_dir(context: Context) -> Path | None:
-    """Where a SuperNode keeps its device between messages; a simulated node keeps it in memory."""
+Store = tuple[Path | None, str | None]  # (state dir, run key) the simulation gives; (None, None) on a SuperNode
+
+
+def _state_dir(context: Context, store: Store) -> Path | None:
+    """Where a node keeps its device between messages: the simulation's own directory (in its run's
+    checkpoint/), a SuperNode's state-dir, else ~/.cache/deepfusion/nodes."""
+    if store[0] is not None:
+        return store[0]
     if "state-dir" in context.node_config:
         return Path(str(context.node_config["state-dir"]))
     if "partition-id" in context.node_config:
@@ -129,7 +137,13 @@ def _state_dir(context: Context) -> Path | None:
     return cache_dir() / "nodes"
 
 
-def _device(context: Context, device_id: str, data_dir: str | None, host: bool = False) -> NodeDevice | Host:
+def _run_key(context: Context, store: Store) -> str:
+    """The name of this run's states: the simulation's key outlives Flower's run id, which a resume changes."""
+    return store[1] or str(context.run_id)
+
+
+def _device(context: Context, device_id: str, data_dir: str | None, host: bool = False,
+            store: Store = (None, None)) -> NodeDevice | Host:
     """This node's device (a host, for the hosting methods): kept in memory, restored from the state
     directory, or built from the Setup."""
     from deepfusion.engines.flower.node import load_host, load_state, start_device, start_host
@@ -138,9 +152,9 @@ def _device(context: Context, device_id: str, data_dir: str | None, host: bool =
     mine = _setup_of(context, device_id)
     if (context.run_id, device_id) in _DEVICES:
         return _DEVICES[(context.run_id, device_id)]
-    setup, where = Setup.from_bytes(bytes(mine["setup"])), _state_dir(context)
+    setup, where = Setup.from_bytes(bytes(mine["setup"])), _state_dir(context, store)
     load, start = (load_host, start_host) if host else (load_state, start_device)
-    node = load(setup, device_id, where, str(context.run_id)) if where else None
+    node = load(setup, device_id, where, _run_key(context, store)) if where else None
     return node or start(setup, device_id, str(context.node_config.get("data-dir", "")) or data_dir)
 
 
@@ -156,9 +170,9 @@ def _setup_of(context: Context, device_id: str) -> ConfigRecord:
     return mine
 
 
-def _keep(context: Context, device_id: str, node: NodeDevice | Host) -> None:
+def _keep(context: Context, device_id: str, node: NodeDevice | Host, store: Store = (None, None)) -> None:
     _DEVICES[(context.run_id, device_id)] = node
-    if where := _state_dir(context):
+    if where := _state_dir(context, store):
         from deepfusion.engines.flower.node import NodeDevice, save_host, save_state
 
-        (save_state if isinstance(node, NodeDevice) else save_host)(node, where, str(context.run_id))
+        (save_state if isinstance(node, NodeDevice) else save_host)(node, where, _run_key(context, store))

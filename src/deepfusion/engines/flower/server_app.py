@@ -29,11 +29,11 @@ from deepfusion.engines.flower.roster import Roster
 from deepfusion.engines.flower.wire import (RunSettings, content, run_settings, upload_bytes, weights_content,
                                             weights_digest, weights_packet)
 from deepfusion.errors import ConfigError
-from deepfusion.federation import prepare_data, summary, write_json_atomic
+from deepfusion.federation import load_checkpoint, prepare_data, rewrite_metrics, summary, write_json_atomic
 from deepfusion.models import export_model, n_params, resolve_device
 from deepfusion.progress import RunProgress
-from deepfusion.recipes.multiround import retry_missing, run_rounds
-from deepfusion.server import build_server, evaluate, server_round
+from deepfusion.recipes.multiround import checkpoint_path, retry_missing, run_rounds
+from deepfusion.server import build_server, evaluate, load_server_state, server_round
 from deepfusion.wire import PacketError
 from deepfusion.wire.instruction import Instruction
 from deepfusion.wire.setup import make_setup
@@ -44,9 +44,10 @@ FLOWER_METHODS = (*ONESHOT_METHODS, *KNOWLEDGE_METHODS, *HOSTING_METHODS)  # the
 
 
 def make_app(cfg: FederationConfig | None = None, out_dir: Path | None = None, data_dir: str | None = None,
-             settings: RunSettings | None = None, progress: bool = True, tensorboard: Path | None = None) -> ServerApp:
+             settings: RunSettings | None = None, progress: bool = True, tensorboard: Path | None = None,
+             resume: bool = False) -> ServerApp:
     """`flwr run` uses `app` below (everything from the run config); the simulation passes the CLI's config,
-    --no-progress and --tensorboard."""
+    --no-progress, --tensorboard and --resume."""
     app = ServerApp()
 
     @app.main()
@@ -56,7 +57,7 @@ def make_app(cfg: FederationConfig | None = None, out_dir: Path | None = None, d
             logging.basicConfig(level=logging.INFO, format="%(message)s")
             logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
         run(grid, cfg or s.federation(), Path(out_dir or s.out), data_dir or s.data_dir or None, s, progress,
-            tensorboard)
+            tensorboard, resume)
 
     return app
 
@@ -72,13 +73,14 @@ def check_method(cfg: FederationConfig) -> None:
 
 
 def run(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, s: RunSettings,
-        progress: bool = True, tensorboard: Path | None = None) -> dict:
+        progress: bool = True, tensorboard: Path | None = None, resume: bool = False) -> dict:
+    """The federation over Flower; `resume` continues after the last round checkpointed in out_dir (the
+    devices' states are the nodes': the simulation keeps them in out_dir/checkpoint/nodes)."""
     check_method(cfg)
     if cfg.method in ONESHOT_METHODS:
-        return _oneshot(grid, cfg, out_dir, data_dir, s, progress, tensorboard)
+        return _oneshot(grid, cfg, out_dir, data_dir, s, progress, tensorboard, resume)
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)
     torch_device = resolve_device(cfg.device)
     data = prepare_data(cfg, data_dir, private=False)  # the server never packs a device's private blocks
@@ -91,20 +93,23 @@ def run(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, 
              n_params(server.model) / 1e6, torch_device, len(cfg.devices), [d.id for d in cfg.devices])
 
     timeout = cfg.server.device_timeout or s.round_timeout  # the config's straggler limit, else the run's
+    records = _restore(checkpoint_path(out_dir), cfg, server, roster, infos) if resume else []
+    rewrite_metrics(out_dir, records)
+    first = len(records) + 1
 
     def step(r: int) -> dict:
-        roster.join(grid, r, wait=s.node_timeout if r == 1 else 0.0, timeout=timeout)
+        roster.join(grid, r, wait=s.node_timeout if r == first else 0.0, timeout=timeout)
         return (_hosting_round(grid, cfg, roster, server, infos, r, timeout) if hosts
                 else _knowledge_round(grid, cfg, roster, server, r, timeout))
 
     def engine_state(records: list[dict]) -> dict:  # the server's part of the local engine's; devices keep theirs
-        return {"comm": roster.per_device,
+        return {"engine": "flower", "comm": roster.per_device,
                 "hosts": {d: {"experts": i.experts, "usage": i.usage} for d, i in infos.items()}}
 
     with RunProgress(out_dir, live=progress, tensorboard=tensorboard) as shown:
-        shown.stage("ROUND", "round", cfg.rounds)
-        records = run_rounds(cfg, out_dir, server, step, lambda: evaluate(server.model, data.test_sets, torch_device),
-                             engine_state, shown, cfg.rounds, [])
+        shown.stage("ROUND", "round", cfg.rounds, done=len(records))
+        run_rounds(cfg, out_dir, server, step, lambda: evaluate(server.model, data.test_sets, torch_device),
+                   engine_state, shown, cfg.rounds, records)
 
     export_model(server.model, data.tokenizer, out_dir / "model")
     side = roster.devices_side()
@@ -120,8 +125,21 @@ def run(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, 
     return result
 
 
+def _restore(ckpt: Path, cfg: FederationConfig, server, roster: Roster, infos: dict[str, hosting.HostInfo]
+             ) -> list[dict]:
+    """The server as it was after its last checkpointed round: weights, optimiser, bytes, hosts; its records."""
+    state = load_checkpoint(ckpt)
+    load_server_state(server, state["server"])
+    roster.per_device = state["comm"]
+    ids = [d.id for d in cfg.devices]
+    for d, h in state["hosts"].items():
+        infos[d] = hosting.HostInfo(h["experts"], h["usage"], offset=ids.index(d))
+    log.info("resumed after round %d of %d from %s", len(state["metrics"]), cfg.rounds, ckpt)
+    return state["metrics"]
+
+
 def _oneshot(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, s: RunSettings,
-             progress: bool = True, tensorboard: Path | None = None) -> dict:
+             progress: bool = True, tensorboard: Path | None = None, resume: bool = False) -> dict:
     """The paper's protocol on Flower (recipes/deepfusion.py): one train message per device with its Task, its
     trained LLM and data embedding back as records; Phases I-III then run here, as in the local engine."""
     from deepfusion.recipes import deepfusion as recipe
@@ -146,7 +164,7 @@ def _oneshot(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | N
         return uploads, failed
 
     with RunProgress(out_dir, live=progress, tensorboard=tensorboard) as shown:
-        result = recipe.run(cfg, out_dir, data, send, torch_device, progress=shown)
+        result = recipe.run(cfg, out_dir, data, send, torch_device, resume=resume, progress=shown, engine="flower")
     result.update(engine="flower", flower_comm_bytes=roster.comm())
     write_json_atomic(out_dir / "summary.json", result)
     shown.finish()

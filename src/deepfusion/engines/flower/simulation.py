@@ -2,7 +2,9 @@
 
 One virtual SuperNode per configured device (partition i is device i). All devices run in one Ray actor,
 one after another as in the local engine: the actor keeps every device in memory across rounds, and a
-single actor with all the CPUs gives device training the threads the local engine gives it.
+single actor with all the CPUs gives device training the threads the local engine gives it. Each device's
+state is also saved after every round in the run's checkpoint/nodes/ (a simulation runs on one machine), so
+`deepfusion run --resume` continues a killed Flower run, devices and server, as the local engine does.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ log = logging.getLogger("deepfusion")
 
 
 def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progress: bool = True,
-        settings: RunSettings | None = None, tensorboard: Path | None = None) -> dict:
+        settings: RunSettings | None = None, tensorboard: Path | None = None, resume: bool = False) -> dict:
     """Run the federation in the simulation; same outputs, progress and plots as engines.local.run."""
     _quiet_flower()
     from flwr.simulation import run_simulation  # late: flwr and Ray load only for this engine
@@ -37,9 +39,9 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
                "init_args": {"num_cpus": cpus, "num_gpus": int(gpus), "logging_level": "error"}}
     # run_simulation is deprecated in favour of `flwr run` against a simulation SuperLink, which takes its
     # settings from pyproject.toml and the run config only: this CLI's --config/--out/... would not reach it.
-    app = server_app.make_app(cfg, out_dir, data_dir, settings or RunSettings(), progress, tensorboard)
-    run_simulation(server_app=app,
-                   client_app=client_app.make_app(data_dir=data_dir), num_supernodes=len(cfg.devices),
+    app = server_app.make_app(cfg, out_dir, data_dir, settings or RunSettings(), progress, tensorboard, resume)
+    devices = client_app.make_app(data_dir=data_dir, state_dir=out_dir / "checkpoint" / "nodes", run_key="simulation")
+    run_simulation(server_app=app, client_app=devices, num_supernodes=len(cfg.devices),
                    backend_name="ray", backend_config=backend)
     summary_path = out_dir / "summary.json"
     if not summary_path.is_file():
