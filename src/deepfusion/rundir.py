@@ -70,7 +70,7 @@ def claim(out: str | Path, *, overwrite: bool = False, resume: bool = False, com
     """Hold `out` for one run: check and lock it, and on the way out turn a failure, a full disk or Ctrl-C
     into one line (RunDirError / RunInterrupted) after cleaning up as the module docstring says.
 
-    resume_with: the command that continues this run ("" if the run cannot be resumed, as a Flower run);
+    resume_with: the command that continues this run ("" if the run cannot be resumed);
     by default `deepfusion run --resume OUT`.
     """
     out = Path(out)
