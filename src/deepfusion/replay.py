@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from deepfusion.config import FederationConfig, to_dict
+from deepfusion.ledger import Ledger
 
 _DEVICE_SIDE_SERVER_KEYS = ("device_timeout", "min_devices", "round_retries")  # which answers a round keeps
 _DEVICE_SIDE_CLUSTERING_KEYS = ("embed_dim", "embed_texts")  # the task's basis and what a device embeds
@@ -74,24 +75,21 @@ class Replay:
         return all((self.dir / f"r{r}" / "comm.json").is_file() for r in range(1, rounds + 1)) and \
             (self.dir / f"devices-{rounds}.json").is_file()
 
-    def save_round(self, r: int, payloads: dict[str, bytes], per_device: dict, seconds: float) -> None:
+    def save_round(self, r: int, payloads: dict[str, bytes], ledger: Ledger, seconds: float) -> None:
         folder = self.dir / f"r{r}"
         folder.mkdir(parents=True, exist_ok=True)
         for device_id, blob in payloads.items():
             (folder / f"{device_id}.bin").write_bytes(blob)
-        comm = {d: [x for x in v["rounds"] if x["round"] == r] for d, v in per_device.items()}
+        comm = ledger.of_round(r)
         (folder / "comm.json").write_text(json.dumps({"comm": comm, "seconds_devices": seconds}))  # last: marks done
 
-    def load_round(self, r: int, per_device: dict) -> tuple[dict[str, bytes], float]:
-        """The round's uploads, with its byte counts added to per_device as if the devices had just sent them."""
+    def load_round(self, r: int, ledger: Ledger) -> tuple[dict[str, bytes], float]:
+        """The round's uploads, with its byte counts added to the ledger as if the devices had just sent them."""
         folder = self.dir / f"r{r}"
         saved = json.loads((folder / "comm.json").read_text())
         for device_id, entries in saved["comm"].items():
-            per_device.setdefault(device_id, {"up": 0, "down": 0, "rounds": []})
             for entry in entries:
-                per_device[device_id]["rounds"].append(entry)
-                per_device[device_id]["up"] += entry["up"]
-                per_device[device_id]["down"] += entry["down"]
+                ledger.add(device_id, entry)
         payloads = {p.stem: p.read_bytes() for p in sorted(folder.glob("*.bin"))}
         return payloads, saved["seconds_devices"]
 

@@ -79,8 +79,8 @@ def test_nodes_join_as_the_devices_they_name_and_an_unknown_one_is_left_out(capl
     roster.join(grid, 1, wait=5.0, timeout=TIMEOUT)
     assert roster.node_of == {"cdc": 1, "nhlbi": 2, "finance": 3}
     assert "node 4 says it is device 'mallory', which this federation does not have" in caplog.text
-    assert roster.per_device["cdc"]["setup"]["down"] == len(b"setup bytes")
-    assert roster.per_device["cdc"]["setup"]["down_message"] > len(b"setup bytes")
+    assert roster.ledger.per_device["cdc"]["setup"]["down"] == len(b"setup bytes")
+    assert roster.ledger.per_device["cdc"]["setup"]["down_message"] > len(b"setup bytes")
 
 
 def test_a_silent_node_and_a_failing_device_do_not_stall_the_round():
@@ -96,7 +96,7 @@ def test_a_silent_node_and_a_failing_device_do_not_stall_the_round():
     roster.join(grid, 1, wait=1.0, timeout=TIMEOUT)
     payloads = roster.train(grid, 1, lambda device: b"instruction", TIMEOUT)
     assert payloads == {"cdc": b"packet of cdc"}
-    rounds = {d: v["rounds"] for d, v in roster.per_device.items()}
+    rounds = {d: v["rounds"] for d, v in roster.ledger.per_device.items()}
     assert rounds["nhlbi"][0]["failed"] == f"no answer within {TIMEOUT:.0f}s"
     assert rounds["finance"][0]["failed"] == "ValueError: disk full"
     assert rounds["cdc"][0]["up"] == len(b"packet of cdc") < rounds["cdc"][0]["up_message"]
@@ -151,5 +151,5 @@ def test_below_min_devices_the_failed_devices_are_asked_again(monkeypatch):
                         {"accepted": sorted(payloads), "rejected": {}})
     result = server_app._knowledge_round(grid, config, roster, SimpleNamespace(proxy=[0] * 24), 1, TIMEOUT)
     assert sorted(received) == ["cdc", "finance", "nhlbi"] and result["accepted"] == sorted(received)
-    assert [r.get("failed") for r in roster.per_device["finance"]["rounds"]] == ["OSError: flaky", None]
+    assert [r.get("failed") for r in roster.ledger.per_device["finance"]["rounds"]] == ["OSError: flaky", None]
     assert [t for t, _ in grid.sent].count("train") == 4  # three, then finance again

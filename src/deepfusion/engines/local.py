@@ -30,6 +30,7 @@ from deepfusion.device import (Device, build_device, describe, device_state, eva
                                local_train, measure_train_peak, run_round, train_peak_bytes)
 from deepfusion.federation import (FederationData, device_documents, device_seed, load_checkpoint, prepare_data,
                                    rewrite_metrics, summary, write_json_atomic)
+from deepfusion.ledger import Ledger
 from deepfusion.models import export_model, n_params, resolve_device
 from deepfusion.privacy import federation_report
 from deepfusion.progress import RunProgress
@@ -103,12 +104,12 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
              f" (replaying {recorded.dir})" if replaying else "")
 
     ckpt = checkpoint_path(out_dir)
-    per_device = {d: {"up": 0, "down": 0, "rounds": []} for d in (*devices, *hosts)}
+    ledger = Ledger((*devices, *hosts))
     records: list[dict] = []
     before: list[float] = []  # earlier stretches' seconds (a resumed run), each up to its last checkpoint
     if resume:
         state = load_checkpoint(ckpt)
-        per_device, records = _restore(state, server, devices, hosts, infos, stopper)
+        ledger, records = _restore(state, server, devices, hosts, infos, stopper)
         before = state.get("wall_seconds_stretches", [])
         log.info("resumed after round %d of %d from %s", len(records), rounds, ckpt)
     rewrite_metrics(out_dir, records)
@@ -117,29 +118,28 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
         """This engine's round: the devices in-process (or their recorded uploads), then the server's step."""
         started = time.perf_counter()
         if replaying:
-            payloads, t_devices = recorded.load_round(r, per_device)
+            payloads, t_devices = recorded.load_round(r, ledger)
             result = server_round(server, payloads, r)
         elif method in KNOWLEDGE_METHODS:
-            payloads = _knowledge_exchange(cfg, server.proxy, devices, r, per_device, tick)
+            payloads = _knowledge_exchange(cfg, server.proxy, devices, r, list(devices), ledger, tick)
             payloads = retry_missing(cfg, r, payloads, list(devices), lambda ids: _knowledge_exchange(
-                cfg, server.proxy, devices, r, {d: per_device[d] for d in ids}, lambda: None))
+                cfg, server.proxy, devices, r, ids, ledger, lambda: None))
             t_devices = time.perf_counter() - started
             if recorded:
-                recorded.save_round(r, payloads, per_device, t_devices)
+                recorded.save_round(r, payloads, ledger, t_devices)
             result = server_round(server, payloads, r)
         elif method in HOSTING_METHODS:
-            result = _hosting_round(cfg, server, hosts, infos, r, per_device, tick)
+            result = _hosting_round(cfg, server, hosts, infos, r, ledger, tick)
             t_devices = result.pop("seconds_devices")
         elif method == "local-only":
-            result, t_devices = _local_only_round(cfg, devices, r, per_device, tick), time.perf_counter() - started
+            result, t_devices = _local_only_round(cfg, devices, r, ledger, tick), time.perf_counter() - started
         else:
             result, t_devices = server_round(server, {}, r), 0.0
-        return {**result, "bytes_up": sum(x["up"] for v in per_device.values() for x in v["rounds"] if x["round"] == r),
-                "seconds_devices": round(t_devices, 2)}
+        return {**result, "bytes_up": ledger.up_in_round(r), "seconds_devices": round(t_devices, 2)}
 
     def engine_state(records: list[dict]) -> dict:
         return {"devices": {d: device_state(dev) for d, dev in devices.items()}, "hosts": _hosts_state(hosts, infos),
-                "stopper": stopper.state() if stopper else None, "comm": per_device,
+                "stopper": stopper.state() if stopper else None, "comm": ledger.per_device,
                 "wall_seconds_stretches": [*before, round(time.perf_counter() - start, 2)]}
 
     with RunProgress(out_dir, live=progress, tensorboard=tensorboard) as shown:
@@ -159,8 +159,7 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
     if method != "local-only":  # validation text is what the benchmark tunes λ on, never the test split
         extra["validation_ppl"] = evaluate(server.model, data.validation, torch_device)["ppl"]
         export_model(server.model, data.tokenizer, out_dir / "model")
-    comm = {"up": sum(v["up"] for v in per_device.values()), "down": sum(v["down"] for v in per_device.values()),
-            "per_device": per_device}
+    comm = ledger.totals()
     side = recorded.load_devices(cfg.rounds) if replaying else _devices_side(devices, hosts, infos, server, data)
     if recorded and not replaying:
         recorded.save_devices(cfg.rounds, side)
@@ -248,11 +247,11 @@ def oneshot_send(cfg: FederationConfig, data: FederationData, torch_device: torc
 
 # ---- one round's device steps, per kind of method ---------------------------------------------------
 
-def _exchange(cfg: FederationConfig, r: int, per_device: dict, tick, down_of: Callable[[str], bytes],
-              answer: Callable[[str, bytes], bytes]) -> dict[str, bytes]:
+def _exchange(cfg: FederationConfig, r: int, device_ids: list[str], ledger: Ledger, tick,
+              down_of: Callable[[str], bytes], answer: Callable[[str, bytes], bytes]) -> dict[str, bytes]:
     """Every device gets its message as bytes and answers with bytes; a failing or late device is left out."""
     payloads = {}
-    for device_id in per_device:
+    for device_id in device_ids:
         down = down_of(device_id)
         started = time.perf_counter()
         try:
@@ -264,37 +263,34 @@ def _exchange(cfg: FederationConfig, r: int, per_device: dict, tick, down_of: Ca
         except Exception as e:  # a dead device must not stop the federation
             log.warning("[ROUND %d] device %r failed (%s: %s); the round goes on without it",
                         r, device_id, type(e).__name__, e)
-            per_device[device_id]["rounds"].append({"round": r, "down": len(down), "up": 0, "failed": str(e)})
-            per_device[device_id]["down"] += len(down)
+            ledger.record(device_id, r, failed=str(e), down=len(down))
             continue
         tick()
         payloads[device_id] = up
-        per_device[device_id]["up"] += len(up)
-        per_device[device_id]["down"] += len(down)
-        per_device[device_id]["rounds"].append({"round": r, "down": len(down), "up": len(up)})
+        ledger.record(device_id, r, down=len(down), up=len(up))
     return payloads
 
 
 def _knowledge_exchange(cfg: FederationConfig, proxy: torch.Tensor, devices: dict[str, Device], r: int,
-                        per_device: dict, tick) -> dict[str, bytes]:
+                        device_ids: list[str], ledger: Ledger, tick) -> dict[str, bytes]:
     """Instructions down, knowledge packets up."""
     settings = {dc.id: dc for dc in cfg.devices}
 
     def down_of(device_id: str) -> bytes:
         return Instruction.for_device(cfg, settings[device_id], r, len(proxy)).to_bytes()
 
-    return _exchange(cfg, r, per_device, tick, down_of,
+    return _exchange(cfg, r, device_ids, ledger, tick, down_of,
                      lambda device_id, down: run_round(devices[device_id], Instruction.from_bytes(down)).to_bytes())
 
 
 def _hosting_round(cfg: FederationConfig, server, hosts: dict[str, hosting.Host], infos: dict[str, hosting.HostInfo],
-                   r: int, per_device: dict, tick) -> dict:
+                   r: int, ledger: Ledger, tick) -> dict:
     """Weights down, local training on the hosted MoE, weights up, FedAvg (per expert for expert-subset)."""
     t0 = time.perf_counter()
     settings = {"steps": hosting.steps_per_host(cfg.server, len(hosts)), "batch_size": cfg.server.batch_size,
                 "lr": cfg.server.lr}
     sent = {d: hosting.offer(server.model, d, infos[d], r, settings) for d in hosts}
-    payloads = _exchange(cfg, r, per_device, tick, lambda d: sent[d].to_bytes(),
+    payloads = _exchange(cfg, r, list(hosts), ledger, tick, lambda d: sent[d].to_bytes(),
                          lambda d, down: hosting.host_round(hosts[d], down))
     seconds = time.perf_counter() - t0
     uploads, rejected = hosting.receive(payloads, sent, r)
@@ -309,7 +305,7 @@ def _hosting_round(cfg: FederationConfig, server, hosts: dict[str, hosting.Host]
     return result
 
 
-def _local_only_round(cfg: FederationConfig, devices: dict[str, Device], r: int, per_device: dict, tick) -> dict:
+def _local_only_round(cfg: FederationConfig, devices: dict[str, Device], r: int, ledger: Ledger, tick) -> dict:
     """Each device trains its own model on its own data; nothing is sent."""
     losses = {}
     for dc in cfg.devices:
@@ -317,7 +313,7 @@ def _local_only_round(cfg: FederationConfig, devices: dict[str, Device], r: int,
         if device.peak_mem_bytes == 0:
             device.peak_mem_bytes = measure_train_peak(device, dc.batch_size)
         losses[dc.id] = round(local_train(device, dc.local_steps, dc.batch_size, dc.lr), 4)
-        per_device[dc.id]["rounds"].append({"round": r, "down": 0, "up": 0})
+        ledger.record(dc.id, r)
         tick()
     return {"local_loss": losses}
 
@@ -362,7 +358,7 @@ def _hosts_state(hosts: dict[str, hosting.Host], infos: dict[str, hosting.HostIn
 
 
 def _restore(state: dict, server, devices: dict[str, Device], hosts: dict, infos: dict,
-             stopper: EarlyStopping | None) -> tuple[dict, list[dict]]:
+             stopper: EarlyStopping | None) -> tuple[Ledger, list[dict]]:
     load_server_state(server, state["server"])
     for d, dev in devices.items():
         load_device_state(dev, state["devices"][d])
@@ -372,4 +368,4 @@ def _restore(state: dict, server, devices: dict[str, Device], hosts: dict, infos
         h.tokens_trained, infos[d].usage = saved["tokens_trained"], saved["usage"]
     if stopper:
         stopper.load(state["stopper"])
-    return state["comm"], state["metrics"]
+    return Ledger.restore(state["comm"]), state["metrics"]

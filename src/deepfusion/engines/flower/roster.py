@@ -21,13 +21,10 @@ from flwr.serverapp import Grid
 from deepfusion.config import KNOWLEDGE_METHODS, FederationConfig
 from deepfusion.engines.flower.wire import (NO_SETUP, content, exchange, failure, message_bytes, metrics, payload_bytes,
                                             values)
+from deepfusion.ledger import NETWORK, Ledger
 from deepfusion.privacy import federation_report
 
 log = logging.getLogger("deepfusion")
-
-
-def _bytes_entry() -> dict:
-    return {"up": 0, "down": 0, "up_message": 0, "down_message": 0}
 
 
 class Roster:
@@ -36,7 +33,7 @@ class Roster:
         self.node_of: dict[str, int] = {}  # device id -> node id
         self.seen: set[tuple[int, str]] = set()  # (node, activation time) of nodes sent the Setup, answered or not
         self.info: dict[str, dict] = {}  # device id -> what it last reported (arch, params, peak memory, ...)
-        self.per_device = {d.id: {**_bytes_entry(), "setup": _bytes_entry(), "rounds": []} for d in cfg.devices}
+        self.ledger = Ledger([d.id for d in cfg.devices], NETWORK, setup=True)  # payload and message bytes
 
     def join(self, grid: Grid, r: int, wait: float, timeout: float) -> None:
         """Set up nodes not seen before; with wait > 0, keep looking until every device has joined."""
@@ -68,14 +65,14 @@ class Roster:
                 log.warning("[ROUND %d] node %d did not take the setup (%s); it is left out", r, node, why)
                 continue
             device = str(values(reply)["device"])
-            if device not in self.per_device:
+            if device not in self.ledger.per_device:
                 log.warning("[ROUND %d] node %d says it is device %r, which this federation does not have; "
                             "it is left out", r, node, device)
                 continue
             if device in self.node_of:  # a restarted SuperNode (or, misconfigured, a second one naming the device)
                 log.info("[ROUND %d] device %r rejoined on node %d (was node %d)", r, device, node, self.node_of[device])
             self.node_of[device] = node
-            self._count(self.per_device[device]["setup"], len(self.setup), 0, msg, reply, device)
+            self.ledger.count_setup(device, **_sizes(len(self.setup), 0, msg, reply))
 
     def train(self, grid: Grid, r: int, instruction: Callable[[str], bytes], timeout: float,
               devices: list[str] | None = None) -> dict[str, bytes]:
@@ -86,7 +83,7 @@ class Roster:
                             timeout, devices)
         payloads = {device: bytes(values(reply)["packet"]) for device, reply in replies.items()}
         for device, packet in payloads.items():
-            self.note(device, sha256=hashlib.sha256(packet).hexdigest())
+            self.ledger.note(device, sha256=hashlib.sha256(packet).hexdigest())
         return payloads
 
     def send(self, grid: Grid, r: int, message_type: str, build: Callable[[str], RecordDict], timeout: float,
@@ -97,7 +94,7 @@ class Roster:
         become what the summary says of the device."""
         online = set(grid.get_node_ids())
         sent = {}
-        for device in self.per_device if devices is None else devices:
+        for device in self.ledger.per_device if devices is None else devices:
             node = self.node_of.get(device)
             if node is None or node not in online:
                 if not setup:
@@ -121,35 +118,23 @@ class Roster:
             answer = values(reply)
             if "report" in answer:
                 self.info[device] = {**json.loads(str(answer["report"])), **metrics(reply)}
-            entry = self.per_device[device]["setup"] if setup else {"round": r}
-            self._count(entry, payload_bytes(msg), payload_bytes(reply), msg, reply, device)
-            if not setup:
-                self.per_device[device]["rounds"].append(entry)
+            sizes = _sizes(payload_bytes(msg), payload_bytes(reply), msg, reply)
+            if setup:
+                self.ledger.count_setup(device, **sizes)
+            else:
+                self.ledger.record(device, r, **sizes)
             answered[device] = reply
         return answered
 
-    def note(self, device: str, **fields) -> None:
-        """Add to the device's entry for the round just exchanged (the digest of what it sent)."""
-        self.per_device[device]["rounds"][-1].update(fields)
-
-    def _count(self, entry: dict, down: int, up: int, msg: Message, reply: Message, device: str) -> None:
-        sizes = {"down": down, "up": up, "down_message": message_bytes(msg), "up_message": message_bytes(reply)}
-        for key, n in sizes.items():
-            entry[key] = entry.get(key, 0) + n
-            self.per_device[device][key] += n
-
     def miss(self, device: str, r: int, down: int, down_message: int, why: str) -> None:
         """The device sent nothing this round: what went down (if anything) and why."""
-        entry = {"round": r, "down": down, "up": 0, "down_message": down_message, "up_message": 0, "failed": why}
-        self.per_device[device]["rounds"].append(entry)
-        self.per_device[device]["down"] += down
-        self.per_device[device]["down_message"] += down_message
+        self.ledger.record(device, r, failed=why, down=down, down_message=down_message)
 
     def devices_side(self) -> dict:
         """What the summary says of the devices, as each last reported it: peak memory, description, own
         perplexity, privacy spent (and the federation's: its weakest device's; knowledge methods only, as in
         the local engine). A device never seen is absent."""
-        reported = {d: self.info[d] for d in self.per_device if d in self.info}
+        reported = {d: self.info[d] for d in self.ledger.per_device if d in self.info}
         numbers = ("peak_mem_bytes", "local_loss", "seconds", "num-examples")
         side = {"peaks": {d: info["peak_mem_bytes"] for d, info in reported.items()},
                 "devices": {d: {k: v for k, v in info.items() if k not in numbers} for d, info in reported.items()}}
@@ -160,5 +145,9 @@ class Roster:
     def comm(self) -> dict:
         """comm_bytes as the local engine writes it (payload up/down), plus the Flower message bytes; the
         totals include each device's setup, which per_device[d]["setup"] shows apart."""
-        totals = {key: sum(v[key] for v in self.per_device.values()) for key in _bytes_entry()}
-        return {**totals, "per_device": self.per_device}
+        return self.ledger.totals()
+
+
+def _sizes(down: int, up: int, msg: Message, reply: Message) -> dict[str, int]:
+    """A message and its reply: our payload bytes, and Flower's message bytes around them."""
+    return {"down": down, "up": up, "down_message": message_bytes(msg), "up_message": message_bytes(reply)}

@@ -30,6 +30,7 @@ from deepfusion.engines.flower.wire import (RunSettings, content, run_settings, 
                                             weights_digest, weights_packet)
 from deepfusion.errors import ConfigError
 from deepfusion.federation import load_checkpoint, prepare_data, rewrite_metrics, summary, write_json_atomic
+from deepfusion.ledger import NETWORK, Ledger
 from deepfusion.models import export_model, n_params, resolve_device
 from deepfusion.progress import RunProgress
 from deepfusion.recipes.multiround import checkpoint_path, retry_missing, run_rounds
@@ -103,7 +104,7 @@ def run(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, 
                 else _knowledge_round(grid, cfg, roster, server, r, timeout))
 
     def engine_state(records: list[dict]) -> dict:  # the server's part of the local engine's; devices keep theirs
-        return {"engine": "flower", "comm": roster.per_device,
+        return {"engine": "flower", "comm": roster.ledger.per_device,
                 "hosts": {d: {"experts": i.experts, "usage": i.usage} for d, i in infos.items()}}
 
     with RunProgress(out_dir, live=progress, tensorboard=tensorboard) as shown:
@@ -130,7 +131,7 @@ def _restore(ckpt: Path, cfg: FederationConfig, server, roster: Roster, infos: d
     """The server as it was after its last checkpointed round: weights, optimiser, bytes, hosts; its records."""
     state = load_checkpoint(ckpt)
     load_server_state(server, state["server"])
-    roster.per_device = state["comm"]
+    roster.ledger = Ledger.restore(state["comm"], NETWORK)
     ids = [d.id for d in cfg.devices]
     for d, h in state["hosts"].items():
         infos[d] = hosting.HostInfo(h["experts"], h["usage"], offset=ids.index(d))
@@ -158,7 +159,7 @@ def _oneshot(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | N
             try:
                 uploads[device] = upload_bytes(replies[device])
             except KeyError:
-                failed[device] = roster.per_device[device]["rounds"][-1].get("failed", "no answer")
+                failed[device] = roster.ledger.last(device).get("failed", "no answer")
             except UploadError as e:
                 failed[device] = str(e)
         return uploads, failed
@@ -181,7 +182,7 @@ def _knowledge_round(grid: Grid, cfg: FederationConfig, roster: Roster, server, 
 
     payloads = retry_missing(cfg, r, ask(None), [d.id for d in cfg.devices], ask)
     seconds_devices = time.perf_counter() - started
-    missing = {d.id: roster.per_device[d.id]["rounds"][-1]["failed"] for d in cfg.devices if d.id not in payloads}
+    missing = {d.id: roster.ledger.last(d.id)["failed"] for d in cfg.devices if d.id not in payloads}
     if missing:
         log.warning("[ROUND %d/%d] expected packets from %d devices, got %d; missing %s: the round goes on with "
                     "the devices that answered (server.min_devices = %d decides whether it distils)", r, cfg.rounds,
@@ -220,12 +221,12 @@ def _hosting_round(grid: Grid, cfg: FederationConfig, roster: Roster, server, in
             rejected[device] = str(e)
             log.warning("[ROUND %d] rejected weights of device %r: %s; the round goes on without it", r, device, e)
             continue
-        roster.note(device, sha256=weights_digest(payloads[device]))  # equal weights, equal digests
+        roster.ledger.note(device, sha256=weights_digest(payloads[device]))  # equal weights, equal digests
     uploads, refused = hosting.receive(payloads, sent, r)
     rejected |= refused
     result = {"accepted": sorted(uploads), "rejected": rejected,
               "hosted": {d: sent[d].hosted for d in uploads if sent[d].hosted is not None},
-              "bytes_up": sum(e["up"] for d in ids for e in roster.per_device[d]["rounds"] if e["round"] == r),
+              "bytes_up": roster.ledger.up_in_round(r),
               "seconds_devices": round(seconds_devices, 2)}
     if len(uploads) < cfg.server.min_devices:
         log.warning("[ROUND %d/%d] expected at least %d valid uploads (server.min_devices), got %d: averaging "
