@@ -160,7 +160,7 @@ def tiny_disk(tmp_path):
 
 def test_a_real_full_disk_keeps_the_last_checkpoint(tiny_disk):
     """torch.save on a file object reports ENOSPC (on a path it says RuntimeError, without an errno)."""
-    from deepfusion.federation import save_checkpoint
+    from deepfusion.outputs import save_checkpoint
 
     path = tiny_disk / "checkpoint" / "state.pt"
     save_checkpoint(path, {"round": 1, "w": torch.zeros(1000)})

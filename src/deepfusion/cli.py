@@ -154,7 +154,7 @@ def _resume_with(args: argparse.Namespace, out: Path) -> str:
 
 def _readable_checkpoint(path: Path) -> dict:
     """The checkpoint, or one clear line. It is written atomically, so a damaged one was damaged afterwards."""
-    from deepfusion.federation import load_checkpoint
+    from deepfusion.outputs import load_checkpoint
 
     try:
         state = load_checkpoint(path)

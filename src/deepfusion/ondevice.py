@@ -21,7 +21,7 @@ from deepfusion.baselines.centralized import EarlyStopping
 from deepfusion.config import DeviceConfig, FederationConfig
 from deepfusion.device import lm_loss
 from deepfusion.memory import train_peak_bytes
-from deepfusion.models import DEVICE_PRESETS, autocast, n_params
+from deepfusion.models import autocast, n_params
 from deepfusion.wire.upload import DTYPES, Task, Upload
 
 

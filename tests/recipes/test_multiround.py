@@ -9,7 +9,7 @@ import torch
 
 from deepfusion.baselines.centralized import EarlyStopping
 from deepfusion.config import default_config_path, load_config
-from deepfusion.federation import load_checkpoint
+from deepfusion.outputs import load_checkpoint
 from deepfusion.progress import RunProgress
 from deepfusion.recipes.multiround import checkpoint_path, retry_missing, run_rounds
 

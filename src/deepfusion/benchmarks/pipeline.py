@@ -94,7 +94,7 @@ def run_bench(out: Path, config: Path | None = None, seeds: list[int] | None = N
 
 
 def report(results: dict, runs: dict) -> str:
-    from deepfusion.federation import provenance
+    from deepfusion.outputs import provenance
 
     seeds, p = results["seeds"], provenance()
     lines = [f"# The paper pipeline, its ablations and the multi-round protocol (seeds {seeds})", "",

@@ -28,10 +28,10 @@ from deepfusion.baselines.centralized import EarlyStopping, pooled_blocks
 from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ONESHOT_METHODS, FederationConfig
 from deepfusion.device import (Device, build_device, describe, device_state, evaluate_device, load_device_state,
                                local_train, measure_train_peak, run_round, train_peak_bytes)
-from deepfusion.federation import (FederationData, device_documents, device_seed, load_checkpoint, prepare_data,
-                                   rewrite_metrics, summary, write_json_atomic)
+from deepfusion.federation import FederationData, device_documents, device_seed, prepare_data
 from deepfusion.ledger import Ledger
 from deepfusion.models import export_model, n_params, resolve_device
+from deepfusion.outputs import load_checkpoint, rewrite_metrics, summary, write_json_atomic
 from deepfusion.privacy import federation_report
 from deepfusion.progress import RunProgress
 from deepfusion.recipes.multiround import checkpoint_path, retry_missing, run_rounds

@@ -35,8 +35,9 @@ from deepfusion.checkpoints import dense_base_model
 from deepfusion.config import FederationConfig, to_dict
 from deepfusion.errors import DataError
 from deepfusion.evaluation import evaluate, lm_metrics
-from deepfusion.federation import FederationData, rewrite_metrics, summary, write_json_atomic
+from deepfusion.federation import FederationData
 from deepfusion.models import build_global_moe, export_model, global_moe_config, n_params
+from deepfusion.outputs import rewrite_metrics, summary, write_json_atomic
 from deepfusion.progress import RunProgress
 from deepfusion.tuning import teacher_targets, tune
 from deepfusion.wire.upload import Task, UploadError, receive_upload

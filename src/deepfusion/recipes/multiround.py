@@ -24,7 +24,7 @@ from typing import Callable
 
 from deepfusion.baselines.centralized import validation_score
 from deepfusion.config import FederationConfig, to_dict
-from deepfusion.federation import append_metrics, save_checkpoint
+from deepfusion.outputs import append_metrics, save_checkpoint
 from deepfusion.progress import RunProgress
 from deepfusion.server import server_state
 

@@ -1,8 +1,9 @@
 """The DeepFusion ServerApp: Flower carries the messages, `deepfusion.server` does the science.
 
 The local engine's recipe: set up data and the global MoE, then the round loop both engines share
-(recipes/multiround.py) with this engine's step: new nodes join, the devices' step over Flower, the server step. Outputs are the local engine's
-(summary.json, metrics.jsonl, model/), with the Flower message bytes next to the payload bytes in comm_bytes.
+(recipes/multiround.py) with this engine's step: new nodes join, the devices' step over Flower, the server
+step. Outputs are the local engine's (summary.json, metrics.jsonl, model/), with the Flower message bytes next
+to the payload bytes in comm_bytes.
 
 What a round exchanges depends on the method, as in the local engine:
     knowledge methods  `_knowledge_round`: instructions out, packets back, `server_round` (validate, weight,
@@ -29,9 +30,10 @@ from deepfusion.engines.flower.roster import Roster
 from deepfusion.engines.flower.wire import (RunSettings, content, run_settings, upload_bytes, weights_content,
                                             weights_digest, weights_packet)
 from deepfusion.errors import ConfigError
-from deepfusion.federation import load_checkpoint, prepare_data, rewrite_metrics, summary, write_json_atomic
+from deepfusion.federation import prepare_data
 from deepfusion.ledger import NETWORK, Ledger
 from deepfusion.models import export_model, n_params, resolve_device
+from deepfusion.outputs import load_checkpoint, rewrite_metrics, summary, write_json_atomic
 from deepfusion.progress import RunProgress
 from deepfusion.recipes.multiround import checkpoint_path, retry_missing, run_rounds
 from deepfusion.server import build_server, evaluate, load_server_state, server_round
