@@ -90,6 +90,14 @@ def lm_metrics(model: PreTrainedModel, test_sets: dict[str, tuple[str, torch.Ten
     return {**_figures(text, "", ppl=True), **_figures(qa, "qa_", ppl=False)}
 
 
+def paper_figures(model: PreTrainedModel, test_sets: dict[str, tuple[str, torch.Tensor]],
+                  qa_sets: dict[str, tuple[str, tuple[torch.Tensor, torch.Tensor]]], torch_device: torch.device) -> dict:
+    """What a summary reports beside ppl, for every method alike: log_ppl, accuracy, qa_log_ppl, qa_accuracy,
+    per domain and <key>_by_source (the paper's Table I and II figures)."""
+    return {k: v for k, v in lm_metrics(model, test_sets, qa_sets, torch_device).items()
+            if k not in ("ppl", "ppl_by_source")}
+
+
 def evaluate(model: PreTrainedModel, test_sets: dict[str, tuple[str, torch.Tensor]], torch_device: torch.device,
              batch: int = 16) -> dict:
     """Token perplexity exp(mean next-token NLL) per source and per domain (token-weighted)."""

@@ -1,6 +1,7 @@
 """End to end on the smoke federation: the CLI contract, the exported model, every method."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -42,6 +43,10 @@ def test_outputs_follow_the_contract(smoke_run):
     lines = [json.loads(x) for x in (smoke_run / "metrics.jsonl").read_text().splitlines()]
     assert [x["round"] for x in lines] == [1, 2]
     assert lines[-1]["ppl"] == summary["ppl"]
+    # the paper's figures, as every method reports them: log-ppl is the log of the same model's perplexity
+    for domain, ppl in summary["ppl"].items():
+        assert math.exp(summary["log_ppl"][domain]) == pytest.approx(ppl, rel=1e-3)
+        assert 0 <= summary["accuracy"][domain] <= 100 and summary["qa_log_ppl"][domain] > 0
 
 
 def test_bytes_up_are_the_serialised_packets(smoke_run):

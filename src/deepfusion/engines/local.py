@@ -28,6 +28,7 @@ from deepfusion.baselines.centralized import EarlyStopping, pooled_blocks
 from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ONESHOT_METHODS, FederationConfig
 from deepfusion.device import (Device, build_device, describe, device_state, evaluate_device, load_device_state,
                                local_train, measure_train_peak, run_round, train_peak_bytes)
+from deepfusion.evaluation import paper_figures
 from deepfusion.federation import FederationData, device_documents, device_seed, prepare_data
 from deepfusion.ledger import Ledger
 from deepfusion.models import export_model, n_params, resolve_device
@@ -158,6 +159,7 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
                   "converged": len(records) < rounds}  # False: max_rounds ended it, not patience
     if method != "local-only":  # validation text is what the benchmark tunes λ on, never the test split
         extra["validation_ppl"] = evaluate(server.model, data.validation, torch_device)["ppl"]
+        extra |= paper_figures(server.model, data.test_sets, data.qa_sets, torch_device)
         export_model(server.model, data.tokenizer, out_dir / "model")
     comm = ledger.totals()
     side = recorded.load_devices(cfg.rounds) if replaying else _devices_side(devices, hosts, infos, server, data)

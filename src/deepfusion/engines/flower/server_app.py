@@ -30,6 +30,7 @@ from deepfusion.engines.flower.roster import Roster
 from deepfusion.engines.flower.wire import (RunSettings, content, run_settings, upload_bytes, weights_content,
                                             weights_digest, weights_packet)
 from deepfusion.errors import ConfigError
+from deepfusion.evaluation import paper_figures
 from deepfusion.federation import prepare_data
 from deepfusion.ledger import NETWORK, Ledger
 from deepfusion.models import export_model, n_params, resolve_device
@@ -121,7 +122,8 @@ def run(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, 
             side["devices"][device]["hosted_share"] = round(hosting.hosted_share(server.model, info), 4)
     peaks = side.pop("peaks")
     extra = {"global_params": n_params(server.model), "vocab_size": len(data.tokenizer), **side, "engine": "flower",
-             "validation_ppl": evaluate(server.model, data.validation, torch_device)["ppl"]}  # as the local engine
+             "validation_ppl": evaluate(server.model, data.validation, torch_device)["ppl"],  # as the local engine
+             **paper_figures(server.model, data.test_sets, data.qa_sets, torch_device)}
     result = summary(cfg, records[-1], roster.comm(), peaks, time.perf_counter() - start, extra)
     write_json_atomic(out_dir / "summary.json", result)
     shown.finish()
