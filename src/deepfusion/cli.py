@@ -74,14 +74,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _runner_of(args: argparse.Namespace, out: Path, recorded: str):
-    """A run continues on the engine it started on (its checkpoint says which); --engine may only agree."""
-    if args.engine and args.engine != recorded:
-        raise ConfigError(f"--resume {out}: that run ran on the {recorded} engine and continues there (its devices' "
-                          f"states are that engine's); drop --engine {args.engine}")
-    return _runner(recorded)
-
-
 def _runner(engine: str):
     if engine == "local":
         from deepfusion.engines.local import run
@@ -116,12 +108,7 @@ def _resume(args: argparse.Namespace) -> int:
                           f"to train it longer give --rounds > {done}")
     if args.rounds:  # the one setting a resume may change: run longer than first planned
         cfg.rounds = args.rounds
-    run = _runner_of(args, out, state.get("engine", "local"))
-    with claim(out, resume=True, command=args.command_line, resume_with=_resume_with(args, out)) as run_dir:
-        result = run(cfg, run_dir.path, data_dir=args.data_dir, progress=not args.no_progress, resume=True,
-                     tensorboard=Path(args.tensorboard) if args.tensorboard else None)
-    _print_brief(result)
-    return 0
+    return _continue(args, out, cfg, state.get("engine", "local"))
 
 
 def _resume_phases(args: argparse.Namespace, out: Path) -> int:
@@ -139,10 +126,17 @@ def _resume_phases(args: argparse.Namespace, out: Path) -> int:
     except (ValueError, KeyError) as e:
         raise DataError(f"{out / 'checkpoint' / 'progress.json'}: unreadable ({type(e).__name__}); it was damaged "
                         "or not written by `deepfusion run`; start afresh with --out DIR") from None
-    run = _runner_of(args, out, progress.get("engine", "local"))
+    return _continue(args, out, cfg, progress.get("engine", "local"))
+
+
+def _continue(args: argparse.Namespace, out: Path, cfg, engine: str) -> int:
+    """Resume the run in `out` with its config, on the engine it ran on (--engine may only agree)."""
+    if args.engine and args.engine != engine:
+        raise ConfigError(f"--resume {out}: that run ran on the {engine} engine and continues there (its devices' "
+                          f"states are that engine's); drop --engine {args.engine}")
     with claim(out, resume=True, command=args.command_line, resume_with=_resume_with(args, out)) as run_dir:
-        result = run(cfg, run_dir.path, data_dir=args.data_dir, progress=not args.no_progress, resume=True,
-                     tensorboard=Path(args.tensorboard) if args.tensorboard else None)
+        result = _runner(engine)(cfg, run_dir.path, data_dir=args.data_dir, progress=not args.no_progress,
+                                 resume=True, tensorboard=Path(args.tensorboard) if args.tensorboard else None)
     _print_brief(result)
     return 0
 
