@@ -138,6 +138,18 @@ def wait_for(condition, timeout: float, what: str, logs: Path, step: float = 0.5
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{tails}")
 
 
+def loopback_env(tmp: Path, link: int, ca: Path, **extra: str) -> dict[str, str]:
+    """The environment of every process on the loopback: a FLWR_HOME whose config points the flwr CLI at the
+    SuperLink over TLS (SuperLink and SuperNodes unpack the app there too), offline, unbuffered logs."""
+    flwr_home = tmp / "flwr"
+    flwr_home.mkdir()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\n'
+        f'root-certificates = "{ca}"\n')
+    return {**os.environ, **OFFLINE, "FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1", **extra,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # the SuperLink starts flower-superexec
+
+
 def supernode(procs: Processes, device: str, link: int, ca: Path, tmp: Path) -> Path:
     config = f'device-id="{device}" data-dir="{SHARED_DATA}" state-dir="{tmp / "nodes" / device}"'
     return procs.start(f"supernode-{device}", "flower-supernode", "--root-certificates", str(ca),
@@ -153,13 +165,7 @@ def deployment(tmp_path_factory):
     logs.mkdir()
     ca, cert, key = make_certificates(tmp)
     link = free_port()
-    flwr_home = tmp / "flwr"  # the flwr CLI's connections, and where SuperLink and SuperNodes unpack the app
-    flwr_home.mkdir()
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\n'
-        f'root-certificates = "{ca}"\n')
-    env = {**os.environ, **OFFLINE, "FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # the SuperLink starts flower-superexec
+    env = loopback_env(tmp, link, ca)
     procs = Processes(logs, env)
     try:
         procs.start("superlink", "flower-superlink", "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert),

@@ -15,7 +15,6 @@ SuperLink starts, the summary is written ~95 s after, 110 s for the module.
 """
 
 import json
-import os
 import time
 
 import pytest
@@ -23,9 +22,8 @@ from transformers import AutoModelForCausalLM
 
 from deepfusion.config import default_config_path
 from tests.conftest import ROOT, SHARED_DATA
-from tests.engines.test_flower_deployment import (BIN, Processes, _accepts, free_port, make_certificates, supernode,
-                                                  wait_for)
-from tests.engines.test_flower_simulation import OFFLINE
+from tests.engines.test_flower_deployment import (Processes, _accepts, free_port, loopback_env, make_certificates,
+                                                  supernode, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -59,13 +57,7 @@ def deployment(tmp_path_factory):
     logs.mkdir()
     ca, cert, key = make_certificates(tmp)
     link = free_port()
-    flwr_home = tmp / "flwr"  # the flwr CLI's connections, and where SuperLink and SuperNodes unpack the app
-    flwr_home.mkdir()
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\n'
-        f'root-certificates = "{ca}"\n')
-    env = {**os.environ, **OFFLINE, "FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # the SuperLink starts flower-superexec
+    env = loopback_env(tmp, link, ca, OMP_NUM_THREADS="1")
     procs = Processes(logs, env)
     try:
         begin = time.monotonic()

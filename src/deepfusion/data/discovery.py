@@ -63,11 +63,8 @@ REPO_SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def content_sha256(root: Path) -> str:
