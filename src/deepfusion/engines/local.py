@@ -28,14 +28,13 @@ from deepfusion.baselines.centralized import EarlyStopping, pooled_blocks
 from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ONESHOT_METHODS, FederationConfig
 from deepfusion.device import (Device, build_device, describe, device_state, evaluate_device, load_device_state,
                                local_train, measure_train_peak, run_round, train_peak_bytes)
-from deepfusion.evaluation import paper_figures
 from deepfusion.federation import FederationData, device_documents, device_seed, prepare_data
 from deepfusion.ledger import Ledger
-from deepfusion.models import export_model, n_params, resolve_device
-from deepfusion.outputs import load_checkpoint, rewrite_metrics, summary, write_json_atomic
+from deepfusion.models import n_params, resolve_device
+from deepfusion.outputs import load_checkpoint, rewrite_metrics
 from deepfusion.privacy import federation_report
 from deepfusion.progress import RunProgress
-from deepfusion.recipes.multiround import checkpoint_path, retry_missing, run_rounds
+from deepfusion.recipes.multiround import checkpoint_path, finish, retry_missing, run_rounds
 from deepfusion.replay import Replay
 from deepfusion.server import build_server, evaluate, load_server_state, server_round
 from deepfusion.wire.instruction import Instruction
@@ -151,27 +150,19 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
         run_rounds(cfg, out_dir, server, step, evaluate_round, engine_state, shown, rounds, records, stopper,
                    lambda: evaluate(server.model, data.validation, torch_device))
 
-    last, extra = records[-1], {"global_params": n_params(server.model), "vocab_size": vocab}
+    last, extra = records[-1], {}
     if stopper:  # the best round's weights are the converged model
         server.model.load_state_dict(stopper.best_state)
         last = evaluate(server.model, data.test_sets, torch_device)
         extra |= {"best_round": stopper.best_round, "steps": stopper.best_round * cfg.server.steps,
                   "converged": len(records) < rounds}  # False: max_rounds ended it, not patience
-    if method != "local-only":  # validation text is what the benchmark tunes λ on, never the test split
-        extra["validation_ppl"] = evaluate(server.model, data.validation, torch_device)["ppl"]
-        extra |= paper_figures(server.model, data.test_sets, data.qa_sets, torch_device)
-        export_model(server.model, data.tokenizer, out_dir / "model")
-    comm = ledger.totals()
+    if replaying:
+        extra["replayed_from"] = str(recorded.dir)
     side = recorded.load_devices(cfg.rounds) if replaying else _devices_side(devices, hosts, infos, server, data)
     if recorded and not replaying:
         recorded.save_devices(cfg.rounds, side)
-    stretches = [*before, round(time.perf_counter() - start, 2)]
-    result = summary(cfg, last, comm, side.pop("peaks"), sum(stretches),
-                     {**extra, **side, "wall_seconds_stretches": stretches})
-    result["rounds"] = len(records)
-    if replaying:
-        result["replayed_from"] = str(recorded.dir)
-    write_json_atomic(out_dir / "summary.json", result)
+    result = finish(cfg, out_dir, server, data, torch_device, last, records, ledger.totals(), side,
+                    [*before, round(time.perf_counter() - start, 2)], extra, export=method != "local-only")
     shown.finish()
     return result
 

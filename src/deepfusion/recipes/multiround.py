@@ -11,8 +11,8 @@
         log, progress
 
 The engine passes what only it knows as functions (its step, what it checkpoints beside the server); the
-loop imports no engine and no transport. engines/local.py and engines/flower/server_app.py then write the
-summary and the exported model, each with what its devices reported.
+loop imports no engine and no transport. At the end `finish` exports the global model and writes summary.json,
+with what the engine's devices reported.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from typing import Callable
 
 from deepfusion.baselines.centralized import validation_score
 from deepfusion.config import FederationConfig, to_dict
-from deepfusion.outputs import append_metrics, save_checkpoint
+from deepfusion.evaluation import paper_figures
+from deepfusion.models import export_model, n_params
+from deepfusion.outputs import append_metrics, save_checkpoint, summary, write_json_atomic
 from deepfusion.progress import RunProgress
-from deepfusion.server import server_state
+from deepfusion.server import evaluate, server_state
 
 log = logging.getLogger("deepfusion")
 
@@ -84,3 +86,21 @@ def retry_missing(cfg: FederationConfig, r: int, payloads: dict[str, bytes], dev
                     "this round; raise server.round_retries or device_timeout, or lower min_devices", r,
                     len(payloads), retries, need)
     return payloads
+
+
+def finish(cfg: FederationConfig, out_dir: Path, server, data, torch_device, last: dict, records: list[dict],
+           comm: dict, side: dict, stretches: list[float], extra: dict, export: bool = True) -> dict:
+    """The run's end, alike on both engines: the global model's paper figures and validation perplexity, the
+    model exported (not for local-only, which trains no global model), then summary.json, written last: its
+    presence means the run finished. `last`: the figures the summary's ppl come from; `side`: what the
+    devices reported (their peaks, descriptions, privacy); `stretches`: wall seconds per stretch of a resumed run."""
+    extra = {"global_params": n_params(server.model), "vocab_size": len(data.tokenizer), **extra}
+    if export:  # validation text is what a benchmark may tune on, never the test split
+        extra["validation_ppl"] = evaluate(server.model, data.validation, torch_device)["ppl"]
+        extra |= paper_figures(server.model, data.test_sets, data.qa_sets, torch_device)
+        export_model(server.model, data.tokenizer, out_dir / "model")
+    result = summary(cfg, last, comm, side.pop("peaks"), sum(stretches),
+                     {**extra, **side, "wall_seconds_stretches": stretches})
+    result["rounds"] = len(records)
+    write_json_atomic(out_dir / "summary.json", result)
+    return result

@@ -30,13 +30,12 @@ from deepfusion.engines.flower.roster import Roster
 from deepfusion.engines.flower.wire import (RunSettings, content, run_settings, upload_bytes, weights_content,
                                             weights_digest, weights_packet)
 from deepfusion.errors import ConfigError
-from deepfusion.evaluation import paper_figures
 from deepfusion.federation import prepare_data
 from deepfusion.ledger import NETWORK, Ledger
-from deepfusion.models import export_model, n_params, resolve_device
-from deepfusion.outputs import load_checkpoint, rewrite_metrics, summary, write_json_atomic
+from deepfusion.models import n_params, resolve_device
+from deepfusion.outputs import load_checkpoint, rewrite_metrics, write_json_atomic
 from deepfusion.progress import RunProgress
-from deepfusion.recipes.multiround import checkpoint_path, retry_missing, run_rounds
+from deepfusion.recipes.multiround import checkpoint_path, finish, retry_missing, run_rounds
 from deepfusion.server import build_server, evaluate, load_server_state, server_round
 from deepfusion.wire import PacketError
 from deepfusion.wire.instruction import Instruction
@@ -115,17 +114,12 @@ def run(grid: Grid, cfg: FederationConfig, out_dir: Path, data_dir: str | None, 
         run_rounds(cfg, out_dir, server, step, lambda: evaluate(server.model, data.test_sets, torch_device),
                    engine_state, shown, cfg.rounds, records)
 
-    export_model(server.model, data.tokenizer, out_dir / "model")
     side = roster.devices_side()
     for device, info in infos.items():  # the share of the MoE a host held, as the local engine reports it
         if device in side["devices"]:
             side["devices"][device]["hosted_share"] = round(hosting.hosted_share(server.model, info), 4)
-    peaks = side.pop("peaks")
-    extra = {"global_params": n_params(server.model), "vocab_size": len(data.tokenizer), **side, "engine": "flower",
-             "validation_ppl": evaluate(server.model, data.validation, torch_device)["ppl"],  # as the local engine
-             **paper_figures(server.model, data.test_sets, data.qa_sets, torch_device)}
-    result = summary(cfg, records[-1], roster.comm(), peaks, time.perf_counter() - start, extra)
-    write_json_atomic(out_dir / "summary.json", result)
+    result = finish(cfg, out_dir, server, data, torch_device, records[-1], records, roster.comm(), side,
+                    [round(time.perf_counter() - start, 2)], {"engine": "flower"})
     shown.finish()
     return result
 
