@@ -5,7 +5,7 @@ from deepfusion.benchmarks import pipeline
 
 def fake(log_ppl: float) -> dict:
     per = {"medical": log_ppl, "finance": log_ppl - 1}
-    return {"log_ppl": per, "qa_log_ppl": per, "accuracy": per, "threads": 2}
+    return {"log_ppl": per, "qa_log_ppl": per, "accuracy": per, "threads": 2, "bytes_up": 2e6, "wall_seconds": 60}
 
 
 def test_plan_runs_every_row_per_seed_then_design_rows_once():
@@ -21,7 +21,7 @@ def test_report_mean_std_paired_and_partial_rows():
             ("no VAA (α = 0)", 0): fake(6.5), ("no VAA (α = 0)", 1): fake(6.9),
             (pipeline.DESIGN_ROWS[0][0], 0): fake(7.0)}
     text = pipeline.report({"config": "c.toml", "seeds": [0, 1], "rows": rows, "bench_seconds": 1.0}, runs)
-    assert "| deepfusion | 2 | 6.100 ± 0.141 |" in text
+    assert "| deepfusion | 2 | 6.100 ± 0.141 |" in text and "| 2.0 | 60 |" in text
     assert "+0.600 ± 0.141 / +0.600 ± 0.141" in text  # paired: (0.5, 0.7) on both domains
     assert f"| {pipeline.DESIGN_ROWS[0][0]} | 1 | 7.000 |" in text and "+1.000 / +1.000" in text
     assert "OFA-KD" not in text  # a row with no finished run is left out, not shown as zeros

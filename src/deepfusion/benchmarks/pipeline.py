@@ -115,9 +115,12 @@ def report(results: dict, runs: dict) -> str:
              "Command: `deepfusion bench --profile pipeline --out OUT` (each row: `deepfusion run --config "
              "configs/default.toml --method M --seed S [--set ...] --replay OUT/recordings`).", "",
              "Test text and QA answers, per domain, mean ± std over the row's seeds (n; log-ppl = mean NLL: lower is "
-             "better; accuracy in %). Paired: the row minus deepfusion on the same seeds, mean ± std.", "",
+             "better; accuracy in %). Paired: the row minus deepfusion on the same seeds, mean ± std. Up MB: what the "
+             "devices sent in all; wall s: the run's own seconds (a one-shot row replays Phase 0 after its seed's "
+             "first run, so its wall time is the server's alone).", "",
              "| row | n | log-ppl medical | log-ppl finance | QA log-ppl medical | QA log-ppl finance | accuracy medical "
-             "| accuracy finance | paired log-ppl medical / finance |", "|---|---|---|---|---|---|---|---|---|"]
+             "| accuracy finance | paired log-ppl medical / finance | up MB | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         done = [s for s in seeds if (row, s) in runs]
         if not done:
@@ -127,7 +130,9 @@ def report(results: dict, runs: dict) -> str:
         base = [s for s in done if ("deepfusion", s) in runs]
         paired = " / ".join(cell([runs[row, s]["log_ppl"][d] - runs["deepfusion", s]["log_ppl"][d] for s in base],
                                  signed=True) for d in DOMAINS) if row != "deepfusion" and base else ""
-        lines.append(f"| {row} | {len(done)} | " + " | ".join(cells) + f" | {paired} |")
+        cost = (f"{statistics.mean(runs[row, s]['bytes_up'] for s in done) / 1e6:.1f} | "
+                f"{statistics.mean(runs[row, s]['wall_seconds'] for s in done):.0f}")
+        lines.append(f"| {row} | {len(done)} | " + " | ".join(cells) + f" | {paired} | {cost} |")
     lines += ["", "Per seed, log-ppl medical / finance:", ""]
     for row in results["rows"]:
         per = "; ".join(f"s{s} {runs[row, s]['log_ppl']['medical']:.3f} / {runs[row, s]['log_ppl']['finance']:.3f}"
