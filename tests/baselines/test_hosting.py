@@ -144,3 +144,19 @@ def test_hosts_split_the_matched_budget_unless_given_their_own_steps():
     assert hosting.steps_per_host(ServerConfig(steps=50), 6) == 9  # 6 x 9 >= 50 blocks-steps, as one server round
     assert hosting.steps_per_host(ServerConfig(steps=4), 8) == 1
     assert hosting.steps_per_host(ServerConfig(steps=50, host_steps=30), 6) == 30
+
+
+def test_conclude_skips_below_min_devices_and_when_fedavg_refuses():
+    model, calls = torch.nn.Linear(2, 2), []
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def refusing(m, uploads):
+        calls.append(sorted(uploads))
+        return False
+
+    assert hosting.conclude(model, {}, {}, {"x": "bad shape"}, {}, 1, 1)["skipped"] is True  # 0 valid < 1
+    assert calls == []  # nothing averaged below min_devices
+    got = hosting.conclude(model, {}, {}, {}, {}, 1, 0, refusing)
+    assert got["skipped"] is True and calls == [[]]
+    assert "skipped" not in hosting.conclude(model, {}, {}, {}, {}, 1, 0, lambda m, u: True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

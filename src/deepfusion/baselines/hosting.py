@@ -27,6 +27,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -278,3 +279,26 @@ def steps_per_host(cfg: ServerConfig, hosts: int) -> int:
     """Local steps of each host this round: server.host_steps if set, else the round's server.steps split
     evenly over its hosts (at least one each), so the global model trains on the matched token budget."""
     return cfg.host_steps or max(1, math.ceil(cfg.steps / max(hosts, 1)))
+
+
+def round_settings(cfg: ServerConfig, hosts: int) -> dict:
+    """Each host's local training this round: the server's step budget split over every configured host."""
+    return {"steps": steps_per_host(cfg, hosts), "batch_size": cfg.batch_size, "lr": cfg.lr}
+
+
+def conclude(model: PreTrainedModel, infos: dict[str, HostInfo], uploads: dict[str, WeightsPacket],
+             rejected: dict[str, str], sent: dict[str, WeightsPacket], r: int, min_devices: int,
+             fedavg: Callable[[PreTrainedModel, dict[str, WeightsPacket]], bool] | None = None) -> dict:
+    """The server's side of a hosting round once every upload is checked, on either engine: FedAvg (`fedavg`,
+    False if it refused; else `average`), then each host's router usage noted. Below min_devices valid uploads
+    the round is skipped and the model untouched."""
+    result = {"accepted": sorted(uploads), "rejected": rejected,
+              "hosted": {d: sent[d].hosted for d in uploads if sent[d].hosted is not None}}
+    if len(uploads) < min_devices:
+        log.warning("[ROUND %d] expected at least %d valid uploads (server.min_devices), got %d: averaging skipped "
+                    "this round", r, min_devices, len(uploads))
+        return {**result, "skipped": True}
+    if (fedavg or average)(model, uploads) is False:  # Flower's FedAvg may refuse the replies
+        return {**result, "skipped": True}
+    note_usage(infos, uploads)
+    return result

@@ -280,22 +280,14 @@ def _hosting_round(cfg: FederationConfig, server, hosts: dict[str, hosting.Host]
                    r: int, ledger: Ledger, tick) -> dict:
     """Weights down, local training on the hosted MoE, weights up, FedAvg (per expert for expert-subset)."""
     t0 = time.perf_counter()
-    settings = {"steps": hosting.steps_per_host(cfg.server, len(hosts)), "batch_size": cfg.server.batch_size,
-                "lr": cfg.server.lr}
+    settings = hosting.round_settings(cfg.server, len(hosts))
     sent = {d: hosting.offer(server.model, d, infos[d], r, settings) for d in hosts}
     payloads = _exchange(cfg, r, list(hosts), ledger, tick, lambda d: sent[d].to_bytes(),
                          lambda d, down: hosting.host_round(hosts[d], down))
     seconds = time.perf_counter() - t0
     uploads, rejected = hosting.receive(payloads, sent, r)
-    result = {"accepted": sorted(uploads), "rejected": rejected, "seconds_devices": seconds,
-              "hosted": {d: sent[d].hosted for d in uploads if sent[d].hosted is not None}}
-    if len(uploads) < cfg.server.min_devices:
-        log.warning("[ROUND %d] expected at least %d valid uploads, got %d: averaging skipped this round",
-                    r, cfg.server.min_devices, len(uploads))
-        return {**result, "skipped": True}
-    hosting.average(server.model, uploads)
-    hosting.note_usage(infos, uploads)
-    return result
+    return {**hosting.conclude(server.model, infos, uploads, rejected, sent, r, cfg.server.min_devices),
+            "seconds_devices": seconds}
 
 
 def _local_only_round(cfg: FederationConfig, devices: dict[str, Device], r: int, ledger: Ledger, tick) -> dict:

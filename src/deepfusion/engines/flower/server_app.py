@@ -204,8 +204,7 @@ def _hosting_round(grid: Grid, cfg: FederationConfig, roster: Roster, server, in
     waiting = [d for d in new if d not in infos]
     for device in waiting:
         roster.miss(device, r, 0, 0, "it has not said what it can host (query.host failed)")
-    settings = {"steps": hosting.steps_per_host(cfg.server, len(ids)), "batch_size": cfg.server.batch_size,
-                "lr": cfg.server.lr}  # the local engine's split of the round's steps over every configured host
+    settings = hosting.round_settings(cfg.server, len(ids))  # the local engine's, over every configured host
     sent = {d: hosting.offer(server.model, d, infos[d], r, settings) for d in ids if d in infos}
     replies = roster.send(grid, r, "train.weights", lambda d: weights_content(sent[d]), timeout,
                           [d for d in ids if d not in waiting])
@@ -221,27 +220,20 @@ def _hosting_round(grid: Grid, cfg: FederationConfig, roster: Roster, server, in
             continue
         roster.ledger.note(device, sha256=weights_digest(payloads[device]))  # equal weights, equal digests
     uploads, refused = hosting.receive(payloads, sent, r)
-    rejected |= refused
-    result = {"accepted": sorted(uploads), "rejected": rejected,
-              "hosted": {d: sent[d].hosted for d in uploads if sent[d].hosted is not None},
-              "bytes_up": roster.ledger.up_in_round(r),
-              "seconds_devices": round(seconds_devices, 2)}
-    if len(uploads) < cfg.server.min_devices:
-        log.warning("[ROUND %d/%d] expected at least %d valid uploads (server.min_devices), got %d: averaging "
-                    "skipped this round", r, cfg.rounds, cfg.server.min_devices, len(uploads))
-        return {**result, "skipped": True}
-    if cfg.method == "fedavg-moe":
+
+    def flowers_fedavg(model, uploads) -> bool:
         try:
             arrays, _ = FedAvg().aggregate_train(r, [replies[d] for d in uploads])
         except InconsistentMessageReplies as e:
             log.warning("[ROUND %d/%d] Flower's FedAvg refused the replies (%s): averaging skipped this round",
                         r, cfg.rounds, e)
-            return {**result, "skipped": True}
-        server.model.load_state_dict(arrays.to_torch_state_dict())
-    else:
-        hosting.average(server.model, uploads)
-    hosting.note_usage(infos, uploads)
-    return result
+            return False
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return True
+
+    fedavg = flowers_fedavg if cfg.method == "fedavg-moe" else None
+    result = hosting.conclude(server.model, infos, uploads, rejected | refused, sent, r, cfg.server.min_devices, fedavg)
+    return {**result, "bytes_up": roster.ledger.up_in_round(r), "seconds_devices": round(seconds_devices, 2)}
 
 
 def _instruction(cfg: FederationConfig, device: str, r: int, n_proxy: int) -> bytes:
