@@ -68,13 +68,19 @@ def local_run():
 
 @pytest.fixture(scope="module")
 def flower_run(tmp_path_factory):
+    """A 2-round Flower run, stopped after round 1 (as a kill after its checkpoint leaves it) and resumed: every
+    test below compares it with the local engine's unbroken run, so each also checks that a resumed Flower run
+    (the server from its checkpoint, every device from its saved state) is the unbroken run, byte for byte."""
     smoke()  # skips without the corpora
     out = tmp_path_factory.mktemp("flower")
+    common = ["--data-dir", str(SHARED_DATA), "--no-progress"]
     with pytest.MonkeyPatch.context() as mp:
         for key, value in OFFLINE.items():
             mp.setenv(key, value)
-        assert main(["run", "--engine", "flower", "--config", str(smoke_path()), "--data-dir", str(SHARED_DATA),
-                     "--out", str(out), "--no-progress"]) == 0
+        assert main(["run", "--engine", "flower", "--config", str(smoke_path()), "--rounds", "1", "--out", str(out),
+                     *common]) == 0
+        (out / "summary.json").unlink()  # as if killed after round 1's checkpoint
+        assert main(["run", "--resume", str(out), "--rounds", "2", *common]) == 0  # its engine from its checkpoint
     return out
 
 
@@ -139,24 +145,3 @@ def test_a_method_without_devices_is_refused_before_ray_starts(tmp_path, capsys)
                  "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "method = 'proxy-only'" in err and "--engine local" in err
-
-
-def test_a_killed_flower_run_resumes_as_the_unbroken_one(flower_run, tmp_path, monkeypatch):
-    """Stopped after round 1 (as a kill after its checkpoint leaves it), resumed to round 2: the server from its
-    checkpoint and every device from its saved state send the unbroken run's packet bytes and end in its model."""
-    for key, value in OFFLINE.items():
-        monkeypatch.setenv(key, value)
-    out = tmp_path / "run"
-    common = ["--data-dir", str(SHARED_DATA), "--no-progress"]
-    assert main(["run", "--engine", "flower", "--config", str(smoke_path()), "--rounds", "1", "--out", str(out),
-                 *common]) == 0
-    (out / "summary.json").unlink()  # as if killed after round 1's checkpoint
-    assert main(["run", "--resume", str(out), "--rounds", "2", *common]) == 0  # its engine from its checkpoint
-    resumed, unbroken = (json.loads((d / "summary.json").read_text()) for d in (out, flower_run))
-    assert resumed["engine"] == "flower" and [json.loads(x)["round"] for x in
-                                               (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    digests = {s: {d: [r["sha256"] for r in v["rounds"]] for d, v in s_["comm_bytes"]["per_device"].items()}
-               for s, s_ in (("resumed", resumed), ("unbroken", unbroken))}
-    assert digests["resumed"] == digests["unbroken"]
-    a, b = (AutoModelForCausalLM.from_pretrained(d / "model").state_dict() for d in (out, flower_run))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
