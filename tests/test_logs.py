@@ -5,7 +5,8 @@ import logging
 from deepfusion.logs import setup_logging
 
 
-def test_a_record_is_one_line_on_the_current_stderr(capsys):
+def test_a_record_is_one_line_on_the_current_stderr(capsys, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("flwr"), "propagate", True)  # the Flower engine turns it off for its runs
     setup_logging(False)
     logging.getLogger("deepfusion").info("first\nsecond\n\nthird")
     logging.getLogger("flwr").warning("The `run_simulation` function is deprecated")
