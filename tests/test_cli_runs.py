@@ -186,8 +186,11 @@ def test_a_real_full_disk_then_resume_after_freeing_space(finished, tmpfs, capsy
 
 def test_ctrl_c_says_what_was_saved_and_the_exact_resume_command(tmp_path, data_dir):
     out, rounds = tmp_path / "run", 20  # a smoke round takes ~0.1 s: enough rounds that Ctrl-C lands mid-run
+    # SIGINT as a terminal delivers it: an ignored SIGINT is inherited across exec, and a library in this pytest
+    # process (Ray or Flower, after the Flower tests) may leave it ignored, which a user's shell never does
     proc = subprocess.Popen([str(EXE), *map(str, run_args(out, rounds))], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 180
         while not (out / "checkpoint" / "state.pt").is_file():  # round 1 is saved: interrupt a later one
