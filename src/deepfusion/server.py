@@ -137,14 +137,21 @@ def reliability_weights(server: Server, targets: Targets, enabled: bool = True) 
     K, P = targets.ids.shape[:2]
     if not enabled:
         return torch.full((K, P), 1.0 / K)
-    truth = server.proxy[:, 1:].unsqueeze(0).unsqueeze(-1)  # (1, P, T-1, 1)
-    hit = targets.ids == truth  # (K, P, T-1, k)
-    p_truth = (targets.probs * hit).sum(-1)  # (K, P, T-1)
-    # a miss: the tail mass spread evenly over the ids outside the top-k
-    vocab_rest = server.model.config.vocab_size - targets.ids.shape[-1]
-    p_truth = torch.where(hit.any(-1), p_truth, targets.tail / max(vocab_rest, 1))
-    score = p_truth.clamp_min(1e-12).log().mean(-1)  # (K, P)
+    score = truth_log_likelihood(targets.ids, targets.probs, targets.tail, server.proxy, server.model.config.vocab_size)
     return score.softmax(dim=0)
+
+
+def truth_log_likelihood(ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor, proxy: torch.Tensor,
+                         vocab_size: int) -> torch.Tensor:
+    """(K, P): each device's mean log-probability of each proxy block's real next tokens, read from its top-k +
+    tail (minus a block's cross-entropy). ids, probs (K, P, T-1, k); tail (K, P, T-1); proxy (P, T)."""
+    truth = proxy[:, 1:].unsqueeze(0).unsqueeze(-1)  # (1, P, T-1, 1)
+    hit = ids == truth  # (K, P, T-1, k)
+    p_truth = (probs * hit).sum(-1)  # (K, P, T-1)
+    # a miss: the tail mass spread evenly over the ids outside the top-k
+    vocab_rest = vocab_size - ids.shape[-1]
+    p_truth = torch.where(hit.any(-1), p_truth, tail / max(vocab_rest, 1))
+    return p_truth.clamp_min(1e-12).log().mean(-1)  # (K, P)
 
 
 def aggregate(targets: Targets, weights: torch.Tensor, vocab_size: int, topk: int, chunk: int = 4096) -> Targets:

@@ -90,11 +90,12 @@ def freeze_experts(moe) -> list[torch.nn.Parameter]:
 
 
 def tune(moe, public: torch.Tensor, validation: dict, targets: TeacherTargets | None, cfg: TuneConfig,
-         generator: torch.Generator, torch_device: torch.device, on_step=None) -> dict:
+         generator: torch.Generator, torch_device: torch.device, on_step=None, train_experts: bool = False) -> dict:
     """Tune in place; returns the curve and the kept step. targets None: the paper's CE-only loss.
-    on_step(step), if given, after each step (the run's progress display counts them)."""
+    on_step(step), if given, after each step (the run's progress display counts them).
+    train_experts: every parameter trains (fedmkt's server step), not only what freeze_experts leaves."""
     keep = cfg.loss == "keep" and targets is not None
-    params = freeze_experts(moe)
+    params = [p.requires_grad_(True) for p in moe.parameters()] if train_experts else freeze_experts(moe)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     stopper = EarlyStopping(cfg.patience)
     curve, start = [], time.perf_counter()

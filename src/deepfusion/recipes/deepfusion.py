@@ -15,7 +15,8 @@ is checkpointed under out/checkpoint/ (PhaseState): a killed run resumed with --
 and ends with the same weights as an unbroken run (each domain's distillation has its own seed).
 
 The paper's ablations run this same recipe with one part changed (VARIANTS): no VAA (α = 0), logits only
-(β KL alone), no clustering (devices dealt to K domains at random), and OFA-KD in VAA's place.
+(β KL alone), no clustering (devices dealt to K domains at random), and OFA-KD in VAA's place. The FedMKT
+baseline (`fedmkt`, baselines/fedmkt.py) shares Phase 0 and then runs its own server side instead of Phases I-III.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
 def variant(cfg: FederationConfig) -> FederationConfig:
     """The config this method actually runs (summary.json records it), validated as a whole."""
     sections = {section: dataclasses.replace(getattr(cfg, section), **changes)
-                for section, changes in VARIANTS[cfg.method].items()}
+                for section, changes in VARIANTS.get(cfg.method, {}).items()}  # fedmkt: its own server side
     return dataclasses.replace(cfg, **sections)
 
 
@@ -86,6 +87,10 @@ def run(cfg: FederationConfig, out_dir: Path, data: FederationData, send: Send, 
         state.mark("Phase 0 (every upload received)")
     uploads, configs, ledger = receive(cfg, data, state)
     records = [{"phase": "0", "device": d, "arch": u.arch, "curve": u.info.get("curve", [])} for d, u in sorted(uploads.items())]
+    if cfg.method == "fedmkt":  # the same Phase 0, then FedMKT's MinCE logit distillation in place of Phases I-III
+        from deepfusion.baselines import fedmkt
+        return fedmkt.run(cfg, out_dir, data, uploads, configs, ledger, records, moe_config, K, torch_device, shown,
+                          start, state.read("phase0")["seconds"])
     if len(uploads) < max(K, cfg.server.min_devices):
         raise DataError(f"{len(uploads)} valid uploads, but {K} domains need at least {K} devices (and "
                         f"server.min_devices = {cfg.server.min_devices}); see the rejected uploads above; lower "
