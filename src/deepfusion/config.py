@@ -21,12 +21,14 @@ from deepfusion.errors import ConfigError, config_fail, toml_at
 from deepfusion.pipeline_config import ClusteringConfig, DistillConfig, PretrainConfig, TuneConfig
 
 # The paper's protocol (recipes/deepfusion.py): devices upload their trained LLM once; the server clusters,
-# distils (VAA) and fuses. Its ablations and OFA-KD run the same pipeline with one part changed (ONESHOT_VARIANTS).
-ONESHOT_METHODS = ("deepfusion", "deepfusion-no-vaa", "deepfusion-logits-only", "deepfusion-no-clustering", "ofa-kd")
+# distils (VAA) and fuses. Its ablations and OFA-KD run the same pipeline with one part changed (ONESHOT_VARIANTS);
+# fedmkt (baselines/fedmkt.py) keeps its Phase 0 and replaces Phases I-III with FedMKT's MinCE logit distillation.
+ONESHOT_METHODS = ("deepfusion", "deepfusion-no-vaa", "deepfusion-logits-only", "deepfusion-no-clustering", "ofa-kd",
+                   "fedmkt")
 # The multi-round knowledge protocol (beyond the paper): devices send top-k predictions every round.
 KNOWLEDGE_METHODS = ("multiround-views", "device-kd", "plain-fkd")
-# Devices host the global MoE, or the experts that fit them, and send weights (baselines/hosting.py).
-HOSTING_METHODS = ("fedavg-moe", "expert-subset")
+# Devices host the global MoE, or some of its experts, and send weights (baselines/hosting.py).
+HOSTING_METHODS = ("fedavg-moe", "expert-subset", "fedjets")
 # The server trains alone: on the proxy set (the floor) or on everyone's pooled data (the upper bound).
 SERVER_METHODS = ("proxy-only", "centralized", "centralized-converged")
 METHODS = (*ONESHOT_METHODS, *KNOWLEDGE_METHODS, *HOSTING_METHODS, *SERVER_METHODS, "local-only")
@@ -187,7 +189,8 @@ class ServerConfig:
     min_devices: int = 1  # a round needs at least this many valid packets to distil
     device_timeout: float = 0.0  # seconds a device may take per round before its answer is dropped (0: no limit)
     round_retries: int = 0  # below min_devices answers, ask the failed / timed-out devices again this often, then skip
-    host_steps: int = 0  # fedavg-moe / expert-subset: local steps per host per round; 0: steps split over hosts (matched tokens)
+    host_steps: int = 0  # hosting methods: local steps per host per round; 0: steps split over hosts (matched tokens)
+    fedjets_experts: int = 0  # fedjets: routed experts per MoE layer each client gets; 0: the MoE's num_experts_per_tok
     patience: int = 3  # centralized-converged: rounds without a better validation perplexity before it stops
     max_rounds: int = 40  # centralized-converged: the most rounds it may train, converged or not
 
@@ -200,7 +203,7 @@ class ServerConfig:
         if self.pretrained is None and self.size not in MOE_SIZES[self.family]:
             config_fail("server", "size", self.size, f"allowed for {self.family}: {', '.join(MOE_SIZES[self.family])}")
         for key, lo in (("steps", 0), ("batch_size", 1), ("views_stages", 1), ("views_heads", 1),
-                        ("views_dim", 1), ("min_devices", 1), ("round_retries", 0), ("host_steps", 0), ("patience", 1), ("max_rounds", 1)):
+                        ("views_dim", 1), ("min_devices", 1), ("round_retries", 0), ("host_steps", 0), ("fedjets_experts", 0), ("patience", 1), ("max_rounds", 1)):
             if getattr(self, key) < lo:
                 config_fail("server", key, getattr(self, key), f"must be >= {lo}")
         if not self.lr > 0:

@@ -1,4 +1,4 @@
-"""fedavg-moe and expert-subset: slicing, hosting, usage, averaging; then both on the smoke federation."""
+"""fedavg-moe, expert-subset and fedjets: slicing, hosting, usage, averaging; then on the smoke federation."""
 
 import json
 
@@ -160,3 +160,86 @@ def test_conclude_skips_below_min_devices_and_when_fedavg_refuses():
     assert got["skipped"] is True and calls == [[]]
     assert "skipped" not in hosting.conclude(model, {}, {}, {}, {}, 1, 0, lambda m, u: True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---- fedjets: m fixed by the server, experts chosen by the gate on the client's data from round 1 ----------
+
+def test_fedjets_fixes_m_and_records_its_peak_next_to_the_budget():
+    from deepfusion.config import ServerConfig
+    from deepfusion.errors import ConfigError
+
+    model = moe("deepseek_moe")  # 8 routed experts, top-2
+    batch = torch.randint(V, (2, T))
+
+    def measured(memory_mb, server):
+        h = hosting.Host(DeviceConfig(id="d", source="medquad:cdc", memory_mb=memory_mb), torch.randint(V, (4, T)),
+                         torch.Generator().manual_seed(0), torch.device("cpu"), model.config, None)
+        hosting.measure_host(h, "fedjets", server, V, batch)
+        return h
+
+    small = measured(1, ServerConfig())  # 1 MB: too little, yet FedJETS sends top-k experts all the same
+    assert small.experts == model.config.num_experts_per_tok and small.budget_bytes == 2**20
+    assert small.peak_mem_bytes == pytest.approx(hosting.hosted_peak(model.config, 2, batch), rel=0.01)
+    assert small.peak_mem_bytes > small.budget_bytes  # recorded, not refused
+    big = measured(1 << 20, ServerConfig(fedjets_experts=3))  # room for all 8: still the server's 3
+    assert big.experts == 3 and big.peak_mem_bytes < big.budget_bytes
+    assert big.peak_mem_bytes > small.peak_mem_bytes
+    for wanted in (1, 9):  # fewer than top-k breaks routing; more than the MoE has does not exist
+        with pytest.raises(ConfigError, match="fedjets_experts"):
+            hosting.fedjets_experts(model.config, wanted)
+
+
+def steered_moe(targets: dict[int, list[int]], token: int) -> torch.nn.Module:
+    """The tiny qwen MoE whose routers send blocks of `token` to `targets` in each layer. Every expert's output
+    is zeroed, so a router's input is the same whichever experts a host holds (and whatever the routers do)."""
+    model = moe("qwen_moe")
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, t in state.items():
+            if name.endswith(("experts.down_proj", "shared_expert.down_proj.weight")):
+                t.zero_()
+        inputs = {}
+
+        def keep(layer):  # a hook returning None leaves the router's output as it is
+            return lambda module, args, out: inputs.__setitem__(layer, args[0].reshape(-1, args[0].shape[-1]).mean(0))
+
+        hooks = [model.model.layers[l].mlp.gate.register_forward_hook(keep(l)) for l in hosting.moe_layers(model)]
+        model(input_ids=torch.full((1, T), token))
+        for h in hooks:
+            h.remove()
+        for layer, x in inputs.items():  # logits +|x|^2 for the targets, -|x|^2 for the rest
+            gate = state[f"model.layers.{layer}.mlp.gate.weight"]
+            gate.copy_(-x.expand_as(gate))
+            gate[targets[layer]] = x
+    return model
+
+
+def test_fedjets_probes_the_gate_on_the_clients_data_before_its_first_round():
+    targets = {0: [2, 3], 1: [1, 3]}  # not the first round's spread for offset 0 ([0, 1] in each layer)
+    model = steered_moe(targets, token=7)
+    device = host(model, 2, torch.full((16, T), 7))
+    infos = {"d": hosting.HostInfo(2, offset=0)}
+    sent_probes = {}
+
+    def exchange(sent):
+        sent_probes.update(sent)
+        return {d: hosting.host_round(device, p.to_bytes()) for d, p in sent.items()}
+
+    assert hosting.probe_first("fedjets", model, infos, 1, SETTINGS, exchange) == ["d"]
+    probe = sent_probes["d"]
+    assert probe.settings["probe"] and probe.hosted == {0: [0, 1], 1: [0, 1]}  # the probe holds the spread
+    up = WeightsPacket.from_bytes(exchange({"d": probe})["d"])
+    hosting.validate_upload(up, probe, hosting.expected_upload(probe))
+    assert set(up.tensors) == {"usage.0", "usage.1"} and device.tokens_trained == 0  # usage only, no training
+    assert hosting.offer(model, "d", infos["d"], 1, SETTINGS).hosted == targets  # round 1: the gate's choice
+    assert hosting.probe_first("fedjets", model, infos, 1, SETTINGS, exchange) == []  # once, before round 1
+    fresh = {"d": hosting.HostInfo(2, offset=0)}
+    assert hosting.probe_first("expert-subset", model, fresh, 1, SETTINGS, exchange) == []  # it spreads round 1
+    assert not fresh["d"].usage
+
+
+def test_a_failed_probe_leaves_the_first_round_spread():
+    model = moe("qwen_moe")
+    infos = {"d": hosting.HostInfo(2, offset=1)}
+    assert hosting.probe_first("fedjets", model, infos, 1, SETTINGS, lambda sent: {"d": b"garbage"}) == ["d"]
+    assert not infos["d"].usage and hosting.offer(model, "d", infos["d"], 1, SETTINGS).hosted == {0: [2, 3], 1: [2, 3]}

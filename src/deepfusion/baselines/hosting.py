@@ -8,13 +8,26 @@ expert-subset  a device hosts every parameter that is not a routed expert (embed
                memory. It trains that smaller MoE, the real transformers class with num_experts = m and the
                router cut to those rows; the server averages each expert over the devices that hosted it
                and every other parameter over all devices.
+fedjets        FedJETS (Dun et al. 2023, arXiv 2306.08586), as expert-subset with two changes: m is FedJETS'
+               fixed number of selected experts (server.fedjets_experts, 0: the router's top-k), not a memory
+               fit, so the device needs that compact MoE's measured training peak, recorded next to its own
+               budget (it may exceed it: FedJETS' device memory, the paper's Fig. 7); and the experts are
+               chosen by the gate on the client's data from round 1 on: before its first round the server
+               sends the device a usage probe (the round's compact MoE with settings["probe"]), the device
+               routes its private blocks through it without training and sends back only its router usage.
+               The common expert, trained by every client, is the MoE's shared expert (Qwen-MoE shared_expert,
+               DeepSeek shared_experts): not a routed expert, so every host holds it, as in expert-subset.
+               What differs from FedJETS' paper: no separate gating network pretrained on anchor clients (the
+               global MoE's own router is the gate, trained with the model); one fine-tuning stage, no
+               pre-training stage; the gate's choice is per client per round (usage counted over its data),
+               not per sample, and the server sends the selected experts as one compact MoE.
 
 Token budget: a round trains the global model on server.steps x server.batch_size private blocks in all,
 split evenly over the round's devices: the blocks one distillation round's server step sees. (FedAvg
 averages the devices' parallel steps, so per token it progresses less than one server step; server.host_steps
 gives every host more steps, and the global model more tokens, to show that this is not all that holds it back.)
 
-A round, as a recipe:
+A round, as a recipe (fedjets first runs the same exchange as a usage probe, probe_first):
     sent = offer(model, host_info, round)         server: the hosted weights (+ full routers) as a packet
     up   = host_round(host, sent.to_bytes())      device: rebuild, train, count router usage, weights back
     receive(...) and average(model, uploads)      server: validate against what was sent, then FedAvg
@@ -35,6 +48,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from deepfusion.config import DeviceConfig, ServerConfig
 from deepfusion.device import lm_loss
+from deepfusion.errors import config_fail
 from deepfusion.memory import train_peak_bytes
 from deepfusion.models import autocast, build_device_model, routed_experts, set_routed_experts
 from deepfusion.wire import PacketError
@@ -48,6 +62,7 @@ _ROUTED = re.compile(r"model\.layers\.(\d+)\.mlp\.(?:experts\.(?:gate_up_proj|do
                      r"|gate\.e_score_correction_bias)$")
 _PROBE = "probe.router."  # full router rows sent to a subset host so it can count usage over all experts
 _USAGE = "usage."  # a subset host's router counts per layer, (E,), uploaded with its weights
+SUBSET_METHODS = ("expert-subset", "fedjets")  # a host holds some routed experts per layer, chosen by usage
 
 
 def routed_layer(name: str) -> int | None:
@@ -71,8 +86,8 @@ class Host:
     generator: torch.Generator
     torch_device: torch.device
     global_config: PretrainedConfig  # the MoE's architecture, from the server once at setup
-    experts: int | None  # routed experts per layer it can hold; None: the whole model (fedavg-moe)
-    budget_bytes: int = 0  # memory it may use (expert-subset)
+    experts: int | None  # routed experts per layer it holds; None: the whole model (fedavg-moe)
+    budget_bytes: int = 0  # memory it may use (expert-subset, fedjets)
     peak_mem_bytes: int = 0  # measured training peak of what it hosts
     tokens_trained: int = 0
 
@@ -104,13 +119,18 @@ def memory_budget(cfg: DeviceConfig, vocab_size: int, seq_len: int, torch_device
     return train_peak_bytes(model, torch.randint(vocab_size, (cfg.batch_size, seq_len), device=torch_device), lm_loss)
 
 
+def hosted_peak(global_config: PretrainedConfig, m: int, batch: torch.Tensor) -> int:
+    """The measured training peak of the MoE with m routed experts per layer, on `batch`."""
+    torch.manual_seed(0)
+    return train_peak_bytes(AutoModelForCausalLM.from_config(hosted_config(global_config, m)).to(batch.device),
+                            batch, moe_loss)
+
+
 def fit_experts(global_config: PretrainedConfig, budget: int, batch: torch.Tensor) -> tuple[int, int]:
     """(m, peak): the most routed experts per layer whose training step fits `budget` (binary search: the
     peak grows with m). Never fewer than the router's top-k, or routing breaks; the peak says if it fits."""
     def peak(m: int) -> int:
-        torch.manual_seed(0)
-        return train_peak_bytes(AutoModelForCausalLM.from_config(hosted_config(global_config, m)).to(batch.device),
-                                batch, moe_loss)
+        return hosted_peak(global_config, m, batch)
 
     lo, hi = global_config.num_experts_per_tok, routed_experts(global_config)
     peaks = {lo: peak(lo)}
@@ -130,8 +150,37 @@ def fit_host(host: Host, vocab_size: int, batch: torch.Tensor) -> None:
     host.experts, host.peak_mem_bytes = fit_experts(host.global_config, host.budget_bytes, batch)
 
 
+def fedjets_experts(global_config: PretrainedConfig, wanted: int) -> int:
+    """FedJETS' m: `wanted` (server.fedjets_experts) routed experts per layer, 0 the router's top-k; the
+    router needs at least top-k of them and the MoE has no more than its own."""
+    top_k, total = global_config.num_experts_per_tok, routed_experts(global_config)
+    m = wanted or top_k
+    if not top_k <= m <= total:
+        config_fail("server", "fedjets_experts", wanted, f"this MoE routes to {top_k} of {total} experts: "
+                    f"allowed 0 (= {top_k}) or {top_k}..{total}")
+    return m
+
+
+def fix_host(host: Host, server: ServerConfig, vocab_size: int, batch: torch.Tensor) -> None:
+    """fedjets, once per host (either engine): m fixed by the server, and the training peak that m needs,
+    measured; its own budget is only recorded (FedJETS does not fit the model to the device)."""
+    host.budget_bytes = memory_budget(host.cfg, vocab_size, batch.shape[1], host.torch_device)
+    host.experts = fedjets_experts(host.global_config, server.fedjets_experts)
+    host.peak_mem_bytes = hosted_peak(host.global_config, host.experts, batch)
+
+
+def measure_host(host: Host, method: str, server: ServerConfig, vocab_size: int, batch: torch.Tensor) -> None:
+    """What a subset host holds and what that costs it: expert-subset fits m to its memory, fedjets fixes m."""
+    if method == "fedjets":
+        fix_host(host, server, vocab_size, batch)
+    else:
+        fit_host(host, vocab_size, batch)
+
+
 def host_round(host: Host, down: bytes) -> bytes:
-    """One device round: rebuild the hosted MoE from the server's weights, train it, send it back."""
+    """One device round: rebuild the hosted MoE from the server's weights, train it, send it back. A usage
+    probe (fedjets, settings["probe"]) only routes the round's blocks through it and sends back the usage;
+    its `tokens` are the tokens routed, none trained."""
     sent = WeightsPacket.from_bytes(down)
     probes = {int(k[len(_PROBE):]): v for k, v in sent.tensors.items() if k.startswith(_PROBE)}
     experts = len(next(iter(sent.hosted.values()))) if sent.hosted else None
@@ -141,23 +190,48 @@ def host_round(host: Host, down: bytes) -> bytes:
     usage = {layer: torch.zeros(len(router)) for layer, router in probes.items()}
     hooks = [model.model.layers[layer].mlp.gate.register_forward_hook(_count_usage(router, usage[layer]))
              for layer, router in probes.items()]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=sent.settings["lr"], weight_decay=0.01)
-    steps, batch_size = int(sent.settings["steps"]), int(sent.settings["batch_size"])
-    for _ in range(steps):
-        idx = torch.randint(len(host.private), (batch_size,), generator=host.generator)
-        blocks = host.private[idx].to(host.torch_device)
+    if sent.settings.get("probe"):  # the weights go back unchanged: only the usage is news
+        tokens, tensors = _route(host, model, sent.settings), {}
+    else:
+        tokens, tensors = _train(host, model, sent.settings), model.state_dict()
+        host.tokens_trained += tokens
+    for hook in hooks:
+        hook.remove()
+    tensors = {**tensors, **{f"{_USAGE}{layer}": counts for layer, counts in usage.items()}}
+    return WeightsPacket(sent.device_id, sent.round, tensors, tokens, sent.hosted).to_bytes()
+
+
+def _blocks(host: Host, settings: dict):
+    """The round's private batches, drawn by the host's own generator: (steps) x (batch_size, T)."""
+    for _ in range(int(settings["steps"])):
+        idx = torch.randint(len(host.private), (int(settings["batch_size"]),), generator=host.generator)
+        yield host.private[idx].to(host.torch_device)
+
+
+def _train(host: Host, model: PreTrainedModel, settings: dict) -> int:
+    """The round's local training (CE + router loss, AdamW); returns the tokens trained."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.01)
+    tokens = 0
+    for blocks in _blocks(host, settings):
         with autocast(host.torch_device):
             loss = moe_loss(model, blocks)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    for hook in hooks:
-        hook.remove()
-    tokens = steps * batch_size * host.private.shape[1]
-    host.tokens_trained += tokens
-    tensors = {**model.state_dict(), **{f"{_USAGE}{layer}": counts for layer, counts in usage.items()}}
-    return WeightsPacket(sent.device_id, sent.round, tensors, tokens, sent.hosted).to_bytes()
+        tokens += blocks.numel()
+    return tokens
+
+
+@torch.no_grad()
+def _route(host: Host, model: PreTrainedModel, settings: dict) -> int:
+    """A usage probe: the round's blocks through the model, no training (the router hooks count); tokens routed."""
+    tokens = 0
+    for blocks in _blocks(host, settings):
+        with autocast(host.torch_device):
+            model(input_ids=blocks)
+        tokens += blocks.numel()
+    return tokens
 
 
 def _count_usage(router: torch.Tensor, counts: torch.Tensor):
@@ -209,14 +283,28 @@ def offer(model: PreTrainedModel, device_id: str, info: HostInfo, round: int, se
 
 
 def expected_upload(sent: WeightsPacket) -> dict[str, torch.Size]:
-    """The tensors a correct answer to `sent` carries: the hosted weights, and usage counts if probed."""
+    """The tensors a correct answer to `sent` carries: the hosted weights (unless it is a usage probe), and
+    usage counts if probed."""
     shapes = {}
     for name, t in sent.tensors.items():
         if name.startswith(_PROBE):
             shapes[f"{_USAGE}{name[len(_PROBE):]}"] = torch.Size([t.shape[0]])
-        else:
+        elif not sent.settings.get("probe"):
             shapes[name] = t.shape
     return shapes
+
+
+def probe_first(method: str, model: PreTrainedModel, infos: dict[str, HostInfo], r: int, settings: dict,
+                exchange: Callable[[dict[str, WeightsPacket]], dict[str, bytes]]) -> list[str]:
+    """fedjets: the gate on each client's data before its first round. Every host without router usage yet
+    gets this round's offer as a usage probe (`exchange`: the engine's, down and up as bytes, counted); its
+    answer, checked as any upload, becomes the usage that picks its experts. Returns the devices probed; one
+    whose probe failed gets a first round's spread experts (usage from its first upload on)."""
+    probes = {d: offer(model, d, info, r, {**settings, "probe": 1}) for d, info in infos.items()
+              if method == "fedjets" and info.experts is not None and not info.usage}
+    if probes:
+        note_usage(infos, receive(exchange(probes), probes, r)[0])
+    return list(probes)
 
 
 def receive(payloads: dict[str, bytes], sent: dict[str, WeightsPacket],

@@ -6,10 +6,10 @@ checkpoint, log. Every message still goes through the same bytes as on a network
 measured, not estimated.
 
 What a round's device step is depends on the method (config.py):
-    one-shot methods   deepfusion and its ablations: no rounds; recipes/deepfusion.py over `oneshot_send`,
+    one-shot methods   deepfusion, its ablations and fedmkt: no rounds; recipes/deepfusion.py over `oneshot_send`,
                        one task down and one upload (the device's trained LLM) up per device
     knowledge methods  multiround-views, plain-fkd, device-kd: an instruction down, a knowledge packet up
-    hosting methods    fedavg-moe, expert-subset: weights down, trained weights up (baselines/hosting.py)
+    hosting methods    fedavg-moe, expert-subset, fedjets: weights down, trained weights up (baselines/hosting.py)
     server methods     proxy-only, centralized, centralized-converged: no devices
     local-only         devices train alone and are evaluated on their own domain; there is no global model
 """
@@ -57,16 +57,17 @@ def setup_devices(cfg: FederationConfig, data: FederationData, torch_device: tor
 def setup_hosts(cfg: FederationConfig, data: FederationData, model, torch_device: torch.device
                 ) -> tuple[dict[str, hosting.Host], dict[str, hosting.HostInfo]]:
     """fedavg-moe: every device hosts the whole MoE. expert-subset: each device measures how many routed
-    experts per layer fit its memory and tells the server (HostInfo); the server picks which, by usage."""
+    experts per layer fit its memory and tells the server (HostInfo); the server picks which, by usage.
+    fedjets: m is the server's, and each device measures that compact MoE's training peak."""
     hosts, infos = {}, {}
-    vocab, subset = len(data.tokenizer), cfg.method == "expert-subset"
+    vocab, subset = len(data.tokenizer), cfg.method in hosting.SUBSET_METHODS
     batch = torch.randint(vocab, (cfg.server.batch_size, cfg.data.seq_len), device=torch_device)
     whole = 0 if subset else train_peak_bytes(model, batch, hosting.moe_loss)  # the same on every device
     for i, dc in enumerate(cfg.devices):
         host = hosting.Host(dc, data.private[dc.id], torch.Generator().manual_seed(device_seed(cfg, dc.id)),
                             torch_device, model.config, None, peak_mem_bytes=whole)
         if subset:
-            hosting.fit_host(host, vocab, batch)
+            hosting.measure_host(host, cfg.method, cfg.server, vocab, batch)
         hosts[dc.id] = host
         infos[dc.id] = hosting.HostInfo(host.experts, offset=i)
     return hosts, infos
@@ -278,12 +279,21 @@ def _knowledge_exchange(cfg: FederationConfig, proxy: torch.Tensor, devices: dic
 
 def _hosting_round(cfg: FederationConfig, server, hosts: dict[str, hosting.Host], infos: dict[str, hosting.HostInfo],
                    r: int, ledger: Ledger, tick) -> dict:
-    """Weights down, local training on the hosted MoE, weights up, FedAvg (per expert for expert-subset)."""
+    """Weights down, local training on the hosted MoE, weights up, FedAvg (per expert for the subset methods).
+    fedjets first probes each new host's router usage with the same exchange (its own ledger entry)."""
     t0 = time.perf_counter()
     settings = hosting.round_settings(cfg.server, len(hosts))
-    sent = {d: hosting.offer(server.model, d, infos[d], r, settings) for d in hosts}
-    payloads = _exchange(cfg, r, list(hosts), ledger, tick, lambda d: sent[d].to_bytes(),
+
+    def exchange(sent: dict[str, hosting.WeightsPacket], tick) -> dict[str, bytes]:
+        return _exchange(cfg, r, list(sent), ledger, tick, lambda d: sent[d].to_bytes(),
                          lambda d, down: hosting.host_round(hosts[d], down))
+
+    probed = hosting.probe_first(cfg.method, server.model, infos, r, settings,
+                                 lambda sent: exchange(sent, lambda: None))
+    for d in probed:  # a fedjets probe is an exchange of its own: its bytes are the round's too, marked
+        ledger.note(d, probe=True)
+    sent = {d: hosting.offer(server.model, d, infos[d], r, settings) for d in hosts}
+    payloads = exchange(sent, tick)
     seconds = time.perf_counter() - t0
     uploads, rejected = hosting.receive(payloads, sent, r)
     return {**hosting.conclude(server.model, infos, uploads, rejected, sent, r, cfg.server.min_devices),

@@ -81,7 +81,7 @@ class Setup:
         """The global MoE's architecture (hosting methods), as the server's model has it, experts kernel included."""
         if not self.moe:
             raise ValueError(f"method {self.config.method!r}: this setup carries no MoE architecture; "
-                             "only the hosting methods (fedavg-moe, expert-subset) send one")
+                             "only the hosting methods (fedavg-moe, expert-subset, fedjets) send one")
         described = json.loads(self.moe)
         kernel = described.pop("experts_implementation", None)
         config = AutoConfig.for_model(**described)

@@ -6,8 +6,9 @@ An engine that runs devices away from the server (the Flower ClientApp) calls th
 
 Two kinds of device, by method:
     NodeDevice      knowledge methods (multiround-views, plain-fkd, device-kd): its own small LLM (device.py)
-    hosting.Host    fedavg-moe, expert-subset: it hosts the global MoE, or the part that fits its memory
-                    (baselines/hosting.py); the weights come from the server every round
+    hosting.Host    fedavg-moe, expert-subset, fedjets: it hosts the global MoE, or the part that fits its
+                    memory (fedjets: the server's number of experts) (baselines/hosting.py); the weights come
+                    from the server every round
 
 A node starts from the server's `Setup` (wire/setup.py): the federation's config, tokenizer and proxy blocks.
 
@@ -81,11 +82,12 @@ def start_device(setup: Setup, device_id: str, data_dir: str | None,
 
 
 def start_host(setup: Setup, device_id: str, data_dir: str | None) -> hosting.Host:
-    """This node's host (fedavg-moe, expert-subset), set up as engines/local.setup_hosts sets up each host:
-    its own private blocks, the same generator seed, and one measurement of what it can hold: expert-subset
-    the most routed experts per layer whose training step fits its memory (hosting.fit_experts), fedavg-moe
-    the whole MoE's training peak. The local engine measures on one random batch drawn by the server; a node
-    draws its own, seeded, so every node measures alike (the CPU measure itself varies by a few KB)."""
+    """This node's host (fedavg-moe, expert-subset, fedjets), set up as engines/local.setup_hosts sets up each
+    host: its own private blocks, the same generator seed, and one measurement of what it can hold: expert-subset
+    the most routed experts per layer whose training step fits its memory (hosting.fit_experts), fedjets the
+    training peak of the server's fixed number of experts (hosting.fix_host), fedavg-moe the whole MoE's. The
+    local engine measures on one random batch drawn by the server; a node draws its own, seeded, so every node
+    measures alike (the CPU measure itself varies by a few KB)."""
     cfg = setup.config
     i = device_index(cfg, device_id)
     dc, d = cfg.devices[i], cfg.data
@@ -96,8 +98,8 @@ def start_host(setup: Setup, device_id: str, data_dir: str | None) -> hosting.Ho
     vocab = len(tokenizer)
     batch = torch.randint(vocab, (cfg.server.batch_size, d.seq_len),
                           generator=torch.Generator().manual_seed(cfg.seed)).to(torch_device)
-    if cfg.method == "expert-subset":
-        hosting.fit_host(host, vocab, batch)
+    if cfg.method in hosting.SUBSET_METHODS:
+        hosting.measure_host(host, cfg.method, cfg.server, vocab, batch)
     else:  # the whole MoE; its weights are irrelevant to the measure
         whole = AutoModelForCausalLM.from_config(moe).to(torch_device)
         host.peak_mem_bytes = train_peak_bytes(whole, batch, hosting.moe_loss)

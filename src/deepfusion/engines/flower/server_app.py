@@ -9,7 +9,7 @@ What a round exchanges depends on the method, as in the local engine:
     knowledge methods  `_knowledge_round`: instructions out, packets back, `server_round` (validate, weight,
                        distil; it applies min_devices)
     hosting methods    `_hosting_round`: weights out and back as ArrayRecords, `hosting.receive` (validate),
-                       then Flower's FedAvg (fedavg-moe) or `hosting.average` (expert-subset)
+                       then Flower's FedAvg (fedavg-moe) or `hosting.average` (expert-subset, fedjets)
 """
 
 from __future__ import annotations
@@ -193,9 +193,10 @@ def _hosting_round(grid: Grid, cfg: FederationConfig, roster: Roster, server, in
                    r: int, timeout: float) -> dict:
     """Weights down, local training on the hosted MoE, weights up (ArrayRecords), the local engine's checks,
     then FedAvg weighted by tokens trained: Flower's own (FedAvg.aggregate_train, weighted by num-examples)
-    for fedavg-moe; `hosting.average` for expert-subset, which averages each expert over the hosts that held
-    it (Flower's FedAvg averages every array over every reply). A device that joined since the last round
-    first says what it can host (query.host). As in the local engine, a failed host is not asked again."""
+    for fedavg-moe; `hosting.average` for expert-subset and fedjets, which averages each expert over the hosts
+    that held it (Flower's FedAvg averages every array over every reply). A device that joined since the last
+    round first says what it can host (query.host); under fedjets it then answers a usage probe (a train.weights
+    message with settings["probe"], hosting.probe_first). As in the local engine, a failed host is not asked again."""
     started = time.perf_counter()
     ids = [d.id for d in cfg.devices]
     new = [d for d in ids if d in roster.node_of and d not in infos]
@@ -205,6 +206,13 @@ def _hosting_round(grid: Grid, cfg: FederationConfig, roster: Roster, server, in
     for device in waiting:
         roster.miss(device, r, 0, 0, "it has not said what it can host (query.host failed)")
     settings = hosting.round_settings(cfg.server, len(ids))  # the local engine's, over every configured host
+
+    def probe(sent: dict[str, hosting.WeightsPacket]) -> dict[str, bytes]:  # fedjets' usage probe: the same message
+        replies = roster.send(grid, r, "train.weights", lambda d: weights_content(sent[d]), timeout, list(sent))
+        return {d: _packet_bytes(reply) for d, reply in replies.items()}
+
+    for device in hosting.probe_first(cfg.method, server.model, infos, r, settings, probe):
+        roster.ledger.note(device, probe=True)
     sent = {d: hosting.offer(server.model, d, infos[d], r, settings) for d in ids if d in infos}
     replies = roster.send(grid, r, "train.weights", lambda d: weights_content(sent[d]), timeout,
                           [d for d in ids if d not in waiting])
@@ -234,6 +242,14 @@ def _hosting_round(grid: Grid, cfg: FederationConfig, roster: Roster, server, in
     fedavg = flowers_fedavg if cfg.method == "fedavg-moe" else None
     result = hosting.conclude(server.model, infos, uploads, rejected | refused, sent, r, cfg.server.min_devices, fedavg)
     return {**result, "bytes_up": roster.ledger.up_in_round(r), "seconds_devices": round(seconds_devices, 2)}
+
+
+def _packet_bytes(reply) -> bytes:
+    """A reply's WeightsPacket as bytes; a malformed one as b"", which hosting.receive rejects, naming why."""
+    try:
+        return weights_packet(reply).to_bytes()
+    except PacketError:
+        return b""
 
 
 def _instruction(cfg: FederationConfig, device: str, r: int, n_proxy: int) -> bytes:
