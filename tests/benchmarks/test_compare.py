@@ -36,7 +36,7 @@ def test_quick_bench_on_the_smoke_federation(tmp_path, data_dir, monkeypatch):
     with open(out / "results.csv") as f:
         lines = list(csv.DictReader(f))
     assert len([x for x in lines if not x["tag"]]) == len(FAMILIES) * len(METHODS)
-    assert {x["method"] for x in lines if x["tag"].startswith("host_steps")} == {"fedavg-moe", "expert-subset"}
+    assert {x["method"] for x in lines if x["tag"].startswith("host_steps")} == {"fedavg-moe", "expert-subset", "fedjets"}
     md = (out / "RESULTS.md").read_text()
     assert "## Targets" in md and md.count("| multiround-views |") == len(FAMILIES)
     for png in ("ppl_per_round_qwen_moe", "ppl_per_round_deepseek_moe", "bytes_per_round", "device_peak_memory"):

@@ -70,6 +70,7 @@ def row(summary: dict, out: Path, family: str, tag: str) -> dict:
         "wall_seconds": summary["wall_seconds"] + (device_seconds if "replayed_from" in summary else 0),
         "ppl_by_round": [x["ppl"] for x in lines], "bytes_by_round": [x["bytes_up"] for x in lines],
         "devices": summary.get("devices", {}), "converged": summary.get("converged"),
+        "threads": summary.get("provenance", {}).get("threads"),  # report.thread_setting: one setting per table
     }
 
 

@@ -105,12 +105,14 @@ def run_bench(out: Path, config: Path | None = None, seeds: list[int] | None = N
 
 
 def report(results: dict, runs: dict) -> str:
+    from deepfusion.benchmarks.report import thread_setting
     from deepfusion.outputs import provenance
 
     seeds, p = results["seeds"], provenance()
     lines = [f"# The paper pipeline, its ablations and the multi-round protocol (seeds {seeds})", "",
              f"Config `{results['config']}`; commit {p['commit']}, torch {p['torch']}, "
-             f"{runs[next(iter(runs))]['threads']} CPU thread(s); bench wall time {results['bench_seconds']:.0f} s "
+             f"{thread_setting({f'{r} s{s}': f['threads'] for (r, s), f in runs.items()})}; "
+             f"bench wall time {results['bench_seconds']:.0f} s "
              "(reused runs count 0; each run's own commit and threads are in its summary.json `provenance`).", "",
              "Command: `deepfusion bench --profile pipeline --out OUT` (each row: `deepfusion run --config "
              "configs/default.toml --method M --seed S [--set ...] --replay OUT/recordings`).", "",

@@ -29,6 +29,21 @@ def human(n: float) -> str:
     return f"{n:.3g} PB"
 
 
+def thread_setting(threads: dict[str, int | None]) -> str:
+    """A table header's one thread setting: `threads` maps each run to its provenance.threads. The thread count
+    alone moves a figure (by up to 8 %, issue 10), so a table whose runs used different counts says so loudly."""
+    by: dict[int | None, list[str]] = {}
+    for run, n in threads.items():
+        by.setdefault(n, []).append(run)
+    named = lambda n: "unknown thread count" if n is None else f"{n} CPU thread(s)"  # noqa: E731
+    if len(by) <= 1:
+        return f"{named(next(iter(by), None))} in every run"
+    parts = "; ".join(f"{named(n)}: " + (", ".join(runs) if len(runs) <= 6 else f"{len(runs)} runs")
+                      for n, runs in sorted(by.items(), key=lambda kv: -len(kv[1])))
+    return (f"**⚠ this table mixes thread settings: {parts}** (the thread count alone moves results; "
+            "`deepfusion bench --recheck DIR --threads N` re-runs its runs under one setting)")
+
+
 def _pm(ms: tuple[float, float], seeds: int) -> str:
     return f"{ms[0]:.1f} ± {ms[1]:.1f}" if seeds > 1 else f"{ms[0]:.1f}"
 
@@ -102,7 +117,9 @@ def write(results: dict, out: Path, command: str | None = None) -> None:
     command = command or f"deepfusion bench --profile {results['profile']} --out {out}"
     md = [f"# DeepFusion benchmark: profile `{results['profile']}`", "",
           f"Command: `{command}` (config `{results['config']}`, seeds {results['seeds']}); "
-          f"{results['bench_seconds'] / 60:.1f} min on {machine()}.", "",
+          f"{results['bench_seconds'] / 60:.1f} min on {machine()}; "
+          f"{thread_setting({_run_name(r): r.get('threads') for r in results['rows'] if r['method'] != 'local-only'})}.",
+          "",
           "Perplexity is token perplexity on held-out test text per domain; `vs centralized` is relative to "
           "`centralized-converged` (the upper bound); bytes count serialised messages both ways; device peak "
           "memory is the largest device's measured training step; wall time includes the devices' time "
@@ -120,6 +137,10 @@ def write(results: dict, out: Path, command: str | None = None) -> None:
         md += ["## λ tuned on validation text (seed 0)", "", *[f"- {k}: λ = {v}" for k, v in results["lambda"].items()], ""]
     md += ["## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     (out / "RESULTS.md").write_text("\n".join(md))
+
+
+def _run_name(r: dict) -> str:
+    return f"{r['tag'] or 'main'}/{r['family']}/{r['method']}-s{r['seed']}"
 
 
 def machine() -> str:
