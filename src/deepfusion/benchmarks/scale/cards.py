@@ -14,10 +14,16 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    BloomConfig,
+    BloomForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
     Glm4MoeConfig,
     Glm4MoeForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    OlmoConfig,
+    OlmoForCausalLM,
     PreTrainedConfig,
     PreTrainedModel,
     Qwen2Config,
@@ -107,6 +113,10 @@ _CLASSES = {  # config.json "architectures"[0] -> the transformers class that bu
     "Qwen2MoeForCausalLM": (Qwen2MoeForCausalLM, Qwen2MoeConfig),
     "Qwen2ForCausalLM": (Qwen2ForCausalLM, Qwen2Config),
     "LlamaForCausalLM": (LlamaForCausalLM, LlamaConfig),
+    # the paper's own device LLMs (benchmarks/paper_scale.py)
+    "GPT2LMHeadModel": (GPT2LMHeadModel, GPT2Config),
+    "OlmoForCausalLM": (OlmoForCausalLM, OlmoConfig),
+    "BloomForCausalLM": (BloomForCausalLM, BloomConfig),
 }
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import transformers
 
+from deepfusion.baselines.hosting import hosted_config
 from deepfusion.benchmarks.scale import cards
 from deepfusion.benchmarks.scale.cards import BUDGETS_GIB, DEVICE_COUNTS, KD_METHODS, WIRE_DTYPES, Card, Census, census
 from deepfusion.benchmarks.scale.report import markdown
@@ -99,10 +100,12 @@ class Measured:
     memory: StepMemory
 
 
-def measure(card: Card, batch: int, seq_len: int, vocab_size: int | None = None) -> Measured:
-    """Build a card on meta (with the federation's vocabulary, if given) and measure one training step of it."""
+def measure(card: Card, batch: int, seq_len: int, vocab_size: int | None = None, experts: int | None = None) -> Measured:
+    """Build a card on meta (with the federation's vocabulary, if given) and measure one training step of it.
+    experts: an MoE built with that many routed experts per layer (a compact MoE, as an expert-subset host's)."""
     raw = cards.read_config(card.name)
     cls, config = cards.transformers_config(raw, vocab_size)
+    config = hosted_config(config, experts)
     model = cards.build_on_meta(cls, config)
     own = census(cards.build_on_meta(*cards.transformers_config(raw))).total if vocab_size else census(model).total
     blocks = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")  # (B, T) token ids
