@@ -226,7 +226,14 @@ def _load_exported(path: Path, device):
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from deepfusion import benchmarks
+    from deepfusion.benchmarks import recheck
 
+    recheck.check_arguments(args)
+    if args.recheck:  # re-run a published table; exit 1 when a figure moved
+        result = recheck.recheck(Path(args.recheck), args.recheck_out and Path(args.recheck_out),
+                                 args.tolerance or 0.0, args.only, args.seeds, args.threads, args.command_line)
+        print(recheck.markdown(result))
+        return 1 if result["differ"] else 0
     benchmarks.check_arguments(args.micro, args.profile, args.out, args.seeds, args.seed)
     config = Path(args.config) if args.config else None
     if args.micro:
@@ -334,20 +341,34 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="every method side by side, the scale projection, or a micro-benchmark",
                            description="A profile runs methods side by side and writes results.json, RESULTS.md "
                                        "(SCALE.md for scale) and plots into --out DIR; a micro-benchmark prints one "
-                                       "JSON row per line. `python -m deepfusion.benchmarks` takes the same arguments.")
+                                       "JSON row per line; --recheck DIR re-runs a published table and reports every figure that moved. "
+                                       "`python -m deepfusion.benchmarks` takes the same arguments.")
     bench.add_argument("micro", nargs="?", choices=MICRO, metavar="MICRO",
                        help=f"a micro-benchmark instead of a profile: {', '.join(MICRO)}")
     bench.add_argument("--profile", choices=PROFILES, help="quick (default): both families, every multi-round method "
                        "and baseline, one seed; full: 3 seeds, tuned λ, ablations; scale: the paper's MoEs on the meta "
                        "device; pipeline: the paper pipeline beside its ablations and the multi-round protocol on the "
-                       "default federation")
+                       "default federation; paper: the paper's evaluation (its baselines, N = 16-128, 2 cases, 3 seeds, "
+                       "Tables I-II, Figs. 7-9, its claims); paper-quick: one seed, N = 16 and 32, the main rows")
     bench.add_argument("--out", help="output directory, required for a profile (runs already there are reused); "
                        "poison and dp: where their runs go (default runs/bench)")
     bench.add_argument("--config", help="federation TOML (defaults: quick/full configs/bench-quick.toml, scale "
                        "configs/multiround.toml, pipeline configs/default.toml, poison configs/reliability.toml, "
                        "dp configs/smoke-multiround.toml)")
-    bench.add_argument("--seeds", type=int, nargs="+", help="a profile: override its seeds")
+    bench.add_argument("--seeds", type=int, nargs="+", help="a profile: override its seeds; --recheck: recheck only these seeds")
     bench.add_argument("--seed", type=int, help="dp: override the config's training seed")
+    again = bench.add_argument_group("recheck (re-run a published table and report every figure that moved)")
+    again.add_argument("--recheck", metavar="DIR", help="a profile's output directory: re-run each DIR/runs/**/"
+                       "summary.json from its own config, compare its figures with the published ones, write "
+                       "DIR/recheck.json and DIR/RECHECK.md; exit 1 if any run differs")
+    again.add_argument("--recheck-out", metavar="OUT", help="where the reruns go (default DIR/recheck; a rerun "
+                       "already there at the same commit and threads is reused)")
+    again.add_argument("--tolerance", type=float, help="relative change a figure may show (default 0: equal to "
+                       "its published 4 significant digits)")
+    again.add_argument("--only", action="append", metavar="ROW", help="recheck only runs whose path under DIR/runs "
+                       "contains ROW (repeatable); --seeds restricts the seeds")
+    again.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) for the reruns: recheck "
+                       "under the published thread count (each row says when it differs)")
     bench.set_defaults(func=cmd_bench)
 
     pre = sub.add_parser("pretrain", help="build (or reuse) the public checkpoints a config needs, as JSON",

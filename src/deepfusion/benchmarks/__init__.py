@@ -4,7 +4,10 @@ model sizes, and their reports. The federation itself lives one level up; no run
     deepfusion bench --profile quick|full --out DIR     compare.py: every method side by side (report.py: tables, plots)
     deepfusion bench --profile scale --out DIR          scale/: the paper's MoEs built and stepped on the meta device
     deepfusion bench --profile pipeline --out DIR       pipeline.py: the paper pipeline beside its ablations
+    deepfusion bench --profile paper|paper-quick --out DIR   paper.py: the paper's evaluation (§V), its baselines,
+                                                        N = 16-128, Tables I-II, Figs. 7-9, the claims (paper_report.py)
     deepfusion bench experts|distill|poison|dp|vaa      micro.py: one micro-benchmark, one JSON row per line
+    deepfusion bench --recheck DIR [--threads N]        recheck.py: re-run a published table, report what moved
 
 `python -m deepfusion.benchmarks ARGS` is `deepfusion bench ARGS`: the same arguments, the same code.
 """
@@ -15,12 +18,19 @@ from pathlib import Path
 
 from deepfusion.errors import ConfigError
 
-PROFILES = ("quick", "full", "scale", "pipeline")
+PROFILES = ("quick", "full", "scale", "pipeline", "paper", "paper-quick")
 MICRO = ("experts", "distill", "poison", "dp", "vaa")
 
 
 def run_profile(profile: str, out: Path, config: Path | None = None, seeds: list[int] | None = None) -> str:
     """Run a profile, write its results into `out`; returns one line saying what was written where."""
+    if profile in ("paper", "paper-quick"):
+        from deepfusion.benchmarks import paper
+
+        if config:
+            raise ConfigError(f"bench --profile {profile}: --config does not apply; its federations are written from "
+                              "configs/paper-medical.toml and configs/paper-finance.toml for every N and seed")
+        return f"{len(paper.run_bench(out, profile, seeds)['runs'])} runs -> {out / 'RESULTS.md'}"
     if profile == "pipeline":
         from deepfusion.benchmarks.pipeline import run_bench
 
