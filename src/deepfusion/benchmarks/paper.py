@@ -45,8 +45,8 @@ CASES = {
     "finance": Case("finance", (("llama", "tinyllama"), ("olmo", "small"), ("bloom", "small")),
                     tuple(f"tatqa:{g}/4" for g in range(4))),
 }
-# Phase 0 on each device: from its type's public checkpoint, at most 20 steps, local validation every 10
-DEVICE_SETTINGS = {"max_steps": 20, "eval_every": 10, "batch_size": 8}
+# Phase 0 on each device: from its type's public checkpoint, at most 30 steps, local validation every 10
+DEVICE_SETTINGS = {"max_steps": 30, "eval_every": 10, "batch_size": 8}
 
 
 @dataclass(frozen=True)
