@@ -22,6 +22,15 @@ def test_paired_differences_pair_by_seed():
     assert line["ppl_medical"][0] == pytest.approx(305 / 3) and line["seeds"] == [0, 1, 2]
 
 
+def test_a_probe_counts_with_the_round_it_belongs_to():
+    from deepfusion.benchmarks.compare import per_device_round
+
+    per = {"a": {"rounds": [{"round": 1, "up": 300, "down": 600, "probe": True}, {"round": 1, "up": 500, "down": 600},
+                            {"round": 2, "up": 500, "down": 600}]},
+           "b": {"rounds": [{"round": 1, "up": 500, "down": 600}]}}
+    assert sorted((x["up"], x["down"]) for x in per_device_round(per)) == [(500, 600), (500, 600), (800, 1200)]
+
+
 def test_quick_bench_on_the_smoke_federation(tmp_path, data_dir, monkeypatch):
     from deepfusion.cli import main
 

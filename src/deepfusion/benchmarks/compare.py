@@ -53,11 +53,22 @@ def run_one(base: FederationConfig, root: Path, family: str, method: str, seed: 
     return row(json.loads((out / "summary.json").read_text()), out, family, tag)
 
 
+def per_device_round(per_device: dict) -> list[dict]:
+    """One entry per (device, round): a fedjets device's round-1 usage probe is its own ledger entry, counted
+    with the round it belongs to (else the average per device per round would come out low)."""
+    merged: dict[tuple[str, int], dict] = {}
+    for d, v in per_device.items():
+        for x in v["rounds"]:
+            m = merged.setdefault((d, x["round"]), {"up": 0, "down": 0})
+            m["up"], m["down"] = m["up"] + x["up"], m["down"] + x["down"]
+    return list(merged.values())
+
+
 def row(summary: dict, out: Path, family: str, tag: str) -> dict:
     """The measurements a table needs from one run's summary.json and metrics.jsonl."""
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     per = summary["comm_bytes"]["per_device"]
-    rounds = [x for v in per.values() for x in v["rounds"]]
+    rounds = per_device_round(per)
     device_seconds = sum(x["seconds_devices"] for x in lines)
     return {
         "tag": tag, "method": summary["method"], "family": family, "seed": summary["seed"],
