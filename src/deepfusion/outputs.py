@@ -5,6 +5,8 @@ half-written file (rundir.write_atomically).
 
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 from pathlib import Path
@@ -65,16 +67,11 @@ def summary(cfg: FederationConfig, last: dict, comm: dict, peaks: dict, wall: fl
     }
 
 
-def provenance() -> dict:
-    """What a number depends on beyond the config: the code's commit, the command, the library versions and the
-    CPU threads (the thread count alone moved a published perplexity by up to 8 %: issue 10)."""
-    import platform
+@functools.cache
+def code_version() -> tuple[str | None, bool | None]:
+    """(commit, uncommitted changes?) of the code this process runs, read once, when a run starts (engines call it
+    first), not at each summary: a long bench loads its code once, and commits made while it runs are not its."""
     import subprocess
-    import sys
-
-    import transformers
-
-    from deepfusion import __version__
 
     here = Path(__file__).resolve().parent
     try:
@@ -84,6 +81,20 @@ def provenance() -> dict:
                                     capture_output=True, text=True, timeout=10).stdout.strip()) if commit else None
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
+    return commit, dirty
+
+
+def provenance() -> dict:
+    """What a number depends on beyond the config: the code's commit, the command, the library versions and the
+    CPU threads (the thread count alone moved a published perplexity by up to 8 %: issue 10)."""
+    import platform
+    import sys
+
+    import transformers
+
+    from deepfusion import __version__
+
+    commit, dirty = code_version()
     return {"commit": commit, "dirty": dirty, "deepfusion": __version__, "command": " ".join(sys.argv),
             "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "machine": platform.machine()}

@@ -31,7 +31,7 @@ from deepfusion.device import (Device, build_device, describe, device_state, eva
 from deepfusion.federation import FederationData, device_documents, device_seed, prepare_data
 from deepfusion.ledger import Ledger
 from deepfusion.models import n_params, resolve_device
-from deepfusion.outputs import load_checkpoint, rewrite_metrics
+from deepfusion.outputs import code_version, load_checkpoint, rewrite_metrics
 from deepfusion.privacy import federation_report
 from deepfusion.progress import RunProgress
 from deepfusion.recipes.multiround import checkpoint_path, finish, retry_missing, run_rounds
@@ -82,6 +82,7 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
     `replay` (knowledge methods): a directory of recorded device uploads (replay.py). A run whose device
     side is recorded there replays it without building devices; otherwise it runs them and records.
     """
+    code_version()  # provenance: the code as this process loaded it, whatever is committed while it runs
     if cfg.method in ONESHOT_METHODS:  # the paper's protocol: one task and one upload per device, no rounds
         return run_oneshot(cfg, out_dir, data_dir, resume, progress, tensorboard, replay)
     start = time.perf_counter()
