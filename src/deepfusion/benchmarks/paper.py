@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import zlib
 from dataclasses import dataclass
@@ -136,6 +137,8 @@ def run_one(out: Path, case: Case, n: int, row: Row, seed: int) -> dict:
         cfg = load_config(write_case_config(out, case, n, seed), [*row.sets, f"seed={seed}"], method=row.method)
         log.info("bench paper: %s N=%d %s seed %d", case.name, n, row.label, seed)
         run(cfg, where, progress=False, replay=out / "recordings")
+        # a finished run needs no resume checkpoint: at N = 128 it holds every upload again (hundreds of MB a run)
+        shutil.rmtree(where / "checkpoint", ignore_errors=True)
     return json.loads((where / "summary.json").read_text())
 
 

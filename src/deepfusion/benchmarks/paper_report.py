@@ -140,9 +140,14 @@ def _rows(results: dict) -> list[str]:
     return [*results["rows"], "local only"]
 
 
+def by_n_header(results: dict, title: str) -> list[str]:
+    """A section whose table has a row per (case, row) and a column per N."""
+    return [f"## {title}", "", "| case | row | " + " | ".join(f"N = {n}" for n in results["counts"]) + " |",
+            "|---|---|" + "---|" * len(results["counts"])]
+
+
 def table(results: dict, title: str, keys: tuple[str, str], fmt: str = "{:.3f}") -> list[str]:
-    lines = [f"## {title}", "", "| case | row | " + " | ".join(f"N = {n}" for n in results["counts"]) + " |",
-             "|---|---|" + "---|" * len(results["counts"])]
+    lines = by_n_header(results, title)
     for case in results["cases"]:
         for row in _rows(results):
             cells = []
@@ -165,9 +170,7 @@ def table(results: dict, title: str, keys: tuple[str, str], fmt: str = "{:.3f}")
 
 
 def paired_table(results: dict) -> list[str]:
-    lines = ["## Paired differences against DeepFusion (same seed, same devices), log-perplexity and accuracy", "",
-             "| case | row | " + " | ".join(f"N = {n}" for n in results["counts"]) + " |",
-             "|---|---|" + "---|" * len(results["counts"])]
+    lines = by_n_header(results, "Paired differences against DeepFusion (same seed, same devices), log-perplexity and accuracy")
     for case in results["cases"]:
         for row in results["rows"]:
             if row == "DeepFusion":
@@ -208,9 +211,7 @@ def total_bytes(results: dict, case: str, n: int, row: str) -> float | None:
 
 
 def comm_table(results: dict) -> list[str]:
-    lines = ["## Fig. 8 analogue: total communication, up + down (MB, counted from the real messages)", "",
-             "| case | row | " + " | ".join(f"N = {n}" for n in results["counts"]) + " |",
-             "|---|---|" + "---|" * len(results["counts"])]
+    lines = by_n_header(results, "Fig. 8 analogue: total communication, up + down (MB, counted from the real messages)")
     for case in results["cases"]:
         for row in results["rows"]:
             cells = [total_bytes(results, case, n, row) for n in results["counts"]]
@@ -290,7 +291,8 @@ def claims(results: dict) -> list[dict]:
            for c, n in cells if total_bytes(results, c, n, "DeepFusion") and total_bytes(results, c, n, "FedJETS")]
     at_paper = projected(results)
     out.append(_claim("Less communication than FedJETS (Fig. 8)", "−71 % (medical), ≈ −46 % (finance)",
-                      ", ".join(f"{c} N={n}: {-r:+.0%}" for c, n, r in red) + at_paper.get("comm", ""), None if not red else all(r > 0 for *_, r in red),
+                      ", ".join(f"{c} N={n}: {-r:+.0%}" for c, n, r in red) + at_paper.get("comm", ""),
+                      None if not red else all(r > 0 for *_, r in red),
                       "reproduced if DeepFusion moves fewer bytes in every cell; the size of the cut depends on "
                       "FedJETS's rounds and the models' sizes (see the projection at the paper's sizes)"))
     mem = []
@@ -298,7 +300,8 @@ def claims(results: dict) -> list[dict]:
         jets = max(peaks(results, c, "FedJETS").values(), default=0)
         mem += [(c, arch, jets / b) for arch, b in peaks(results, c, "DeepFusion").items() if jets and b]
     out.append(_claim("FedJETS needs 3.3-9.3× the device memory (Fig. 7)", "3.3-9.3×",
-                      ", ".join(f"{c} {a}: {x:.1f}×" for c, a, x in mem) + at_paper.get("memory", ""), None if not mem else all(x > 1 for *_, x in mem),
+                      ", ".join(f"{c} {a}: {x:.1f}×" for c, a, x in mem) + at_paper.get("memory", ""),
+                      None if not mem else all(x > 1 for *_, x in mem),
                       "reproduced if every device type needs less than a FedJETS device; the ratio's size is a matter "
                       "of model sizes (the projection gives it at the paper's)"))
     trend = []
@@ -365,7 +368,8 @@ def plot(out: Path, results: dict) -> None:
     for ax, case in zip(axes[0], cases):
         bars = {f"{a}": b / 1e6 for a, b in sorted(peaks(results, case, "DeepFusion").items())}
         bars |= {"FedJETS": b / 1e6 for b in peaks(results, case, "FedJETS").values()}
-        ax.bar(list(bars), list(bars.values()), color=["C0"] * (len(bars) - ("FedJETS" in bars)) + ["C3"] * ("FedJETS" in bars))
+        jets = "FedJETS" in bars
+        ax.bar(list(bars), list(bars.values()), color=["C0"] * (len(bars) - jets) + ["C3"] * jets)
         ax.set_title(f"{case}: device peak training memory")
         ax.set_ylabel("MB")
         ax.tick_params(axis="x", rotation=30)
