@@ -3,7 +3,7 @@ different students, export, the router from the domains, the frozen parameters, 
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from deepfusion import upcycling
 from deepfusion.errors import ConfigError
@@ -224,12 +224,12 @@ def test_expert_parameter_names_are_exactly_the_ffn_weights(family):
 # ---- errors ---------------------------------------------------------------------------------------
 
 def test_unsupported_moe_class_is_a_config_error_naming_it():
-    config = MixtralConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=4)
-    with pytest.raises(ConfigError, match="MixtralConfig.*'mixtral'.*Qwen2MoeForCausalLM, DeepseekV3ForCausalLM"):
+    config = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)  # a dense model given as the MoE
+    with pytest.raises(ConfigError, match="LlamaConfig.*'llama'.*Qwen2MoeForCausalLM.*MixtralForCausalLM"):
         upcycling.fuse(config, [])
-    with pytest.raises(ConfigError, match="MixtralForCausalLM"):
-        upcycling.expert_parameter_names(MixtralForCausalLM(config))
+    with pytest.raises(ConfigError, match="LlamaForCausalLM"):
+        upcycling.expert_parameter_names(LlamaForCausalLM(config))
 
 
 def test_bad_widths_students_and_shared_rules_are_config_errors():

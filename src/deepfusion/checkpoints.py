@@ -348,13 +348,63 @@ def _first_line(e: BaseException) -> str:
 def device_model(family: str, size: str, vocab_size: int, public: torch.Tensor, pre: PretrainConfig,
                  checkpoint: str | None = None, where: str = "", cache: Path | None = None,
                  torch_device: str | torch.device = "cpu") -> PreTrainedModel:
-    """A device's starting model: its own directory (DeviceConfig.checkpoint), else its type's public one."""
+    """A device's starting model: its own directory (DeviceConfig.checkpoint: any causal LM, its architecture
+    read from config.json, family and size ignored), else its type's public one."""
     from deepfusion.models import DEVICE_PRESETS
 
-    config = DEVICE_PRESETS[family][size](vocab_size)
     if checkpoint:
-        return load_public(Path(checkpoint), config, f"{where} checkpoint" if where else "checkpoint")
+        label = f"{where} checkpoint" if where else "checkpoint"
+        model = load_public(Path(checkpoint), None, label)
+        _check_device_vocab(model.config, vocab_size, f"{label} = {str(checkpoint)!r}")
+        return model
+    config = DEVICE_PRESETS[family][size](vocab_size)
     return load_public(public_checkpoint(config, public, pre, cache, torch_device, f"{family}/{size}"), config)
+
+
+def _check_device_vocab(config: PreTrainedConfig, vocab_size: int, label: str) -> None:
+    """For now a device's own checkpoint must share the federation's token ids (distillation compares logits
+    over one vocabulary); devices with their own tokenizers are the alignment layer's job (alignment.py)."""
+    vocab = config.get_text_config().vocab_size
+    if vocab != vocab_size:
+        raise ConfigError(f"config error: {label}: the device's model has vocab {vocab}, the federation's "
+                          f"tokenizer {vocab_size}; a device checkpoint must use the global tokenizer (devices "
+                          "with their own tokenizers are handled by the alignment layer, not here)")
+
+
+def arch_label(family: str, size: str, checkpoint: str | None, config: PreTrainedConfig) -> str:
+    """A device's architecture label (Phase I averages devices with equal labels): family/size for a preset,
+    model_type:directory name for its own checkpoint (read from config.json, not from family/size)."""
+    return f"{config.model_type}:{Path(checkpoint).name}" if checkpoint else f"{family}/{size}"
+
+
+# The fields a dense base must share with its MoE, in the order a mismatch is reported: the rest of the
+# architecture is then checked tensor by tensor (_check_shapes).
+DENSE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "intermediate_size", "hidden_act", "tie_word_embeddings",
+                "attention_bias", "rms_norm_eps", "rope_parameters", "sliding_window", "kv_lora_rank",
+                "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+def check_dense_base(config: PreTrainedConfig, expect: PreTrainedConfig, moe: PreTrainedConfig, label: str) -> None:
+    """One ConfigError naming the first field in which the given dense base differs from the MoE's."""
+    for key in DENSE_FIELDS:
+        want, got = getattr(expect, key, None), getattr(config, key, None)
+        if want != got:
+            raise ConfigError(f"config error: {label}: {key} = {got!r}, but the MoE ({moe.model_type}) needs "
+                              f"{want!r} in its dense base; give the dense model the MoE was (or would be) upcycled "
+                              f"from: its {expect.model_type} sibling with the MoE's attention, vocabulary and depth, "
+                              "and an FFN as wide as the MoE's dense width")
+
+
+def _check_given_dense(moe: PreTrainedConfig, expect: PreTrainedConfig, given: str) -> None:
+    path = Path(given) / "config.json"
+    if not path.is_file():
+        return  # load_public names what is missing
+    try:
+        got = AutoConfig.from_pretrained(path.parent, local_files_only=True)
+    except (OSError, ValueError):
+        return  # load_public reports it
+    check_dense_base(got, expect, moe, f"[server] dense_base = {str(given)!r}")
 
 
 def dense_base_model(moe: PreTrainedConfig, public: torch.Tensor, pre: PretrainConfig, given: str | None = None,
@@ -366,6 +416,7 @@ def dense_base_model(moe: PreTrainedConfig, public: torch.Tensor, pre: PretrainC
 
     config = dense_base_config(moe)
     if given:
+        _check_given_dense(moe, config, given)
         return load_public(Path(given), config, "[server] dense_base")
     return load_public(public_checkpoint(config, public, pre, cache, torch_device, name), config)
 
@@ -375,17 +426,20 @@ def federation_checkpoints(cfg, data, cache: Path | None = None,
     """Every starting checkpoint cfg needs, built or reused: each distinct device type and the MoE's dense
     base. Returns {type: {path, params, seconds, final_loss, cached, ...}} (`deepfusion pretrain` prints it)."""
     from deepfusion.device import choose_size
-    from deepfusion.models import DEVICE_PRESETS, dense_base_config, global_moe_config
+    from deepfusion.models import DEVICE_PRESETS, dense_base_config, server_moe_config
 
     vocab, torch_device = len(data.tokenizer), torch.device(torch_device)
     wanted = {}  # type -> (config, the user's directory or None, where)
     for i, dc in enumerate(cfg.devices):
+        if dc.checkpoint:  # its own directory: the architecture is whatever config.json says
+            wanted.setdefault(f"checkpoint:{dc.checkpoint}", (None, dc.checkpoint, f"{device_at(i, dc.id)} checkpoint"))
+            continue
         size = dc.size if dc.size != "auto" else choose_size(dc, vocab, cfg.data.seq_len, torch_device)
-        name = f"{dc.family}/{size}" + (f":{dc.checkpoint}" if dc.checkpoint else "")
-        wanted.setdefault(name, (DEVICE_PRESETS[dc.family][size](vocab), dc.checkpoint, f"{device_at(i, dc.id)} checkpoint"))
+        wanted.setdefault(f"{dc.family}/{size}", (DEVICE_PRESETS[dc.family][size](vocab), None, ""))
     s = cfg.server
-    moe = (AutoConfig.from_pretrained(s.pretrained, local_files_only=True) if s.pretrained
-           else global_moe_config(s.family, s.size, vocab))
+    moe = server_moe_config(s, vocab)
+    if s.dense_base:
+        _check_given_dense(moe, dense_base_config(moe), s.dense_base)
     wanted[f"dense_base({s.family}/{s.size})"] = (dense_base_config(moe), s.dense_base, "[server] dense_base")
     return {name: _obtain(name, config, given, where, data, cfg.pretrain, cache, torch_device)
             for name, (config, given, where) in wanted.items()}
@@ -394,7 +448,11 @@ def federation_checkpoints(cfg, data, cache: Path | None = None,
 def _obtain(name: str, config: PreTrainedConfig, given: str | None, where: str, data, pre: PretrainConfig,
             cache: Path | None, torch_device: torch.device) -> dict:
     start = time.perf_counter()
-    if given:
+    if given and config is None:  # a device's own checkpoint
+        model = load_public(Path(given), None, where)
+        _check_device_vocab(model.config, len(data.tokenizer), f"{where} = {str(given)!r}")
+        entry = {"path": given, "given": True, "cached": True, "final_loss": None}
+    elif given:
         model = load_public(Path(given), config, where)
         entry = {"path": given, "given": True, "cached": True, "final_loss": None}
     else:

@@ -41,6 +41,8 @@ GLOBAL_FAMILIES = tuple(MOE_SIZES)
 DEVICE_FAMILIES = tuple(DEVICE_SIZES)
 ATTACKS = ("uniform", "shifted", "inverted")
 UPLOAD_DTYPES = ("float16", "bfloat16")
+FINETUNES = ("full", "lora", "auto")
+UPLOADS = ("merged", "adapter")
 SECTIONS = ("data", "knowledge", "server", "pretrain", "clustering", "distill", "tune")
 
 
@@ -93,7 +95,7 @@ class DeviceConfig:
     source: str  # private data: "medquad:gard", "tatqa:0/2", "jsonl:path", "text:dir"
     family: str = "qwen2"  # on-device LLM family: qwen2 | llama
     size: str = "small"  # preset name in DEVICE_SIZES[family] (models.DEVICE_PRESETS); "auto" picks by memory_mb
-    memory_mb: int | None = None  # device memory budget, for size = "auto"
+    memory_mb: int | None = None  # device memory budget, for size = "auto" and finetune = "auto" / "lora"
     domain: str | None = None  # domain label for jsonl/text sources (medquad/tatqa know theirs)
     local_steps: int = 20  # local optimiser steps per round
     batch_size: int = 8
@@ -103,12 +105,17 @@ class DeviceConfig:
     dp_clip: float = 1.0  # C: L2 norm each position's distribution is clipped to (1 never clips a distribution)
     dp_delta: float = 1e-5  # δ of the (ε, δ)-DP guarantee that summary.json reports
     # The paper's protocol (Phase 0): train from the type's public checkpoint until local validation stops improving.
-    checkpoint: str | None = None  # local directory of this type's public checkpoint; None: made from the public text
+    checkpoint: str | None = None  # local save_pretrained dir of any causal LM (family/size then ignored); None: made from the public text
     max_steps: int = 300  # cap on local training steps
     eval_every: int = 25  # steps between local validation checks
     patience: int = 2  # checks without a better local validation loss before training stops
     val_frac: float = 0.1  # share of the private blocks held out for local validation
     upload_dtype: str = "float16"  # the weights' dtype on the wire: float16 | bfloat16
+    # Phase 0 in a memory budget (lora.py): full fine-tuning, LoRA adapters, or "auto" (full if its measured
+    # peak fits memory_mb, else the largest LoRA rank that does); "adapter" uploads only the adapter
+    finetune: str = "full"  # full | lora | auto
+    lora_rank: int = 0  # LoRA rank; 0: the largest of lora.RANKS whose measured peak fits memory_mb
+    upload: str = "merged"  # merged (the whole model) | adapter (LoRA tensors; the server adds its public base)
     at: InitVar[str | None] = None  # where its errors point (device_at); not a field: a config file cannot set it
 
     def __post_init__(self, at: str | None) -> None:
@@ -118,12 +125,14 @@ class DeviceConfig:
         where = where or device_at(None, self.id)
         if not self.id or not self.id.replace("_", "").replace("-", "").isalnum():
             config_fail(where, "id", self.id, "must be a non-empty name of letters, digits, '-' and '_'")
-        if self.family not in DEVICE_FAMILIES:
+        # With its own checkpoint a device's architecture is read from that directory's config.json: any
+        # causal LM, so family and size are ignored (checkpoints.device_model).
+        if self.checkpoint is None and self.family not in DEVICE_FAMILIES:
             config_fail(where, "family", self.family, f"allowed: {', '.join(DEVICE_FAMILIES)}")
-        sizes = (*DEVICE_SIZES[self.family], "auto")
-        if self.size not in sizes:
+        sizes = (*DEVICE_SIZES.get(self.family, ()), "auto")
+        if self.checkpoint is None and self.size not in sizes:
             config_fail(where, "size", self.size, f"allowed for {self.family}: {', '.join(sizes)}")
-        if self.size == "auto" and not self.memory_mb:
+        if self.checkpoint is None and self.size == "auto" and not self.memory_mb:
             config_fail(where, "memory_mb", self.memory_mb, "size = 'auto' needs a memory budget in MB")
         for key in ("local_steps", "batch_size"):
             if getattr(self, key) < 1:
@@ -145,6 +154,24 @@ class DeviceConfig:
             config_fail(where, "val_frac", self.val_frac, "must be in (0, 0.5)")
         if self.upload_dtype not in UPLOAD_DTYPES:
             config_fail(where, "upload_dtype", self.upload_dtype, f"allowed: {', '.join(UPLOAD_DTYPES)}")
+        self._validate_finetune(where)
+
+    def _validate_finetune(self, where: str) -> None:
+        if self.finetune not in FINETUNES:
+            config_fail(where, "finetune", self.finetune, f"allowed: {', '.join(FINETUNES)}")
+        if not 0 <= self.lora_rank <= 4096:
+            config_fail(where, "lora_rank", self.lora_rank, "must be in [0, 4096] (0: chosen from memory_mb)")
+        if self.finetune == "auto" and not self.memory_mb:
+            config_fail(where, "memory_mb", self.memory_mb, "finetune = 'auto' needs a memory budget in MB")
+        if self.finetune == "lora" and not self.lora_rank and not self.memory_mb:
+            config_fail(where, "lora_rank", self.lora_rank, "finetune = 'lora' needs a rank, or memory_mb to choose one")
+        if self.upload not in UPLOADS:
+            config_fail(where, "upload", self.upload, f"allowed: {', '.join(UPLOADS)}")
+        if self.upload == "adapter" and self.finetune == "full":
+            config_fail(where, "upload", self.upload, "an adapter exists only with finetune = 'lora' or 'auto'")
+        if self.upload == "adapter" and self.checkpoint:
+            config_fail(where, "upload", self.upload, "the server rebuilds an adapter's model on the public checkpoint "
+                        "it builds itself; a device's own checkpoint directory is not on the server: upload 'merged'")
 
 
 @dataclass
@@ -259,6 +286,9 @@ class FederationConfig:
             if d.id in seen:
                 config_fail(device_at(i, d.id), "id", d.id, "device ids must be unique")
             seen.add(d.id)
+            if d.finetune != "full" and self.method not in ONESHOT_METHODS:  # only Phase 0 acts on it
+                config_fail(device_at(i, d.id), "finetune", d.finetune, "applies to the one-shot methods' Phase 0 "
+                            f"({', '.join(ONESHOT_METHODS)}); method {self.method!r} trains every weight")
         if self.server.min_devices > len(self.devices):
             config_fail("server", "min_devices", self.server.min_devices, f"only {len(self.devices)} devices are configured")
         return self

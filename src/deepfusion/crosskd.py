@@ -70,6 +70,17 @@ def make_aligners(student: PreTrainedModel, teachers: list[PreTrainedModel], seq
         return nn.ModuleList()
 
 
+def final_norm(model: PreTrainedModel) -> nn.Module:
+    """The norm the backbone applies before the LM head (Llama's norm, GPT-2's ln_f, Phi's final_layernorm):
+    transformers has no accessor for it, so take the backbone's last direct child that is a norm layer, by
+    class name (LayerNorm, RMSNorm, ...; BLOOM's embedding LayerNorm comes first, so it is never chosen)."""
+    norms = [m for m in model.base_model.children() if "norm" in type(m).__name__.lower()]
+    if not norms:
+        raise ConfigError(f"config error: {type(model).__name__} has no final norm layer among its backbone's "
+                          "modules; OFA-KD's branches read stages out through it, so use [distill] features = vaa")
+    return norms[-1]
+
+
 # ---- one step -----------------------------------------------------------------------------------
 
 def kd_losses(student: PreTrainedModel, teachers: list[PreTrainedModel], aligners: nn.ModuleList, x: torch.Tensor,
@@ -95,7 +106,7 @@ def kd_losses(student: PreTrainedModel, teachers: list[PreTrainedModel], aligner
             with autocast(device):
                 fm = fm + aligner.loss(s_feats, t_feats)
         elif cfg.features == "ofa":
-            fm = fm + aligner.loss(out.hidden_states, logits, student.base_model.norm, student.get_output_embeddings(),
+            fm = fm + aligner.loss(out.hidden_states, logits, final_norm(student), student.get_output_embeddings(),
                                    t_logits, x, cfg.ofa_gamma)
     n = len(teachers)
     fm, kl = fm / n, kl / n

@@ -7,11 +7,13 @@ loaded from a local directory.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     BloomConfig,
     BloomForCausalLM,
@@ -27,8 +29,10 @@ from transformers import (
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    MistralConfig,
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
+    Qwen3Config,
 )
 
 from deepfusion.errors import ConfigError, DeviceUnavailable
@@ -196,33 +200,128 @@ _DEVICE_CLASSES = {"qwen2": Qwen2ForCausalLM, "llama": LlamaForCausalLM, "gpt2":
 # attention, norms and output, with one dense FFN of width F = intermediate_size per layer. Its FFN splits
 # into F / moe_intermediate_size fine-grained experts (upcycling.py).
 
+def _same_attention(moe: PreTrainedConfig, **changes) -> dict:
+    """The MoE's non-FFN settings, as keyword arguments of a dense config of a sibling class."""
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "hidden_act", "rms_norm_eps", "max_position_embeddings", "attention_bias",
+            "attention_dropout", "sliding_window", "use_sliding_window", "tie_word_embeddings", "bos_token_id",
+            "eos_token_id", "pad_token_id")
+    kwargs = {k: getattr(moe, k) for k in keys if hasattr(moe, k)}
+    kwargs["rope_parameters"] = dict(moe.rope_parameters)
+    return {**kwargs, **changes}
+
+
+def _same_class(moe: PreTrainedConfig, **changes) -> PreTrainedConfig:
+    """The MoE's own class with `changes`: for classes whose attention has no separate dense class."""
+    dense = type(moe).from_dict(moe.to_dict())
+    for key, value in changes.items():
+        setattr(dense, key, value)
+    return dense
+
+
+def _qwen2_dense(moe: PreTrainedConfig) -> Qwen2Config:
+    # written out (not _same_attention): the config is part of the cached public checkpoints' key
+    return Qwen2Config(
+        vocab_size=moe.vocab_size, hidden_size=moe.hidden_size, num_hidden_layers=moe.num_hidden_layers,
+        num_attention_heads=moe.num_attention_heads, num_key_value_heads=moe.num_key_value_heads,
+        intermediate_size=moe.intermediate_size, hidden_act=moe.hidden_act, rms_norm_eps=moe.rms_norm_eps,
+        max_position_embeddings=moe.max_position_embeddings, rope_parameters=dict(moe.rope_parameters),
+        tie_word_embeddings=moe.tie_word_embeddings, bos_token_id=moe.bos_token_id, eos_token_id=moe.eos_token_id)
+
+
+@dataclass(frozen=True)
+class MoeLayout:
+    """What Phase III needs to know of a transformers MoE class beyond the layout every supported class shares
+    (transformers >= 5: mlp.gate.weight (E, d) routes to mlp.experts.gate_up_proj (E, 2f, d) and down_proj
+    (E, d, f)). transformers exposes no generic accessor for these, hence this one table keyed by model_type."""
+
+    cls: str  # the CausalLM class's name, for messages
+    experts: str  # config attribute: routed experts per MoE layer
+    expert_width: str  # config attribute: one routed expert's FFN width f
+    dense_width: str | None  # config attribute: the dense FFN width F (None: an expert is a whole FFN, g = 1)
+    shared: str | None  # the shared expert's module inside mlp (None: the class has none)
+    dense: Callable[[PreTrainedConfig], PreTrainedConfig]  # the dense base's config
+
+
+MOE_LAYOUTS: dict[str, MoeLayout] = {
+    # Qwen1.5-MoE was upcycled from the dense Qwen-1.8B: its dense base is a Qwen2 model.
+    "qwen2_moe": MoeLayout("Qwen2MoeForCausalLM", "num_experts", "moe_intermediate_size", "intermediate_size",
+                           "shared_expert", lambda m: _qwen2_dense(m)),
+    "qwen3_moe": MoeLayout("Qwen3MoeForCausalLM", "num_experts", "moe_intermediate_size", "intermediate_size",
+                           None, lambda m: Qwen3Config(**_same_attention(m, intermediate_size=m.intermediate_size))),
+    # DeepSeek's attention (MLA) has no dense class: the same class with every layer dense.
+    "deepseek_v2": MoeLayout("DeepseekV2ForCausalLM", "n_routed_experts", "moe_intermediate_size",
+                             "intermediate_size", "shared_experts",
+                             lambda m: _same_class(m, first_k_dense_replace=m.num_hidden_layers)),
+    "deepseek_v3": MoeLayout("DeepseekV3ForCausalLM", "n_routed_experts", "moe_intermediate_size",
+                             "intermediate_size", "shared_experts",
+                             lambda m: _same_class(m, first_k_dense_replace=m.num_hidden_layers)),
+    # OLMoE's attention (q/k norms over the whole projection, pre-norm) has no dense class either: one expert
+    # of the whole width, routed with weight softmax(one logit) = 1, is a dense FFN.
+    "olmoe": MoeLayout("OlmoeForCausalLM", "num_experts", "intermediate_size", None, None,
+                       lambda m: _same_class(m, num_experts=1, num_experts_per_tok=1)),
+    # Mixtral is Mistral with sparse FFNs (sparse upcycling: each expert a whole FFN).
+    "mixtral": MoeLayout("MixtralForCausalLM", "num_local_experts", "intermediate_size", None, None,
+                         lambda m: MistralConfig(**_same_attention(m, intermediate_size=m.intermediate_size))),
+}
+
+
+def moe_layout(config: PreTrainedConfig, what: str = "") -> MoeLayout:
+    """The MoE class's layout, or one ConfigError naming the class and the supported ones."""
+    layout = MOE_LAYOUTS.get(config.model_type)
+    if layout is None:
+        classes = getattr(config, "architectures", None) or [type(config).__name__]
+        raise ConfigError(f"config error: {what or 'the global MoE'} is {classes[0]} (model type "
+                          f"{config.model_type!r}); DeepFusion upcycles dense FFNs into the experts of "
+                          f"{', '.join(f'{x.cls} ({t})' for t, x in MOE_LAYOUTS.items())} only; give a "
+                          "checkpoint of one of these classes")
+    return layout
+
+
+def dense_width(config: PreTrainedConfig) -> int:
+    """F: the dense FFN width the MoE's experts are slices of."""
+    layout = moe_layout(config)
+    return getattr(config, layout.dense_width or layout.expert_width)
+
+
+def expert_width(config: PreTrainedConfig) -> int:
+    return getattr(config, moe_layout(config).expert_width)
+
+
 def dense_base_config(moe: PreTrainedConfig) -> PreTrainedConfig:
-    """The dense base of a Qwen-MoE (a Qwen2 dense model, as Qwen1.5-MoE was upcycled from Qwen-1.8B) or of
-    a DeepSeek-MoE (the same class with every layer dense: DeepSeek's attention has no separate dense class)."""
-    if moe.model_type == "qwen2_moe":
-        return Qwen2Config(
-            vocab_size=moe.vocab_size, hidden_size=moe.hidden_size, num_hidden_layers=moe.num_hidden_layers,
-            num_attention_heads=moe.num_attention_heads, num_key_value_heads=moe.num_key_value_heads,
-            intermediate_size=moe.intermediate_size, hidden_act=moe.hidden_act, rms_norm_eps=moe.rms_norm_eps,
-            max_position_embeddings=moe.max_position_embeddings, rope_parameters=dict(moe.rope_parameters),
-            tie_word_embeddings=moe.tie_word_embeddings, bos_token_id=moe.bos_token_id,
-            eos_token_id=moe.eos_token_id)
-    if moe.model_type == "deepseek_v3":
-        dense = DeepseekV3Config.from_dict(moe.to_dict())
-        dense.first_k_dense_replace = moe.num_hidden_layers
-        return dense
-    raise ConfigError(f"config error: no dense base rule for MoE model type {moe.model_type!r}; "
-                      "supported: qwen2_moe, deepseek_v3")
+    """The config of the MoE's dense base: its embeddings, attention, norms and head, one dense FFN of width
+    F per layer (MOE_LAYOUTS)."""
+    return moe_layout(moe).dense(moe)
 
 
 def build_dense_base(moe: PreTrainedConfig) -> PreTrainedModel:
-    config = dense_base_config(moe)
-    return Qwen2ForCausalLM(config) if config.model_type == "qwen2" else DeepseekV3ForCausalLM(config)
+    return AutoModelForCausalLM.from_config(dense_base_config(moe))
 
 
 def global_moe_config(family: str, size: str, vocab_size: int) -> PreTrainedConfig:
     config = MOE_PRESETS[family][size](vocab_size)
     config._experts_implementation = DEFAULT_EXPERTS_IMPL[family]
+    return config
+
+
+def server_moe_config(server, vocab_size: int) -> PreTrainedConfig:
+    """The global MoE's config for upcycling: [server] pretrained's config.json (any class in MOE_LAYOUTS),
+    else the family/size preset. A local MoE must use the federation's vocabulary: its experts and embeddings
+    come from students distilled on the federation's token ids."""
+    if not server.pretrained:
+        return global_moe_config(server.family, server.size, vocab_size)
+    path = Path(server.pretrained)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"config error: [server] pretrained = {server.pretrained!r}: no config.json there; "
+                          "point it at a local directory written by save_pretrained")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    moe_layout(config, f"[server] pretrained = {server.pretrained!r}")
+    if config.vocab_size != vocab_size:
+        raise ConfigError(f"config error: [server] pretrained = {server.pretrained!r}: vocab {config.vocab_size} != "
+                          f"federation vocab {vocab_size}; the MoE is fused from students distilled on the "
+                          "federation's token ids, so use its tokenizer (data.tokenizer = the model's tokenizer)")
+    # grouped_mm only where measured deterministic (DEFAULT_EXPERTS_IMPL); eager elsewhere
+    config._experts_implementation = "grouped_mm" if config.model_type == "qwen2_moe" else "eager"
     return config
 
 
@@ -251,13 +350,27 @@ def build_device_model(family: str, size: str, vocab_size: int) -> PreTrainedMod
     return _DEVICE_CLASSES[family](DEVICE_PRESETS[family][size](vocab_size))
 
 
+# Expert counts only (hosting a subset, the scale projection), for MoE classes outside MOE_LAYOUTS too: the
+# names transformers' MoE configs use, tried in order (e.g. Glm4Moe, the class DeepSeek-MoE-16B's card builds as)
+EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
+
+
+def _experts_key(config: PreTrainedConfig) -> str:
+    if config.model_type in MOE_LAYOUTS:
+        return MOE_LAYOUTS[config.model_type].experts
+    key = next((k for k in EXPERT_COUNT_KEYS if getattr(config, k, None)), None)
+    if key is None:
+        moe_layout(config)  # not an MoE config at all: its one clear error
+    return key
+
+
 def routed_experts(config: PreTrainedConfig) -> int:
-    """Routed experts per MoE layer (Qwen-MoE calls them num_experts, DeepSeek n_routed_experts)."""
-    return config.n_routed_experts if hasattr(config, "n_routed_experts") else config.num_experts
+    """Routed experts per MoE layer (each class names them differently: MOE_LAYOUTS, else EXPERT_COUNT_KEYS)."""
+    return getattr(config, _experts_key(config))
 
 
 def set_routed_experts(config: PreTrainedConfig, n: int) -> None:
-    setattr(config, "n_routed_experts" if hasattr(config, "n_routed_experts") else "num_experts", n)
+    setattr(config, _experts_key(config), n)
 
 
 def n_params(model: torch.nn.Module) -> int:

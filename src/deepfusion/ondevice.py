@@ -2,9 +2,10 @@
 
 A device's recipe, top to bottom:
     model   = the public checkpoint of its type (GPT-2, TinyLlama, ...: checkpoints.py)
+    plan    = full fine-tuning or LoRA adapters of some rank, by `finetune` and memory_mb (lora.py, measured)
     train on its private blocks until local validation stops improving, or max_steps
     e_n     = the embedding of its private text on the server's public basis (embedding.py)
-    upload  = its best weights in fp16/bf16 + e_n (wire/upload.py), sent once
+    upload  = its best weights in fp16/bf16 (LoRA: merged, or only the adapter) + e_n (wire/upload.py), once
 
 Nothing here imports an engine: the local engine calls `run_task` in-process, a Flower node calls it on
 its own machine. Only the Upload leaves the device; the private text and blocks never do.
@@ -17,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
+from deepfusion import lora
 from deepfusion.baselines.centralized import EarlyStopping
-from deepfusion.config import DeviceConfig, FederationConfig
+from deepfusion.config import DeviceConfig, FederationConfig, device_at
 from deepfusion.device import lm_loss
-from deepfusion.memory import train_peak_bytes
 from deepfusion.models import autocast, n_params
 from deepfusion.wire.upload import DTYPES, Task, Upload
 
@@ -87,11 +88,28 @@ def train_until_converged(model, train: torch.Tensor, val: torch.Tensor, dc: Dev
             "tokens_trained": step * dc.batch_size * train.shape[1], "stopped": "patience" if stop else "max_steps"}
 
 
+def device_arch(dc: DeviceConfig, config) -> str:
+    """The upload's architecture label: family/size, or for a device's own checkpoint its config's model type
+    and directory (checkpoints.arch_label): Phase I averages only devices with equal labels."""
+    from deepfusion.checkpoints import arch_label
+
+    return arch_label(dc.family, dc.size, dc.checkpoint, config)
+
+
 def make_upload(dc: DeviceConfig, model, embedding: bytes, info: dict) -> Upload:
     """The device's weights in its upload dtype (tied weights once), its architecture, e_n."""
     dtype = DTYPES[dc.upload_dtype]
     tensors = {name: p.detach().to("cpu", dtype) for name, p in model.named_parameters()}
-    return Upload(dc.id, f"{dc.family}/{dc.size}", model.config.to_dict(), tensors, embedding, info)
+    return Upload(dc.id, device_arch(dc, model.config), model.config.to_dict(), tensors, embedding, info)
+
+
+def make_adapter_upload(dc: DeviceConfig, peft_model, embedding: bytes, info: dict) -> Upload:
+    """Only the LoRA tensors in the upload dtype (peft's names), with the base's architecture and e_n; the server
+    adds them to its own copy of the type's public checkpoint (lora.merge_upload)."""
+    base = peft_model.get_base_model()
+    tensors = lora.adapter_tensors(peft_model, DTYPES[dc.upload_dtype])
+    return Upload(dc.id, device_arch(dc, base.config), base.config.to_dict(), tensors, embedding,
+                  {**info, "params": n_params(base) - lora.trainable_params(peft_model)})
 
 
 def run_task(cfg: FederationConfig, device_id: str, task_bytes: bytes, private: PrivateData, model,
@@ -110,13 +128,24 @@ def run_task(cfg: FederationConfig, device_id: str, task_bytes: bytes, private: 
     torch.manual_seed(seed)
     model = model.to(torch_device)
     train, val = hold_out(private.blocks, dc.val_frac, generator)
-    peak = train_peak_bytes(model, train[:dc.batch_size].to(torch_device), lm_loss, dc.lr)
+    where = device_at([d.id for d in cfg.devices].index(dc.id), dc.id)
+    plan = lora.choose(dc, model, train[:dc.batch_size].to(torch_device), lm_loss, where)  # measured peaks
+    base_hash = lora.base_sha256(model) if plan.finetune == "lora" and dc.upload == "adapter" else None
+    if plan.finetune == "lora":
+        model = lora.attach(model, plan.rank)
+    trainable = lora.trainable_params(model)
     report = train_until_converged(model, train, val, dc, generator, torch_device)
     e_n = embedding.embed_device(embedding.load_encoder(), embedding.Basis.from_bytes(task.basis), private.texts,
                                  cfg.clustering.embed_texts, seed)
     # no wall-clock time in the upload: equal work, equal bytes (engines compare uploads byte for byte)
-    info = {**report, "params": n_params(model), "peak_mem_bytes": peak, "private_blocks": len(private.blocks)}
-    return make_upload(dc, model, e_n, info).to_bytes()
+    info = {**report, "peak_mem_bytes": plan.peak, "private_blocks": len(private.blocks)}
+    if plan.finetune == "full":  # the info as before the finetune key existed: full devices' uploads unchanged
+        return make_upload(dc, model, e_n, {**info, "params": n_params(model)}).to_bytes()
+    info.update(finetune="lora", lora_rank=plan.rank, trainable_params=trainable)
+    if base_hash:
+        return make_adapter_upload(dc, model, e_n, {**info, **lora.adapter_info(model, base_hash)}).to_bytes()
+    merged = model.merge_and_unload()  # W + (alpha / r) B A: the upload is the whole model, as a full device's
+    return make_upload(dc, merged, e_n, {**info, "params": n_params(merged), "upload": "merged"}).to_bytes()
 
 
 def public_model(cfg: FederationConfig, dc: DeviceConfig, public: torch.Tensor, vocab_size: int,

@@ -22,6 +22,8 @@ from deepfusion.ledger import Ledger
 _DEVICE_SIDE_SERVER_KEYS = ("device_timeout", "min_devices", "round_retries")  # which answers a round keeps
 _DEVICE_SIDE_CLUSTERING_KEYS = ("embed_dim", "embed_texts")  # the task's basis and what a device embeds
 _SERVER_ONLY = ("name", "method", "rounds", "server", "clustering", "distill", "tune")
+# device keys added later, left out of the key at their defaults: recordings made before them stay valid
+_LATER_DEVICE_DEFAULTS = {"finetune": "full", "lora_rank": 0, "upload": "merged"}
 
 
 def device_key(cfg: FederationConfig) -> str:
@@ -29,6 +31,7 @@ def device_key(cfg: FederationConfig) -> str:
     raw = to_dict(cfg)
     side = {k: v for k, v in raw.items() if k not in _SERVER_ONLY}
     side["server"] = {k: raw["server"].get(k) for k in _DEVICE_SIDE_SERVER_KEYS}
+    side["devices"] = [{k: v for k, v in d.items() if _LATER_DEVICE_DEFAULTS.get(k, ...) != v} for d in raw["devices"]]
     side["clustering"] = {k: raw["clustering"].get(k) for k in _DEVICE_SIDE_CLUSTERING_KEYS}
     return hashlib.sha256(json.dumps(side, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -29,6 +29,12 @@ knowledge domain. Fusing them is Branch-Train-MiX's merge with the students as t
   "auto": "mean" where the shared width equals F, else "zero" (qwen_moe small: 384 = F, mean; deepseek_moe
   small: 2 x 96 = 192 != 384, zero). With K identical students every rule computes the dense model exactly.
 
+Classes (models.MOE_LAYOUTS): Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3, OLMoE, Mixtral, found by their shared v5
+layout (a block with a router `gate` and fused `experts`), not by attribute paths. OLMoE and Mixtral have no
+separate expert width: an expert is a whole FFN (g = 1, sparse upcycling). DeepSeek-V2's top-k weights are the
+plain softmax, never renormalised, so its fusion scales each domain's FFN by its routing probability: the one
+supported class where upcycling is not exact.
+
 Router initialisation "from the domains" (init_router): layer by layer, in order (a layer's routing changes
 the next layer's inputs), the router's inputs on the public blocks give each domain's centroid c_i and the
 within-domain covariance S; domain i's g rows are S^-1 (c_i - mean_c) * scale, a linear discriminant. Plain
@@ -49,32 +55,28 @@ init) and repeats it g times, keeping the one-domain structure above: only where
 from __future__ import annotations
 
 import torch
-from transformers import DeepseekV3ForCausalLM, PreTrainedConfig, PreTrainedModel, Qwen2MoeForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
 from deepfusion.pipeline_config import SHARED_RULES
 from deepfusion.errors import ConfigError
-from deepfusion.models import build_dense_base, routed_experts
+from deepfusion.models import MOE_LAYOUTS, build_dense_base, dense_width, expert_width, moe_layout, routed_experts
 
-_CLASSES = {"qwen2_moe": Qwen2MoeForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM}
-_SHARED_PREFIX = {"qwen2_moe": "shared_expert.", "deepseek_v3": "shared_experts."}
 ROUTER_MARGIN = 2.0  # nats between a domain's own logit and the others' on its centroid (docstring)
 SHRINK = 0.1  # how far the within-domain covariance is pulled toward isotropic before inverting it
+SUPPORTED = tuple(MOE_LAYOUTS)  # model types upcycling handles (models.MOE_LAYOUTS)
 
 
 def _config(model_or_config) -> PreTrainedConfig:
     config = getattr(model_or_config, "config", model_or_config)
-    if config.model_type not in _CLASSES:
-        raise ConfigError(f"config error: upcycling got {type(model_or_config).__name__} (model type "
-                          f"{config.model_type!r}); it knows how to split a dense FFN into the experts of "
-                          f"{', '.join(c.__name__ for c in _CLASSES.values())} only; "
-                          "use family qwen_moe or deepseek_moe")
+    what = f"upcycling's MoE ({type(model_or_config).__name__})"
+    moe_layout(config, what)
     return config
 
 
 def experts_per_ffn(moe_config) -> int:
     """g: the fine-grained experts one dense FFN splits into (F / f)."""
     config = _config(moe_config)
-    F, f = config.intermediate_size, config.moe_intermediate_size
+    F, f = dense_width(config), expert_width(config)
     if F % f or routed_experts(config) % (F // f):
         raise ConfigError(f"config error: intermediate_size {F} / moe_intermediate_size {f} with "
                           f"{routed_experts(config)} routed experts: the dense FFN must split into whole experts "
@@ -94,15 +96,25 @@ def fused_config(moe_config) -> PreTrainedConfig:
     g, K = experts_per_ffn(config), num_domains(config)
     fused = type(config).from_dict(config.to_dict())
     fused._experts_implementation = getattr(config, "_experts_implementation", None)
-    fused.num_experts_per_tok, fused.norm_topk_prob = g, True
+    fused.num_experts_per_tok, fused.norm_topk_prob = g, True  # Mixtral always normalises; DeepSeek-V2 never
+    if hasattr(config, "router_jitter_noise"):  # Mixtral: no multiplicative noise on the router's inputs
+        fused.router_jitter_noise = 0.0
     if config.model_type == "deepseek_v3":
         # Group scores add each group's top-2 experts, so a one-expert group cannot be a group: then plain top-1.
         fused.n_group, fused.topk_group = (K, 1) if g > 1 else (1, 1)
+        fused.routed_scaling_factor = 1.0
+    if config.model_type == "deepseek_v2":
+        # Its groups score by their best expert, so a group of any size works; its top-k weights are the plain
+        # softmax (never renormalised): the chosen domain's FFN comes out scaled by its routing probability.
+        fused.topk_method, fused.n_group, fused.topk_group = "group_limited_greedy", K, 1
         fused.routed_scaling_factor = 1.0
     return fused
 
 
 def _shared_width(config) -> int:
+    """The shared expert's FFN width (0: the class has none)."""
+    if moe_layout(config).shared is None:
+        return 0
     if config.model_type == "qwen2_moe":
         return config.shared_expert_intermediate_size
     return config.moe_intermediate_size * config.n_shared_experts
@@ -111,7 +123,7 @@ def _shared_width(config) -> int:
 def shared_rule(moe_config, shared: str) -> str:
     """Resolve `shared` (auto | mean | zero) to mean or zero for this MoE."""
     config = _config(moe_config)
-    width, F = _shared_width(config), config.intermediate_size
+    width, F = _shared_width(config), dense_width(config)
     if shared not in SHARED_RULES:
         raise ConfigError(f"config error: [tune] shared = {shared!r}; allowed: {', '.join(SHARED_RULES)}")
     if shared == "mean" and width != F:
@@ -143,14 +155,44 @@ def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.float() for t in tensors]).mean(0)
 
 
+def _dense_ffn(sd: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A dense base's FFN at `prefix` as gate (F, d), up (F, d), down (d, F): a gated MLP's three
+    projections, or (OLMoE's dense base) a single expert's fused gate_up_proj (1, 2F, d) and down_proj."""
+    if prefix + "gate_proj.weight" in sd:
+        return (sd[prefix + "gate_proj.weight"].float(), sd[prefix + "up_proj.weight"].float(),
+                sd[prefix + "down_proj.weight"].float())
+    gate, up = sd[prefix + "experts.gate_up_proj"][0].float().chunk(2)  # Experts.forward: gate rows first
+    return gate, up, sd[prefix + "experts.down_proj"][0].float()
+
+
 def _split_ffn(sd: dict, prefix: str, g: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One student's FFN as g experts: gate_up (g, 2f, d) with gate rows first (Experts.forward chunks
     gate, up in that order) and down (g, d, f) scaled by `scale`."""
-    gate, up = sd[prefix + "gate_proj.weight"].float(), sd[prefix + "up_proj.weight"].float()  # (F, d) each
-    down = sd[prefix + "down_proj.weight"].float()  # (d, F)
+    gate, up, down = _dense_ffn(sd, prefix)  # (F, d), (F, d), (d, F)
     d = gate.shape[1]
     gate_up = torch.cat([gate.view(g, -1, d), up.view(g, -1, d)], dim=1)  # (g, 2f, d)
-    return gate_up, down.view(d, g, -1).transpose(0, 1) * scale  # (g, d, f)
+    return gate_up, down.reshape(d, g, -1).transpose(0, 1) * scale  # (g, d, f)
+
+
+def moe_blocks(moe: PreTrainedModel) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every sparse FFN block: a module with a router `gate` and fused `experts`, found by
+    that shape rather than by each class's attribute path."""
+    return [(name, m) for name, m in moe.named_modules()
+            if hasattr(m, "experts") and hasattr(m, "gate") and hasattr(m.experts, "gate_up_proj")]
+
+
+def _check_layout(moe: PreTrainedModel, blocks: list) -> None:
+    """Each block's experts must be (E, 2f, d) / (E, d, f) tensors: the v5 fused layout this merge writes."""
+    config, f, E = moe.config, expert_width(moe.config), routed_experts(moe.config)
+    for name, block in blocks:
+        gu, dn = block.experts.gate_up_proj, getattr(block.experts, "down_proj", None)
+        if dn is None or gu.shape != (E, 2 * f, config.hidden_size) or dn.shape != (E, config.hidden_size, f):
+            raise ConfigError(f"config error: {type(moe).__name__}'s {name}.experts is not the fused "
+                              f"(experts, 2 x {f}, {config.hidden_size}) layout upcycling writes "
+                              f"(got {tuple(gu.shape)}); supported: {', '.join(x.cls for x in MOE_LAYOUTS.values())}")
+    if not blocks:
+        raise ConfigError(f"config error: {type(moe).__name__} has no sparse FFN block (mlp.gate + mlp.experts); "
+                          f"supported: {', '.join(x.cls for x in MOE_LAYOUTS.values())}")
 
 
 def fuse(moe_config, students: list, shared: str = "auto") -> PreTrainedModel:
@@ -160,26 +202,29 @@ def fuse(moe_config, students: list, shared: str = "auto") -> PreTrainedModel:
     rule = shared_rule(config, shared)
     sds = [s.state_dict() if isinstance(s, torch.nn.Module) else s for s in students]
     _check_students(config, sds)
-    moe = _CLASSES[config.model_type](config)
-    g = experts_per_ffn(config)
+    moe = AutoModelForCausalLM.from_config(config)
+    g, shared_name = experts_per_ffn(config), moe_layout(config).shared
+    blocks = moe_blocks(moe)
+    _check_layout(moe, blocks)
     fused = moe.state_dict()  # keeps what no rule sets: zero-rule shared gate/up, DeepSeek's score bias
     for name in sds[0]:
-        if name in fused:  # Eq. 13: embeddings, attention, norms, lm_head, leading dense FFNs
+        if name in fused and fused[name].shape == sds[0][name].shape:  # Eq. 13: all but the sparse FFNs
             fused[name] = _mean([sd[name] for sd in sds])
-    for i, layer in enumerate(moe.model.layers):
-        if not hasattr(layer.mlp, "experts"):
-            continue
-        p, sp = f"model.layers.{i}.mlp.", f"model.layers.{i}.mlp.{_SHARED_PREFIX[config.model_type]}"
+    for name, block in blocks:
+        p, sp = f"{name}.", f"{name}.{shared_name}."
         parts = [_split_ffn(sd, p, g, g / 2 if rule == "mean" else g) for sd in sds]  # Eq. 12
         fused[p + "experts.gate_up_proj"] = torch.cat([gu for gu, _ in parts])  # (K*g, 2f, d), domain-major
         fused[p + "experts.down_proj"] = torch.cat([dn for _, dn in parts])  # (K*g, d, f)
         fused[p + "gate.weight"] = torch.zeros_like(fused[p + "gate.weight"])
-        if config.model_type == "qwen2_moe":
+        if shared_name is None:
+            continue
+        gated = p + "shared_expert_gate.weight" in fused  # Qwen2-MoE: sigmoid(0) = 1/2 halves it
+        if gated:
             fused[p + "shared_expert_gate.weight"] = torch.zeros_like(fused[p + "shared_expert_gate.weight"])
         if rule == "mean":
-            for w in ("gate_proj", "up_proj", "down_proj"):
-                fused[f"{sp}{w}.weight"] = _mean([sd[f"{p}{w}.weight"] for sd in sds])
-            if config.model_type == "deepseek_v3":  # no gate: its half comes from the weights
+            for w, t in zip(("gate_proj", "up_proj", "down_proj"), zip(*(_dense_ffn(sd, p) for sd in sds))):
+                fused[f"{sp}{w}.weight"] = _mean(list(t))
+            if not gated:  # DeepSeek: no gate, so its half comes from the weights
                 fused[sp + "down_proj.weight"] = fused[sp + "down_proj.weight"] / 2
         else:
             fused[sp + "down_proj.weight"] = torch.zeros_like(fused[sp + "down_proj.weight"])
@@ -190,8 +235,10 @@ def fuse(moe_config, students: list, shared: str = "auto") -> PreTrainedModel:
 # ---- the router ---------------------------------------------------------------------------------
 
 def _routers(moe) -> list[tuple[int, torch.nn.Module]]:
+    """(layer index, router) per sparse block; the index is the number in its module path (model.layers.3.mlp)."""
     _config(moe)
-    return [(i, layer.mlp.gate) for i, layer in enumerate(moe.model.layers) if hasattr(layer.mlp, "experts")]
+    return [(int(next(part for part in name.split(".") if part.isdigit())), block.gate)
+            for name, block in moe_blocks(moe)]
 
 
 def _set_domain_rows(gate: torch.nn.Module, rows: torch.Tensor, g: int) -> None:

@@ -58,7 +58,7 @@ BAD = {
     "not safetensors": (lambda: b"\x00" * 40, "not valid safetensors|header"),
     "truncated": (lambda: upload().to_bytes()[:-100], "not valid safetensors"),
     "other sender": (lambda: upload(device="b").to_bytes(), "claims device 'b'"),
-    "unknown architecture": (lambda: _with(upload(), config={**upload().config, "model_type": "t5"}), "not an on-device family"),
+    "unknown architecture": (lambda: _with(upload(), config={**upload().config, "model_type": "t5"}), "not a causal LM built into transformers"),
     "other vocabulary": (lambda: _with(upload(), config={**upload().config, "vocab_size": 512}), "vocab 512"),
     "wrong shape": (lambda: _tensor(upload(), lambda t: t[:-1]), "has shape"),
     "wrong dtype": (lambda: _tensor(upload(), lambda t: t.float()), "float16 or bfloat16"),

@@ -31,13 +31,13 @@ from typing import Callable
 import safetensors.torch
 import torch
 
-from deepfusion import clustering, crosskd, embedding, upcycling
-from deepfusion.checkpoints import dense_base_model
+from deepfusion import clustering, crosskd, embedding, lora, upcycling
+from deepfusion.checkpoints import dense_base_model, device_model
 from deepfusion.config import FederationConfig, to_dict
 from deepfusion.errors import DataError
 from deepfusion.evaluation import evaluate, lm_metrics
 from deepfusion.federation import FederationData
-from deepfusion.models import build_global_moe, export_model, global_moe_config, n_params
+from deepfusion.models import export_model, n_params, server_moe_config
 from deepfusion.outputs import rewrite_metrics, summary, write_json_atomic
 from deepfusion.progress import RunProgress
 from deepfusion.tuning import teacher_targets, tune
@@ -70,8 +70,7 @@ def run(cfg: FederationConfig, out_dir: Path, data: FederationData, send: Send, 
     start, asked, cfg = time.perf_counter(), cfg, variant(cfg)
     shown = progress or RunProgress(out_dir, live=False)  # a line per device, phase, domain, tuning check
     state = PhaseState(out_dir / "checkpoint", resume, asked, engine)
-    moe_config = (build_global_moe(cfg.server.family, cfg.server.size, len(data.tokenizer), cfg.server.pretrained).config
-                  if cfg.server.pretrained else global_moe_config(cfg.server.family, cfg.server.size, len(data.tokenizer)))
+    moe_config = server_moe_config(cfg.server, len(data.tokenizer))  # [server] pretrained: any MOE_LAYOUTS class
     K = cfg.clustering.domains or upcycling.num_domains(moe_config)
 
     # ---- Phase 0: one task down, one upload up, per device ------------------------------------------
@@ -85,7 +84,7 @@ def run(cfg: FederationConfig, out_dir: Path, data: FederationData, send: Send, 
         shown.update(len(cfg.devices))
         state.save_phase0(tasks, replies, failed, basis.dim, time.perf_counter() - t)
         state.mark("Phase 0 (every upload received)")
-    uploads, configs, ledger = receive(cfg, data, state)
+    uploads, configs, ledger = receive(cfg, data, state, torch_device)
     records = [{"phase": "0", "device": d, "arch": u.arch, "curve": u.info.get("curve", [])} for d, u in sorted(uploads.items())]
     if cfg.method == "fedmkt":  # the same Phase 0, then FedMKT's MinCE logit distillation in place of Phases I-III
         from deepfusion.baselines import fedmkt
@@ -169,17 +168,24 @@ def run(cfg: FederationConfig, out_dir: Path, data: FederationData, send: Send, 
 
 # ---- receiving the uploads --------------------------------------------------------------------------
 
-def receive(cfg: FederationConfig, data: FederationData, state: PhaseState) -> tuple[dict, dict, dict]:
+def receive(cfg: FederationConfig, data: FederationData, state: PhaseState,
+            torch_device: torch.device = torch.device("cpu")) -> tuple[dict, dict, dict]:
     """Check every upload (wire/upload.py); a bad one is left out with one logged reason, the rest go on.
-    Returns (accepted uploads, their architectures, the byte ledger: Σ|m_n| and e_n's share of it)."""
+    A LoRA adapter upload comes back merged onto the server's public base (with_base), so every later phase
+    sees whole models. Returns (accepted uploads, their architectures, the byte ledger: Σ|m_n| as received
+    and e_n's share of it)."""
     phase0 = state.read("phase0")
-    uploads, configs, rejected = {}, {}, {}
+    uploads, configs, rejected, bases = {}, {}, {}, {}
     for device in phase0["replied"]:
         try:
             uploads[device], configs[device] = receive_upload(
                 state.upload_bytes(device), device, devices={d.id for d in cfg.devices},
                 vocab_size=len(data.tokenizer), embedding_bytes=phase0["embedding_bytes"])
+            if lora.is_adapter(uploads[device].info):
+                uploads[device] = with_base(cfg, data, uploads[device], bases, torch_device)
         except UploadError as e:
+            uploads.pop(device, None)  # an adapter that failed to merge was parsed already
+            configs.pop(device, None)
             rejected[device] = str(e)
             log.warning("[PHASE 0] rejected the upload of device %r: %s; the federation goes on without it", device, e)
     for device, why in phase0["failed"].items():
@@ -190,6 +196,22 @@ def receive(cfg: FederationConfig, data: FederationData, state: PhaseState) -> t
     ledger = {"up": sum(v["up"] for v in per_device.values()), "down": sum(v["down"] for v in per_device.values()),
               "embedding_bytes": phase0["embedding_bytes"] * len(phase0["replied"]), "per_device": per_device}
     return uploads, configs, ledger
+
+
+def with_base(cfg: FederationConfig, data: FederationData, upload, bases: dict, torch_device: torch.device):
+    """An adapter upload merged onto the server's own copy of the device type's public checkpoint (built from
+    the public text like the device's, cached; `bases` keeps one per type for this call). UploadError if the
+    base is not the one the adapter was trained on, or the adapter does not load onto it."""
+    from copy import deepcopy
+
+    dc = next(d for d in cfg.devices if d.id == upload.device_id)
+    if (dc.family, dc.size) not in bases:
+        bases[dc.family, dc.size] = device_model(dc.family, dc.size, len(data.tokenizer), data.proxy, cfg.pretrain,
+                                                 torch_device=torch_device).cpu()
+    try:
+        return lora.merge_upload(upload, deepcopy(bases[dc.family, dc.size]))
+    except ValueError as e:
+        raise UploadError(f"LoRA adapter upload: {e}") from None
 
 
 def proxy_models(groups: dict[int, dict[str, list[int]]], ids: list[str], uploads: dict, configs: dict) -> dict:
@@ -236,10 +258,12 @@ def device_reports(cfg: FederationConfig, data: FederationData, uploads: dict, c
         model.load_state_dict({k: v.float() for k, v in upload.tensors.items()}, strict=False)
         model.tie_weights()
         source = data.device_source[d]  # its own source's test text: the local-only reference, at 1/S the cost
+        # a full device's upload predates the finetune keys (its bytes stay as they were): its defaults here
+        full = {"finetune": "full", "lora_rank": 0, "trainable_params": upload.info.get("params"), "upload": "merged"}
         reports[d] = {"arch": upload.arch, "upload_bytes": ledger["per_device"][d]["up"], "source": source,
                       "ppl_own_source": evaluate(model.to(torch_device), {source: data.test_sets[source]},
                                                  torch_device)["ppl_by_source"][source],
-                      **{k: v for k, v in upload.info.items() if k != "curve"}}
+                      **full, **{k: v for k, v in upload.info.items() if k != "curve"}}
     return reports
 
 

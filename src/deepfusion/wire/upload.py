@@ -12,6 +12,10 @@ The server trusts nothing it receives: `receive_upload` parses and checks every 
 architecture family and description, vocabulary, the exact parameter names and shapes that architecture
 has, dtype, finite values, the embedding's size, a byte cap) and raises UploadError with one reason. The
 recipe then leaves that device out and goes on.
+
+A LoRA device may upload only its adapter (info upload = "adapter", lora.py): then the tensors are the peft
+lora_A / lora_B names and shapes that the info's rank and target modules give on the architecture, and the
+byte cap is the adapter's; the recipe merges it onto its own copy of the type's public checkpoint.
 """
 
 from __future__ import annotations
@@ -22,12 +26,21 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
+from deepfusion import lora
 from deepfusion.wire import PacketError
 from deepfusion.wire import safetensors as st
 
 VERSION = 1
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-MODEL_TYPES = ("gpt2", "llama", "olmo", "bloom", "qwen2")  # on-device families a server accepts (models.py)
+MODEL_TYPES = ("gpt2", "llama", "olmo", "bloom", "qwen2")  # the presets' families (models.py)
+
+
+def accepted_model_type(model_type) -> bool:
+    """Any causal LM built into transformers (a device may bring its own checkpoint: Auto classes, no remote
+    code); a name outside that list could not be built without running someone else's code."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return isinstance(model_type, str) and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 EMBEDDING = "__embedding__"  # the tensor holding e_n's bytes (uint8) inside an upload
 BASIS = "__basis__"  # the tensor holding the public basis' bytes (uint8) inside a task
 HEADER_ROOM = 64 << 10  # safetensors header + metadata: a few kB for a model's names and config, ample room
@@ -107,9 +120,9 @@ def expected_parameters(config: PreTrainedConfig) -> dict[str, torch.Size]:
 def describe(config: dict) -> PreTrainedConfig:
     """The transformers config an upload describes, for an accepted on-device family only."""
     model_type = config.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise UploadError(f"architecture {model_type!r} is not an on-device family this server accepts "
-                          f"({', '.join(MODEL_TYPES)})")
+    if not accepted_model_type(model_type):
+        raise UploadError(f"architecture {model_type!r} is not a causal LM built into transformers, which is "
+                          f"what this server accepts (e.g. {', '.join(MODEL_TYPES)})")
     try:
         return AutoConfig.for_model(**config)
     except Exception as e:  # transformers raises many types on a bad config
@@ -131,11 +144,21 @@ def receive_upload(data: bytes, sender: str, *, devices: set[str], vocab_size: i
                           "use the federation's tokenizer")
     if len(upload.embedding) != embedding_bytes:
         raise UploadError(f"data embedding is {len(upload.embedding)} bytes, expected {embedding_bytes}")
-    _check_tensors(upload, expected_parameters(config))
-    cap = sum(math.prod(s) for s in expected_parameters(config).values()) * 2 + embedding_bytes + HEADER_ROOM
+    expected = expected_adapter(upload, config) if lora.is_adapter(upload.info) else expected_parameters(config)
+    _check_tensors(upload, expected)
+    cap = sum(math.prod(s) for s in expected.values()) * 2 + embedding_bytes + HEADER_ROOM
     if len(data) > cap:
         raise UploadError(f"upload is {len(data)} bytes, more than its architecture's {cap} in 16-bit weights")
     return upload, config
+
+
+def expected_adapter(upload: Upload, config: PreTrainedConfig) -> dict[str, torch.Size]:
+    """A LoRA adapter upload (info upload = "adapter"): the tensor names and shapes its claimed rank and target
+    modules give on this architecture. Its base is checked by the recipe, which holds the public checkpoints."""
+    try:
+        return lora.expected_adapter(config, upload.info)
+    except ValueError as e:
+        raise UploadError(f"LoRA adapter upload: {e}") from None
 
 
 def _check_tensors(upload: Upload, expected: dict[str, torch.Size]) -> None:
