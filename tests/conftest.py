@@ -1,5 +1,7 @@
 """Fixtures for the whole suite: a private cache, the real corpora, a tiny federation config."""
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,14 @@ def data_dir() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def byo_tokenizers(tmp_path_factory) -> dict[str, Path]:
+    """tests/byo.py's three tokenizers (byte-level BPE, Unigram, WordPiece), trained once per session."""
+    from tests.byo import three_tokenizers
+
+    return three_tokenizers(tmp_path_factory.mktemp("byo"))
+
+
 @pytest.fixture
 def smoke_config(data_dir):
     """The tiny multi-round federation (configs/smoke-multiround.toml), on the real corpora."""
@@ -33,3 +43,68 @@ def smoke_config(data_dir):
     cfg = load_config(default_config_path("smoke-multiround"))
     cfg.data.dir = str(data_dir)
     return cfg
+
+
+# ---- shared runs and data: the suite's expensive state, built once (CI's 10-minute budget) ---------------
+
+@dataclass(frozen=True)
+class SmokeRun:
+    """One finished run: root/recordings holds its recorded device uploads, out its run directory."""
+
+    root: Path
+    out: Path
+    recordings: Path
+
+    def summary(self) -> dict:
+        return json.loads((self.out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def smoke_deepfusion(tmp_path_factory) -> SmokeRun:
+    """The paper pipeline on configs/smoke.toml (data.dir = the real corpora), its Phase 0 recorded: out is
+    root/runs/deepfusion/s0 (the pipeline bench's layout), root/recordings the recording. Shared by
+    tests/recipes/test_deepfusion.py, tests/baselines/test_fedmkt.py and tests/benchmarks/test_recheck.py:
+    read it, replay its recording (`smoke_deepfusion_flags` for the CLI), copy it before changing anything."""
+    from deepfusion.config import default_config_path, load_config
+    from deepfusion.engines.local import run
+
+    if not (SHARED_DATA / "medquad").is_dir():
+        pytest.skip(f"real corpora not found at {SHARED_DATA} (see shared/data/DATA.md)")
+    root = tmp_path_factory.mktemp("smoke-deepfusion")
+    cfg = load_config(default_config_path("smoke"))
+    cfg.data.dir = str(SHARED_DATA)  # in the summary's config (a recheck reads it) and in the recording's key
+    out = root / "runs" / "deepfusion" / "s0"
+    run(cfg, out, progress=False, replay=root / "recordings")
+    return SmokeRun(root, out, root / "recordings")
+
+
+def smoke_deepfusion_flags(smoke: SmokeRun) -> list[str]:
+    """`deepfusion run` flags that replay `smoke_deepfusion`'s Phase 0 for configs/smoke.toml (or a copy that
+    changes only the server's side): the same data.dir, hence the same recording key."""
+    return ["--set", f"data.dir={SHARED_DATA}", "--replay", str(smoke.recordings)]
+
+
+_PREPARED: dict[str, object] = {}  # shared_prepare_data's memo, for the whole session
+
+
+@pytest.fixture
+def shared_prepare_data(monkeypatch):
+    """The local engine's prepare_data memoised across the tests that ask for it: runs on the same data config,
+    devices and data directory tokenise the corpora once per session (about half a smoke run's time). Each run
+    gets its own deep copy, so no run sees another's changes. Only for tests about what runs do with their data:
+    the data pipeline itself is tested in tests/data and runs in every test that does not ask for this."""
+    import copy
+
+    import deepfusion.engines.local as local
+    from deepfusion.config import to_dict
+
+    real = local.prepare_data
+
+    def prepare_data(cfg, data_dir=None, *args, **kwargs):
+        raw = to_dict(cfg)
+        key = json.dumps([raw["data"], raw["devices"], str(data_dir), args, kwargs], sort_keys=True, default=str)
+        if key not in _PREPARED:
+            _PREPARED[key] = real(cfg, data_dir, *args, **kwargs)
+        return copy.deepcopy(_PREPARED[key])
+
+    monkeypatch.setattr(local, "prepare_data", prepare_data)

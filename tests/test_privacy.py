@@ -176,7 +176,8 @@ def byte_windows(blob: bytes, width: int) -> set[bytes]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dp_noise", [0.0, 0.5])
-def test_no_private_text_or_token_sequence_leaves_a_device(smoke_config, tmp_path, monkeypatch, dp_noise):
+def test_no_private_text_or_token_sequence_leaves_a_device(smoke_config, tmp_path, monkeypatch, dp_noise,
+                                                          shared_prepare_data):
     """Intercept every message of a federation at the boundary (the bytes a device gets, the bytes the server
     gets); only instructions and packets of predictions at public proxy positions may pass."""
     import json

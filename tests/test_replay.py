@@ -21,7 +21,7 @@ def test_the_key_is_the_device_side_only(smoke_config):
 
 
 @pytest.mark.slow
-def test_a_replayed_run_equals_a_live_one(smoke_config, tmp_path):
+def test_a_replayed_run_equals_a_live_one(smoke_config, tmp_path, shared_prepare_data):
     from deepfusion.engines.local import run
 
     recordings = tmp_path / "recordings"

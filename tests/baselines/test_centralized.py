@@ -46,7 +46,7 @@ def test_pool_holds_every_private_block_and_the_proxy(smoke_config):
 
 
 @pytest.mark.slow
-def test_centralized_converged_stops_and_exports_its_best_round(smoke_config, tmp_path, capsys):
+def test_centralized_converged_stops_and_exports_its_best_round(smoke_config, tmp_path, capsys, shared_prepare_data):
     from deepfusion.cli import main
     from deepfusion.engines.local import run
 

@@ -14,7 +14,7 @@ from deepfusion.wire.upload import receive_upload
 
 
 def test_min_ce_picks_per_block_the_device_that_explains_its_tokens_best():
-    V, k = 10, 2
+    V = 10
     proxy = torch.tensor([[1, 2, 3], [4, 5, 6]])  # 2 blocks, next tokens (2, 3) and (5, 6)
     # device 0 is right on block 0, device 1 on block 1; a miss leaves its tail over the V - k other ids
     ids = torch.tensor([[[[2, 0], [3, 0]], [[0, 1], [0, 1]]],
@@ -43,22 +43,22 @@ def test_a_tie_goes_to_the_first_device():
 
 
 @pytest.fixture(scope="module")
-def fedmkt_run(tmp_path_factory):
+def fedmkt_run(smoke_deepfusion, tmp_path_factory):
+    """fedmkt on the smoke federation, its Phase 0 replayed from the suite's shared deepfusion run (one recording
+    replays for both: the uploads are the very ones deepfusion distilled)."""
     from deepfusion.config import default_config_path, load_config
     from deepfusion.engines.local import run
     from tests.conftest import SHARED_DATA
 
-    if not (SHARED_DATA / "medquad").is_dir():
-        pytest.skip(f"real corpora not found at {SHARED_DATA} (see shared/data/DATA.md)")
     cfg = load_config(default_config_path("smoke"), method="fedmkt")
     cfg.data.dir = str(SHARED_DATA)
     root = tmp_path_factory.mktemp("fedmkt")
-    return cfg, root, run(cfg, root / "out", progress=False, replay=root / "recordings")  # records Phase 0
+    return cfg, smoke_deepfusion, root, run(cfg, root / "out", progress=False, replay=smoke_deepfusion.recordings)
 
 
 @pytest.mark.slow
 def test_fedmkt_smoke_reports_packet_bytes_and_the_papers_figures(fedmkt_run):
-    cfg, root, summary = fedmkt_run
+    cfg, smoke, root, summary = fedmkt_run
     out = root / "out"
     assert summary == json.loads((out / "summary.json").read_text())
     assert summary["method"] == "fedmkt" and summary["rounds"] == 1 and "comm_note" in summary
@@ -96,7 +96,7 @@ def test_the_exported_fedmkt_model_loads_and_scores_as_reported(fedmkt_run):
 
     from deepfusion.evaluation import evaluate
 
-    cfg, root, summary = fedmkt_run
+    cfg, _, root, summary = fedmkt_run
     out = root / "out"
     model = AutoModelForCausalLM.from_pretrained(out / "model", local_files_only=True)
     assert type(model).__name__ == "Qwen2MoeForCausalLM" and model.config.norm_topk_prob
@@ -106,9 +106,16 @@ def test_the_exported_fedmkt_model_loads_and_scores_as_reported(fedmkt_run):
 
 @pytest.mark.slow
 def test_a_replayed_phase_0_gives_the_same_fedmkt_run(fedmkt_run):
+    """fedmkt replays deepfusion's recording: the uploads are the live deepfusion run's, byte for byte, counted
+    alike (model_upload, down); and a second replay is the same fedmkt run."""
     from deepfusion.engines.local import run
 
-    cfg, root, summary = fedmkt_run
-    again = run(cfg, root / "replayed", progress=False, replay=root / "recordings")
+    cfg, smoke, root, summary = fedmkt_run
+    live = smoke.summary()["comm_bytes"]["per_device"]
+    for d, v in summary["comm_bytes"]["per_device"].items():
+        blob = (root / "out" / "checkpoint" / "uploads" / f"{d}.bin").read_bytes()
+        assert blob == (smoke.out / "checkpoint" / "uploads" / f"{d}.bin").read_bytes(), d
+        assert v["model_upload"] == live[d]["up"] and v["down"] == live[d]["down"], d
+    again = run(cfg, root / "replayed", progress=False, replay=smoke.recordings)
     for key in ("comm_bytes", "fedmkt", "log_ppl", "qa_log_ppl", "validation_ppl"):
         assert again[key] == summary[key], key

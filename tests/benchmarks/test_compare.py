@@ -31,7 +31,7 @@ def test_a_probe_counts_with_the_round_it_belongs_to():
     assert sorted((x["up"], x["down"]) for x in per_device_round(per)) == [(500, 600), (500, 600), (800, 1200)]
 
 
-def test_quick_bench_on_the_smoke_federation(tmp_path, data_dir, monkeypatch):
+def test_quick_bench_on_the_smoke_federation(tmp_path, data_dir, monkeypatch, shared_prepare_data):
     from deepfusion.cli import main
 
     monkeypatch.setenv("DEEPFUSION_DATA", str(data_dir))
@@ -83,7 +83,7 @@ def test_every_sweep_change_is_a_valid_config_that_changes_something(name):
     cfg.validate()
 
 
-def test_lambda_is_tuned_on_validation_text(tmp_path, data_dir, monkeypatch, smoke_config):
+def test_lambda_is_tuned_on_validation_text(tmp_path, data_dir, monkeypatch, smoke_config, shared_prepare_data):
     import deepfusion.benchmarks.compare as ex
 
     monkeypatch.setattr(ex, "LAMBDAS", (0.0, 1.0))

@@ -16,7 +16,7 @@ def test_distill_bench_reports_ratios():
     assert rows[0]["ratio_to_proxy_only"] == 1.0
 
 
-def test_poison_bench_compares_against_the_clean_run(tmp_path, smoke_config):
+def test_poison_bench_compares_against_the_clean_run(tmp_path, smoke_config, shared_prepare_data):
     import tomllib
 
     from deepfusion.benchmarks.micro import bench_poison

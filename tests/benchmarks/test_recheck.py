@@ -1,6 +1,7 @@
 """`deepfusion bench --recheck DIR`: a published smoke table re-run and compared; edited figures and another
 thread count are caught. One real smoke federation is published and re-run once (module fixtures); every
-other recheck reuses that rerun (same config, commit and threads), so the module costs two smoke runs."""
+other recheck reuses that rerun (same config, commit and threads), so the module costs one smoke run (the
+published one is the suite's shared smoke_deepfusion)."""
 
 import json
 import shutil
@@ -12,23 +13,18 @@ import torch
 from deepfusion.benchmarks import pipeline, recheck
 from deepfusion.benchmarks.report import thread_setting
 from deepfusion.cli import main
-from deepfusion.config import default_config_path, load_config
-
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from deepfusion.config import default_config_path
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory) -> Path:
+def published(smoke_deepfusion, tmp_path_factory) -> Path:
     """A profile directory as the pipeline bench leaves it: DIR/runs/deepfusion/s0 (the smoke federation, its
-    Phase 0 recorded in DIR/recordings) and DIR/results.json."""
-    from deepfusion.engines.local import run
-
-    if not (SHARED_DATA / "medquad").is_dir():
-        pytest.skip("real corpora not found")
-    root = tmp_path_factory.mktemp("published")
-    cfg = load_config(default_config_path("smoke"))
-    cfg.data.dir = str(SHARED_DATA)  # in the summary's config: the recheck reads the same corpora
-    summary = run(cfg, root / "runs" / "deepfusion" / "s0", progress=False, replay=root / "recordings")
+    Phase 0 recorded in DIR/recordings) and DIR/results.json. A copy of the suite's shared smoke run
+    (tests/conftest.py: smoke_deepfusion, with data.dir in its config: the recheck reads the same corpora),
+    since the recheck writes into DIR."""
+    root = tmp_path_factory.mktemp("published") / "table"
+    shutil.copytree(smoke_deepfusion.root, root)
+    summary = json.loads((root / "runs" / "deepfusion" / "s0" / "summary.json").read_text())
     (root / "results.json").write_text(json.dumps({"runs": [{"row": "deepfusion", "seed": 0,
                                                              **pipeline.figures(summary)}]}))
     return root

@@ -29,7 +29,7 @@ class VirtualClock:
         return getattr(time, name)
 
 
-def test_dropouts_stragglers_and_retries(smoke_config, tmp_path, monkeypatch, caplog):
+def test_dropouts_stragglers_and_retries(smoke_config, tmp_path, monkeypatch, caplog, shared_prepare_data):
     """Round 1: nhlbi dies once; 2 of the 2 needed answers came, so the round goes on without it.
     Round 2: cdc straggles every time and finance dies once; 1 answer < 2 needed, a retry brings finance back.
     Round 3: cdc and nhlbi die every time; the retry cannot help and the round is skipped, model untouched."""

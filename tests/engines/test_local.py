@@ -82,7 +82,7 @@ def test_eval_command_reproduces_the_summary(smoke_run, capsys):
 
 
 @pytest.mark.parametrize("method", ["plain-fkd", "device-kd", "proxy-only"])
-def test_every_method_runs(smoke_config, tmp_path, method):
+def test_every_method_runs(smoke_config, tmp_path, method, shared_prepare_data):
     smoke_config.method = method
     summary = run(smoke_config, tmp_path, progress=False)
     assert summary["method"] == method
@@ -93,7 +93,7 @@ def test_every_method_runs(smoke_config, tmp_path, method):
         assert summary["comm_bytes"]["up"] > 0
 
 
-def test_a_dead_device_does_not_stop_the_federation(smoke_config, tmp_path, monkeypatch):
+def test_a_dead_device_does_not_stop_the_federation(smoke_config, tmp_path, monkeypatch, shared_prepare_data):
     import deepfusion.engines.local as local
 
     real = local.run_round

@@ -6,7 +6,7 @@ import pytest
 
 from deepfusion.engines.local import run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_prepare_data")]  # one tokenisation of the corpora
 
 
 def test_centralized_trains_on_the_pool_at_the_same_step_budget(smoke_config, tmp_path):
