@@ -143,6 +143,8 @@ def knowledge_packet(cfg: FederationConfig, data: FederationData, device_id: str
                      torch_device: torch.device) -> bytes:
     """What a FedMKT device sends: its model's top-k knowledge on every proxy block, as the packet's bytes.
     The device's own labelling code runs on its uploaded model (no optimiser: it trains no more)."""
+    from deepfusion.recipes.deepfusion import upload_model  # late: the recipe imports this module
+
     dc = next(d for d in cfg.devices if d.id == device_id)
     device = Device(dc, upload.arch, upload_model(upload, config).to(torch_device), None,
                     torch.empty(0, data.proxy.shape[1], dtype=torch.long), data.proxy,
@@ -153,16 +155,6 @@ def knowledge_packet(cfg: FederationConfig, data: FederationData, device_id: str
     if dc.attack:  # an adversarial device poisons its packet, as in the knowledge protocol's run_round
         packet = poison(packet, dc.attack, device.generator)
     return packet.to_bytes()
-
-
-def upload_model(upload, config):
-    """The device's LLM from its upload (weights in the upload dtype, tied weights once)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict({k: v.float() for k, v in upload.tensors.items()}, strict=False)
-    model.tie_weights()
-    return model.eval()
 
 
 def receive_packet(cfg: FederationConfig, data: FederationData, device_id: str, blob: bytes) -> KnowledgePacket:

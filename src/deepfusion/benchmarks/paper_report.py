@@ -273,22 +273,22 @@ def claims(results: dict) -> list[dict]:
                       ", ".join(f"{c} N={n}: {r:.0%}" for c, n, r in ratios),
                       None if not ratios else all(r >= 0.9 for _, _, r in ratios),
                       "reproduced where DeepFusion's token accuracy is at least 90 % of centralized's in every cell"))
+    def beats(claim: str, paper: str, rows: tuple[str, ...], key: str, rule: str) -> dict:
+        """A claim that DeepFusion's mean beats each of `rows` in every cell (lower log-ppl, higher accuracy)."""
+        tallies = {row: wins(row, key, key == "log_ppl") for row in rows}
+        holds = all(w == t for w, t in tallies.values()) if all(t for _, t in tallies.values()) else None
+        return _claim(claim, paper, "; ".join(f"beats {row} in {w} of {t} cells" for row, (w, t) in tallies.items()),
+                      holds, rule)
+
     for key, word in (("log_ppl", "log-perplexity"), ("accuracy", "accuracy")):
-        tallies = {row: wins(row, key, key == "log_ppl") for row in FEDERATED}
-        have = all(t[1] for t in tallies.values())
-        out.append(_claim(f"DeepFusion beats the federated MoE baselines in {word} (Tables I-II)",
-                          "better than FedJETS and FedMKT in every case and N",
-                          "; ".join(f"beats {row} in {w} of {t} cells" for row, (w, t) in tallies.items()),
-                          None if not have else all(w == t for w, t in tallies.values()),
-                          "reproduced if DeepFusion's mean is better in every cell against each baseline"))
-    tallies = {row: wins(row, "log_ppl", True) for row in ("OFA-KD", "FedMKT")}
-    out.append(_claim("VAA beats OFA-KD and FedMKT (Table I)", "lower log-perplexity than both (medical: OFA-KD ties "
-                      "or wins at every N in the paper's own table)",
-                      "; ".join(f"beats {row} in {w} of {t} cells" for row, (w, t) in tallies.items()),
-                      None if not all(t for _, t in tallies.values()) else all(w == t for w, t in tallies.values()),
-                      "reproduced if DeepFusion's mean log-perplexity is lower in every cell against each"))
-    red = [(c, n, 1 - total_bytes(results, c, n, "DeepFusion") / total_bytes(results, c, n, "FedJETS"))
-           for c, n in cells if total_bytes(results, c, n, "DeepFusion") and total_bytes(results, c, n, "FedJETS")]
+        out.append(beats(f"DeepFusion beats the federated MoE baselines in {word} (Tables I-II)",
+                         "better than FedJETS and FedMKT in every case and N", FEDERATED, key,
+                         "reproduced if DeepFusion's mean is better in every cell against each baseline"))
+    out.append(beats("VAA beats OFA-KD and FedMKT (Table I)", "lower log-perplexity than both (medical: OFA-KD ties "
+                     "or wins at every N in the paper's own table)", ("OFA-KD", "FedMKT"), "log_ppl",
+                     "reproduced if DeepFusion's mean log-perplexity is lower in every cell against each"))
+    moved = [(c, n, total_bytes(results, c, n, "DeepFusion"), total_bytes(results, c, n, "FedJETS")) for c, n in cells]
+    red = [(c, n, 1 - d / j) for c, n, d, j in moved if d and j]
     at_paper = projected(results)
     out.append(_claim("Less communication than FedJETS (Fig. 8)", "−71 % (medical), ≈ −46 % (finance)",
                       ", ".join(f"{c} N={n}: {-r:+.0%}" for c, n, r in red) + at_paper.get("comm", ""),

@@ -245,18 +245,24 @@ def base_copy(base):
     return deepcopy(base)
 
 
+def upload_model(upload, config):
+    """A device's LLM rebuilt from its upload (weights in the upload dtype, tied weights listed once)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict({k: v.float() for k, v in upload.tensors.items()}, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
 # ---- reports ---------------------------------------------------------------------------------------------
 
 def device_reports(cfg: FederationConfig, data: FederationData, uploads: dict, configs: dict, ledger: dict,
                    torch_device: torch.device) -> dict:
     """Per device: what it uploaded and how its own model does on its own source (the local-only reference)."""
-    from transformers import AutoModelForCausalLM
-
     reports = {}
     for d, upload in sorted(uploads.items()):
-        model = AutoModelForCausalLM.from_config(configs[d])
-        model.load_state_dict({k: v.float() for k, v in upload.tensors.items()}, strict=False)
-        model.tie_weights()
+        model = upload_model(upload, configs[d])
         source = data.device_source[d]  # its own source's test text: the local-only reference, at 1/S the cost
         # a full device's upload predates the finetune keys (its bytes stay as they were): its defaults here
         full = {"finetune": "full", "lora_rank": 0, "trainable_params": upload.info.get("params"), "upload": "merged"}
