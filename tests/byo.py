@@ -20,8 +20,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer
+
+from deepfusion.data.tokenizer import train_kind
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # as conftest's data_dir
 SOURCES = ("medquad:cdc", "tatqa:0/2")
@@ -40,61 +41,15 @@ def corpus_texts(data_dir: Path = SHARED_DATA) -> tuple[str, ...]:
     return tuple(d.text for spec in SOURCES for d in load_source(spec, Path(data_dir)))
 
 
-def _bpe(texts) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=SIZES["bpe"], special_tokens=["<|endoftext|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|pad|>")
-
-
-def _unigram(texts) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    # A small seed and fast shrinking: 4 s instead of 10 s on these documents, the same kind of pieces.
-    trainer = trainers.UnigramTrainer(vocab_size=SIZES["unigram"], special_tokens=specials, unk_token="<unk>",
-                                      seed_size=5000, max_piece_length=8, shrinking_factor=0.5,
-                                      show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> $B </s>",
-        special_tokens=[(s, tok.token_to_id(s)) for s in ("<s>", "</s>")])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
-
-
-def _wordpiece(texts) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)  # strips accents too
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    specials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
-    trainer = trainers.WordPieceTrainer(vocab_size=SIZES["wordpiece"], special_tokens=specials,
-                                        show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[(s, tok.token_to_id(s)) for s in ("[CLS]", "[SEP]")])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-                                   pad_token="[PAD]", mask_token="[MASK]")
-
-
-_TRAIN = {"bpe": _bpe, "unigram": _unigram, "wordpiece": _wordpiece}
 
 
 def three_tokenizers(root: Path, data_dir: Path = SHARED_DATA) -> dict[str, Path]:
     """Train (or reuse) the three tokenizers under root; returns {"bpe"|"unigram"|"wordpiece": directory}."""
     out = {}
-    for name, train in _TRAIN.items():
+    for name, size in SIZES.items():
         target = Path(root) / name
         if not (target / "tokenizer.json").is_file():
-            train(list(corpus_texts(Path(data_dir)))).save_pretrained(str(target))
+            train_kind(list(corpus_texts(Path(data_dir))), name, size).save_pretrained(str(target))
         out[name] = target
     return out
 

@@ -339,3 +339,63 @@ def test_truncation_leaves_the_uncovered_tail_out(toks):
     check(A, dev, glob)
     end = al.char_spans(dev)[-1][1]
     assert A.spans[-1, 1] <= end and (A.b.group[al.char_spans(glob)[:, 0] >= end] == -1).all()
+
+
+# ---- public blocks under a device's tokenizer (section 6) ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def global_blocks(tmp_path_factory):
+    """A global byte-level BPE (the federation's own trainer) and 48-token blocks of real text, cut from the
+    token stream as data.pack_blocks cuts them: blocks start inside words and hold EOS between documents."""
+    from deepfusion.data import pack_blocks, train_tokenizer
+    from deepfusion.data.corpora import Document
+
+    texts = corpus_texts()
+    tok = train_tokenizer(list(texts), 700, tmp_path_factory.mktemp("global-tok"))
+    docs = [Document("x", "medical", str(i), t) for i, t in enumerate(texts[:40])]
+    return tok, pack_blocks(tok, docs, 48)
+
+
+def test_a_block_decodes_to_text_whose_offsets_hold_each_token(global_blocks):
+    tok, blocks = global_blocks
+    with_eos = next(i for i in range(len(blocks)) if (blocks[i] == tok.eos_token_id).any())
+    for row in (blocks[0], blocks[with_eos]):
+        tz = al.block_tokenization(tok, row.tolist())
+        assert tz.ids == tuple(row.tolist())
+        for i, ((s, e), sp) in enumerate(zip(tz.offsets, tz.special)):
+            if sp:
+                assert s == e and tz.ids[i] == tok.eos_token_id  # the EOS covers nothing
+            elif "\ufffd" not in tok.decode([tz.ids[i]]):  # a whole-character token's text is its own decode
+                assert tz.text[s:e] == tok.decode([tz.ids[i]])
+            else:  # part of a character's bytes: the last part holds the character, the others nothing
+                assert e - s <= 1
+        assert all(s0 <= s1 for (s0, _), (s1, _) in zip(tz.offsets, tz.offsets[1:]))
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram", "wordpiece"])
+def test_block_views_cut_the_same_text_and_put_the_devices_eos_where_the_block_has_one(global_blocks, toks, kind):
+    from deepfusion.data.tokenizer import load_tokenizer
+    from tests.byo import three_tokenizers  # noqa: F401  (the fixture trained them)
+
+    tok, blocks = global_blocks
+    dev = toks[kind]
+    if dev.eos_token is None:
+        dev.eos_token = dev.sep_token  # as data.load_tokenizer does for a WordPiece
+    views = al.block_views(tok, dev, blocks[:12])
+    for row, v in zip(blocks[:12], views):
+        g = al.block_tokenization(tok, row.tolist())
+        assert v.alignment.text == g.text and len(v.alignment) > 0.5 * len(row)  # most of the block aligns
+        assert int((v.ids == dev.eos_token_id).sum()) == int((row == tok.eos_token_id).sum())
+        a = v.alignment
+        assert (a.b.last < len(row)).all() and (a.a.last < len(v.ids)).all()
+    capped = al.block_views(tok, dev, blocks[:2], max_length=10)
+    assert all(len(v.ids) == 10 and (v.alignment.a.last < 10).all() for v in capped)
+
+
+def test_same_vocabulary_tells_a_copy_from_another_tokenizer(global_blocks, toks, tmp_path):
+    from deepfusion.data.tokenizer import load_tokenizer
+
+    tok, _ = global_blocks
+    tok.save_pretrained(tmp_path / "copy")
+    assert al.same_vocabulary(tok, load_tokenizer(tmp_path / "copy"))
+    assert not al.same_vocabulary(tok, toks["bpe"])

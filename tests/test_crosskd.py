@@ -116,3 +116,46 @@ def test_time_steps_reports_a_ratio_per_feature_term():
     assert [r["features"] for r in rows] == ["none", "vaa", "ofa"]
     assert rows[0]["ratio_to_none"] == 1.0 and all(r["seconds_per_step"] > 0 for r in rows)
     assert rows[0]["aligner_params"] == 0 < rows[2]["aligner_params"] < rows[1]["aligner_params"]
+
+
+# ---- a teacher with its own tokenizer ---------------------------------------------------------------------
+
+def identity_tokens(public: torch.Tensor):
+    """TeacherTokens whose 'own' tokenizer cuts every block exactly as the global one (one character per token):
+    the aligned KL and VAA must then be the shared-tokenizer terms, to float precision."""
+    from deepfusion import alignment as al
+    from deepfusion.crosskd import TeacherTokens
+
+    views = []
+    for row in public.tolist():
+        tz = al.Tokenization("x" * len(row), tuple(row), tuple((i, i + 1) for i in range(len(row))),
+                             (False,) * len(row))
+        views.append(al.BlockView(torch.tensor(row), al.align(tz, tz)))
+    return TeacherTokens(views, torch.arange(V), 0, V)
+
+
+@pytest.mark.parametrize("features", ["vaa", "none"])
+def test_an_identity_alignment_gives_the_shared_tokenizer_losses(features):
+    from deepfusion.crosskd import kd_losses, make_aligners
+
+    torch.manual_seed(0)
+    public = torch.randint(V, (6, T))
+    s, t = student(), build_device_model("gpt2", "tiny", V).eval()
+    cfg = small_cfg(features=features)
+    aligners = make_aligners(s, [t], T, cfg, torch.Generator().manual_seed(0))
+    idx = torch.tensor([4, 1, 3])
+    shared = kd_losses(s, [t], aligners, public[idx], cfg, CPU)
+    aligned = kd_losses(s, [t], aligners, public[idx], cfg, CPU, [identity_tokens(public)], idx)
+    for k in ("ce", "fm", "kl", "total"):
+        assert aligned[k].item() == pytest.approx(shared[k].item(), rel=1e-4, abs=1e-6), k
+
+
+def test_own_tokenizer_teachers_are_refused_where_they_cannot_be_aligned():
+    torch.manual_seed(0)
+    public = torch.randint(V, (4, T))
+    s, t = student(), build_device_model("gpt2", "tiny", V + 8)
+    with pytest.raises(ConfigError, match="no tokenizer of its own"):
+        distill_domain(s, [t], public, small_cfg(steps=1), torch.Generator(), CPU)
+    with pytest.raises(ConfigError, match="OFA-KD's branches compare logits token by token"):
+        distill_domain(s, [t], public, small_cfg(steps=1, features="ofa"), torch.Generator(), CPU,
+                       [identity_tokens(public)])

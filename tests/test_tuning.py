@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -74,3 +75,21 @@ def test_the_papers_loss_runs_without_teachers():
     report = tune(model, blocks(8), {"a": ("a", blocks(2, seed=1))}, None, cfg, torch.Generator().manual_seed(0),
                   torch.device("cpu"))
     assert all(c.get("kl", 0.0) == 0.0 for c in report["curve"])
+
+
+def test_a_teacher_silent_at_a_position_leaves_it_to_the_others_or_to_the_real_token():
+    from deepfusion.tuning import _spoken_mixture
+
+    torch.manual_seed(0)
+    M, B, T1, Vs = 2, 1, 3, 5
+    logp = torch.randn(M, B, T1, Vs).log_softmax(-1)
+    blocks = torch.tensor([[0, 2, 4, 1]])
+    truth = logp.gather(-1, blocks[:, 1:].expand(M, -1, -1).unsqueeze(-1)).squeeze(-1)
+    spoken = [None, torch.tensor([[True, False, False]])]
+    logp[0, 0, 2] = -1e30  # teacher 0 says nothing useful at position 2 ...
+    spoken[0] = torch.tensor([[True, True, False]])  # ... and is silent there, as is teacher 1
+    score, mixture = _spoken_mixture(logp, truth, spoken, blocks)
+    assert score[1, 0] == pytest.approx(float(truth[1, 0, 0]))  # teacher 1's score: its one spoken position
+    assert torch.allclose(mixture[0, 1], logp[0, 0, 1].exp())  # only teacher 0 speaks at position 1
+    assert torch.equal(mixture[0, 2], torch.nn.functional.one_hot(torch.tensor(1), Vs).float())  # nobody: truth
+    assert torch.allclose(mixture.sum(-1), torch.ones(B, T1))

@@ -389,6 +389,15 @@ def _fingerprint(tokenizer, size: int | None) -> str:
     return hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def same_vocabulary(a, b) -> bool:
+    """Whether two tokenizers give the same ids to the same strings and cut text alike (then no alignment)."""
+    if a is b:
+        return True
+    if not (getattr(a, "is_fast", False) and getattr(b, "is_fast", False)):
+        return False
+    return a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str() and _specials(a) == _specials(b)
+
+
 _MAPS: dict[tuple[str, str], torch.Tensor] = {}
 
 
@@ -505,3 +514,110 @@ def at_global_positions(values: torch.Tensor, alignment: Alignment, *, fill=0) -
     mask = torch.zeros(b.group.shape[0], dtype=torch.bool, device=values.device)
     mask[b.last.to(values.device)] = True
     return out, mask
+
+
+# -----------------------------------------------------------------------------
+# 6. The public blocks under a device's tokenizer (what a device's model reads in Phase II and each round)
+
+
+@dataclass(frozen=True)
+class BlockView:
+    """One public block as a device's tokenizer cuts it: the ids its model reads, aligned with the block."""
+
+    ids: torch.Tensor  # (T_device,) long
+    alignment: Alignment  # a = the device's tokenisation, b = the block's global ids
+
+
+def block_tokenization(tokenizer, ids: Sequence[int], sep: str = "\n\n") -> Tokenization:
+    """A block of global ids back to text, with each token's character offsets.
+
+    Blocks are cut from a token stream (data.pack_blocks), so a block may start inside a word or a character
+    and cannot be re-tokenised into the same ids. The offsets come from decoding instead: token i ends where
+    the decoded prefix ids[:i+1] stops agreeing with the whole decoded text (a byte-level token holding half a
+    character decodes to U+FFFD there, so it ends where the token before it did and covers nothing). A global
+    EOS separates documents: it becomes `sep` in the text, as a special token that covers none of it."""
+    eos, ids = tokenizer.eos_token_id, [int(i) for i in ids]
+    text, offsets, special = "", [], []
+    start = 0
+    for end in [i for i, t in enumerate(ids) if t == eos] + [len(ids)]:
+        seg = ids[start:end]
+        if seg:
+            if text:  # documents are separated, not glued: a word must not run across an EOS
+                text += sep
+            whole = tokenizer.decode(seg, clean_up_tokenization_spaces=False)
+            prefixes = tokenizer.batch_decode([seg[:i + 1] for i in range(len(seg))],
+                                              clean_up_tokenization_spaces=False)
+            done = 0
+            for p in prefixes:
+                n = len(p) if whole.startswith(p) else len(_common_prefix(p, whole))
+                offsets.append((len(text) + done, len(text) + max(done, n)))
+                done = max(done, n)
+            text += whole
+            special += [False] * len(seg)
+        if end < len(ids):  # the EOS itself
+            offsets.append((len(text), len(text)))
+            special.append(True)
+        start = end + 1
+    return Tokenization(text, tuple(ids), tuple(offsets), tuple(special), name=f"tokenizer {_name(tokenizer)}")
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return a[:n]
+
+
+def device_tokenization(tokenizer, block: Tokenization, max_length: int | None = None) -> Tokenization:
+    """The block's text under a device's tokenizer: each document cut on its own, the device's EOS between
+    them where the block has the global one, truncated to the model's max_length tokens."""
+    _require_fast(tokenizer)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError(f"tokenizer {_name(tokenizer)} has no eos token; a device's documents are separated by "
+                        "its eos, so give the tokenizer one (eos_token in its tokenizer_config.json; "
+                        "deepfusion.data.load_tokenizer takes a [SEP] for it)")
+    ids, offsets, special = [], [], []
+    for lo, hi in _pieces(block):
+        if lo is None:  # the block's EOS: the device's own, at the same place
+            ids.append(eos)
+            offsets.append((hi, hi))
+            special.append(True)
+            continue
+        enc = tokenizer(block.text[lo:hi], add_special_tokens=False, return_offsets_mapping=True)
+        ids += enc["input_ids"]
+        offsets += [(lo + s, lo + e) for s, e in enc["offset_mapping"]]
+        special += [False] * len(enc["input_ids"])
+    if max_length is not None:
+        ids, offsets, special = ids[:max_length], offsets[:max_length], special[:max_length]
+    return Tokenization(block.text, tuple(int(i) for i in ids), tuple(offsets), tuple(special),
+                        name=f"tokenizer {_name(tokenizer)}")
+
+
+def _pieces(block: Tokenization) -> list[tuple[int | None, int]]:
+    """The block in order: (lo, hi) characters of each document, (None, at) for each EOS between them."""
+    out, run = [], []
+    for (s, e), sp in [*zip(block.offsets, block.special), ((0, 0), True)]:
+        if not sp:
+            run.append((s, e))
+            continue
+        if run:
+            out.append((run[0][0], run[-1][1]))
+            run = []
+        out.append((None, s))
+    return out[:-1]  # the sentinel
+
+
+def block_views(global_tokenizer, device_tokenizer, blocks: torch.Tensor,
+                max_length: int | None = None) -> list[BlockView]:
+    """Every (T,) row of global ids in blocks as the device's tokenizer cuts its text, aligned with it."""
+    out = []
+    for row in blocks.tolist():
+        g = block_tokenization(global_tokenizer, row)
+        d = device_tokenization(device_tokenizer, g, max_length)
+        out.append(BlockView(torch.tensor(d.ids, dtype=torch.long), align(d, g)))
+    return out
+
+
+def vocab_digest(tokenizer) -> str:
+    """A short name for a tokenizer's vocabulary and the way it cuts text: equal for the same vocabulary, so a
+    server can tell that a device's knowledge still speaks the vocabulary it spoke last round."""
+    return _fingerprint(tokenizer, None)[:16]

@@ -347,28 +347,32 @@ def _first_line(e: BaseException) -> str:
 
 def device_model(family: str, size: str, vocab_size: int, public: torch.Tensor, pre: PretrainConfig,
                  checkpoint: str | None = None, where: str = "", cache: Path | None = None,
-                 torch_device: str | torch.device = "cpu") -> PreTrainedModel:
+                 torch_device: str | torch.device = "cpu", own_tokenizer: bool = False) -> PreTrainedModel:
     """A device's starting model: its own directory (DeviceConfig.checkpoint: any causal LM, its architecture
-    read from config.json, family and size ignored), else its type's public one."""
+    read from config.json, family and size ignored), else its type's public one. vocab_size is its
+    tokenizer's (own_tokenizer: the device's own, which its model may pad past)."""
     from deepfusion.models import DEVICE_PRESETS
 
     if checkpoint:
         label = f"{where} checkpoint" if where else "checkpoint"
         model = load_public(Path(checkpoint), None, label)
-        _check_device_vocab(model.config, vocab_size, f"{label} = {str(checkpoint)!r}")
+        _check_device_vocab(model.config, vocab_size, f"{label} = {str(checkpoint)!r}", own_tokenizer)
         return model
     config = DEVICE_PRESETS[family][size](vocab_size)
     return load_public(public_checkpoint(config, public, pre, cache, torch_device, f"{family}/{size}"), config)
 
 
-def _check_device_vocab(config: PreTrainedConfig, vocab_size: int, label: str) -> None:
-    """For now a device's own checkpoint must share the federation's token ids (distillation compares logits
-    over one vocabulary); devices with their own tokenizers are the alignment layer's job (alignment.py)."""
+def _check_device_vocab(config: PreTrainedConfig, vocab_size: int, label: str, own_tokenizer: bool) -> None:
+    """A checkpoint read with the federation's tokenizer has exactly its vocabulary; one with its own tokenizer
+    (saved beside it, or [[devices]] tokenizer) at least that tokenizer's ids (models pad their embeddings)."""
     vocab = config.get_text_config().vocab_size
-    if vocab != vocab_size:
+    if own_tokenizer and vocab < vocab_size:
+        raise ConfigError(f"config error: {label}: the device's model has vocab {vocab}, fewer than its own "
+                          f"tokenizer's {vocab_size} ids; give the tokenizer the model was trained with")
+    if not own_tokenizer and vocab != vocab_size:
         raise ConfigError(f"config error: {label}: the device's model has vocab {vocab}, the federation's "
-                          f"tokenizer {vocab_size}; a device checkpoint must use the global tokenizer (devices "
-                          "with their own tokenizers are handled by the alignment layer, not here)")
+                          f"tokenizer {vocab_size}; save the device's own tokenizer in its checkpoint directory "
+                          "(or set [[devices]] tokenizer) so the server can align the two (alignment.py)")
 
 
 def arch_label(family: str, size: str, checkpoint: str | None, config: PreTrainedConfig) -> str:

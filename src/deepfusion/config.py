@@ -106,6 +106,10 @@ class DeviceConfig:
     dp_delta: float = 1e-5  # δ of the (ε, δ)-DP guarantee that summary.json reports
     # The paper's protocol (Phase 0): train from the type's public checkpoint until local validation stops improving.
     checkpoint: str | None = None  # local save_pretrained dir of any causal LM (family/size then ignored); None: made from the public text
+    # The device's own tokenizer (a local dir with tokenizer.json): its private text and its model use it, the
+    # server aligns it with the global one (alignment.py). None: the checkpoint dir's tokenizer if it has one,
+    # else the federation's. A tokenizer equal to the federation's is the federation's.
+    tokenizer: str | None = None
     max_steps: int = 300  # cap on local training steps
     eval_every: int = 25  # steps between local validation checks
     patience: int = 2  # checks without a better local validation loss before training stops
@@ -169,6 +173,9 @@ class DeviceConfig:
             config_fail(where, "upload", self.upload, f"allowed: {', '.join(UPLOADS)}")
         if self.upload == "adapter" and self.finetune == "full":
             config_fail(where, "upload", self.upload, "an adapter exists only with finetune = 'lora' or 'auto'")
+        if self.upload == "adapter" and self.tokenizer:
+            config_fail(where, "upload", self.upload, "the server rebuilds an adapter's model on the public checkpoint "
+                        "it builds with the federation's tokenizer; a device with its own tokenizer uploads 'merged'")
         if self.upload == "adapter" and self.checkpoint:
             config_fail(where, "upload", self.upload, "the server rebuilds an adapter's model on the public checkpoint "
                         "it builds itself; a device's own checkpoint directory is not on the server: upload 'merged'")

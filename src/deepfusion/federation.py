@@ -98,9 +98,47 @@ def device_documents(cfg: FederationConfig, device_id: str, root: Path, split: S
     return shares[sharing.index(dev.id)]
 
 
+def device_tokenizer(cfg: FederationConfig, device_id: str, global_tokenizer):
+    """The tokenizer a device's model reads: its own ([[devices]] tokenizer, else one saved in its checkpoint
+    dir), or the federation's when it has none or its own is the same vocabulary (no alignment needed then)."""
+    from deepfusion import alignment
+
+    dc = next(d for d in cfg.devices if d.id == device_id)
+    where = dc.tokenizer or (dc.checkpoint if dc.checkpoint and (Path(dc.checkpoint) / "tokenizer.json").is_file()
+                             else None)
+    if where is None:
+        return global_tokenizer
+    key = str(Path(where).resolve())
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_tokenizer(Path(where))
+    own = _TOKENIZERS[key]
+    return global_tokenizer if alignment.same_vocabulary(own, global_tokenizer) else own
+
+
+_TOKENIZERS: dict[str, object] = {}  # dir -> loaded tokenizer: devices of one type share it
+
+
+def own_tokenizer(cfg: FederationConfig, device_id: str, global_tokenizer):
+    """The device's own tokenizer, or None when it reads the federation's (what its upload carries)."""
+    tok = device_tokenizer(cfg, device_id, global_tokenizer)
+    return None if tok is global_tokenizer else tok
+
+
+def public_blocks(global_tokenizer, own_tokenizer, public: torch.Tensor) -> torch.Tensor:
+    """The public blocks' text cut by a device's own tokenizer and packed into blocks of the same length (the
+    public checkpoint of a preset with its own tokenizer is pretrained on these)."""
+    from deepfusion.alignment import block_views
+
+    flat = torch.cat([v.ids for v in block_views(global_tokenizer, own_tokenizer, public)])
+    n = len(flat) // public.shape[1]
+    return flat[: n * public.shape[1]].view(n, public.shape[1])
+
+
 def device_private(cfg: FederationConfig, device_id: str, tokenizer, root: Path,
                    split: Split | None = None) -> torch.Tensor:
-    """One device's (N, T) private blocks (its documents, packed)."""
+    """One device's (N, T) private blocks (its documents, packed by its own tokenizer; `tokenizer` is the
+    federation's)."""
+    tokenizer = device_tokenizer(cfg, device_id, tokenizer)
     blocks = pack_blocks(tokenizer, device_documents(cfg, device_id, root, split), cfg.data.seq_len)
     if len(blocks) == 0:
         source = next(x.source for x in cfg.devices if x.id == device_id)

@@ -23,7 +23,7 @@ from deepfusion.baselines.centralized import EarlyStopping
 from deepfusion.config import DeviceConfig, FederationConfig, device_at
 from deepfusion.device import lm_loss
 from deepfusion.models import autocast, n_params
-from deepfusion.wire.upload import DTYPES, Task, Upload
+from deepfusion.wire.upload import DTYPES, Task, Upload, wire_tokenizer
 
 
 MAX_VAL_BLOCKS = 64  # 8 k tokens estimate a loss to ~1 %; a large device need not check 760 blocks every time
@@ -34,7 +34,8 @@ class PrivateData:
     """What a device holds: its documents (for e_n) and their token blocks (for training)."""
 
     texts: list[str]
-    blocks: torch.Tensor  # (N, T) long
+    blocks: torch.Tensor  # (N, T) long, in its tokenizer's ids
+    tokenizer: object | None = None  # its own tokenizer (federation.device_tokenizer); None: the federation's
 
 
 def hold_out(blocks: torch.Tensor, val_frac: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,19 +89,25 @@ def train_until_converged(model, train: torch.Tensor, val: torch.Tensor, dc: Dev
             "tokens_trained": step * dc.batch_size * train.shape[1], "stopped": "patience" if stop else "max_steps"}
 
 
-def device_arch(dc: DeviceConfig, config) -> str:
+def device_arch(dc: DeviceConfig, config, tokenizer: bytes = b"") -> str:
     """The upload's architecture label: family/size, or for a device's own checkpoint its config's model type
-    and directory (checkpoints.arch_label): Phase I averages only devices with equal labels."""
+    and directory (checkpoints.arch_label), and its own tokenizer's digest: Phase I averages only devices with
+    equal labels, and two vocabularies' weights do not average."""
+    import hashlib
+
     from deepfusion.checkpoints import arch_label
 
-    return arch_label(dc.family, dc.size, dc.checkpoint, config)
+    label = arch_label(dc.family, dc.size, dc.checkpoint, config)
+    return label + (f"+tok:{hashlib.sha256(tokenizer).hexdigest()[:8]}" if tokenizer else "")
 
 
-def make_upload(dc: DeviceConfig, model, embedding: bytes, info: dict) -> Upload:
-    """The device's weights in its upload dtype (tied weights once), its architecture, e_n."""
+def make_upload(dc: DeviceConfig, model, embedding: bytes, info: dict, tokenizer=None) -> Upload:
+    """The device's weights in its upload dtype (tied weights once), its architecture, e_n, and its own
+    tokenizer if it has one (the server needs it to align: alignment.py)."""
     dtype = DTYPES[dc.upload_dtype]
     tensors = {name: p.detach().to("cpu", dtype) for name, p in model.named_parameters()}
-    return Upload(dc.id, device_arch(dc, model.config), model.config.to_dict(), tensors, embedding, info)
+    tok = wire_tokenizer(tokenizer) if tokenizer is not None else b""
+    return Upload(dc.id, device_arch(dc, model.config, tok), model.config.to_dict(), tensors, embedding, info, tok)
 
 
 def make_adapter_upload(dc: DeviceConfig, peft_model, embedding: bytes, info: dict) -> Upload:
@@ -140,21 +147,28 @@ def run_task(cfg: FederationConfig, device_id: str, task_bytes: bytes, private: 
     # no wall-clock time in the upload: equal work, equal bytes (engines compare uploads byte for byte)
     info = {**report, "peak_mem_bytes": plan.peak, "private_blocks": len(private.blocks)}
     if plan.finetune == "full":  # the info as before the finetune key existed: full devices' uploads unchanged
-        return make_upload(dc, model, e_n, {**info, "params": n_params(model)}).to_bytes()
+        return make_upload(dc, model, e_n, {**info, "params": n_params(model)}, private.tokenizer).to_bytes()
     info.update(finetune="lora", lora_rank=plan.rank, trainable_params=trainable)
     if base_hash:
         return make_adapter_upload(dc, model, e_n, {**info, **lora.adapter_info(model, base_hash)}).to_bytes()
     merged = model.merge_and_unload()  # W + (alpha / r) B A: the upload is the whole model, as a full device's
-    return make_upload(dc, merged, e_n, {**info, "params": n_params(merged), "upload": "merged"}).to_bytes()
+    return make_upload(dc, merged, e_n, {**info, "params": n_params(merged), "upload": "merged"},
+                       private.tokenizer).to_bytes()
 
 
-def public_model(cfg: FederationConfig, dc: DeviceConfig, public: torch.Tensor, vocab_size: int,
+def public_model(cfg: FederationConfig, dc: DeviceConfig, public: torch.Tensor, tokenizer,
                  torch_device: torch.device):
     """The device's starting point, as GPT-2 or TinyLlama is in practice: its type's public checkpoint, from a
-    local directory (checkpoint = ...) or made once from the public text and cached (checkpoints.py)."""
+    local directory (checkpoint = ...) or made once from the public text and cached (checkpoints.py). A preset
+    with its own tokenizer is made from the same public text, cut by that tokenizer. `public` and `tokenizer`
+    are the federation's."""
     from deepfusion.checkpoints import device_model
     from deepfusion.config import device_at
+    from deepfusion.federation import device_tokenizer, public_blocks
 
     where = device_at([d.id for d in cfg.devices].index(dc.id), dc.id)
-    return device_model(dc.family, dc.size, vocab_size, public, cfg.pretrain, dc.checkpoint, where,
-                        torch_device=torch_device)
+    own = device_tokenizer(cfg, dc.id, tokenizer)
+    if own is not tokenizer and not dc.checkpoint:
+        public = public_blocks(tokenizer, own, public)
+    return device_model(dc.family, dc.size, len(own), public, cfg.pretrain, dc.checkpoint, where,
+                        torch_device=torch_device, own_tokenizer=own is not tokenizer)

@@ -16,6 +16,10 @@ teacher's distribution weighted by how well that teacher explains the block's re
 over teachers of their mean log-likelihood: medical blocks lean on medical teachers), kept as top-k + tail
 so the tuning step uses the same exact, cheap KL as the multi-round protocol (losses.topk_kl_shared).
 The same scores give each public block a domain: the one whose teachers explain it best (router init).
+A teacher with its own tokenizer (crosskd.TeacherTokens) speaks only at the global positions that end an
+aligned character span, its distribution projected onto the global vocabulary: its score is its mean over
+those positions, a position's mixture is over the teachers that speak there, and a position none speaks at
+gets the real next token as its target (plain CE there).
 """
 
 from __future__ import annotations
@@ -47,16 +51,25 @@ class TeacherTargets:
 
 @torch.no_grad()
 def teacher_targets(teachers: list[tuple[int, torch.nn.Module]], public: torch.Tensor, num_domains: int, k: int,
-                    torch_device: torch.device, batch: int = 4) -> TeacherTargets:
-    """teachers: (domain, model) pairs. A few blocks at a time: n_teachers x (B, T-1, V) probabilities."""
+                    torch_device: torch.device, batch: int = 4, tokens: list | None = None) -> TeacherTargets:
+    """teachers: (domain, model) pairs; tokens[i]: teacher i's own tokenizer (crosskd.TeacherTokens) or None.
+    A few blocks at a time: n_teachers x (B, T-1, V) probabilities."""
+    tokens = tokens or [None] * len(teachers)
     ids, probs, tails, domains = [], [], [], []
     for start in range(0, len(public), batch):
         blocks = public[start:start + batch].to(torch_device)  # (B, T)
-        logp = torch.stack([_log_probs(model, blocks, torch_device) for _, model in teachers])  # (M, B, T-1, V)
+        idx = torch.arange(start, start + len(blocks))
+        said = [_log_probs(model, blocks, torch_device) if own is None
+                else _aligned_log_probs(model, own, idx, public.shape[1], torch_device)
+                for (_, model), own in zip(teachers, tokens)]
+        logp = torch.stack([lp for lp, _ in said])  # (M, B, T-1, V)
         truth = logp.gather(-1, blocks[:, 1:].expand(len(teachers), -1, -1).unsqueeze(-1)).squeeze(-1)  # (M, B, T-1)
-        score = truth.mean(-1)  # (M, B): each teacher's mean log-likelihood of the block
-        weight = score.softmax(dim=0)  # (M, B)
-        mixture = (weight[..., None, None] * logp.exp()).sum(0)  # (B, T-1, V)
+        if all(on is None for _, on in said):
+            score = truth.mean(-1)  # (M, B): each teacher's mean log-likelihood of the block
+            weight = score.softmax(dim=0)  # (M, B)
+            mixture = (weight[..., None, None] * logp.exp()).sum(0)  # (B, T-1, V)
+        else:
+            score, mixture = _spoken_mixture(logp, truth, [on for _, on in said], blocks)
         top_p, top_i = mixture.topk(k, dim=-1)  # (B, T-1, k)
         ids.append(top_i.cpu())
         probs.append(top_p.cpu())
@@ -65,11 +78,41 @@ def teacher_targets(teachers: list[tuple[int, torch.nn.Module]], public: torch.T
     return TeacherTargets(torch.cat(ids), torch.cat(probs), torch.cat(tails), torch.cat(domains))
 
 
-def _log_probs(model, blocks: torch.Tensor, torch_device: torch.device) -> torch.Tensor:
+def _log_probs(model, blocks: torch.Tensor, torch_device: torch.device) -> tuple[torch.Tensor, None]:
     model.eval()
     with autocast(torch_device):
         logits = model(input_ids=blocks).logits[:, :-1]  # (B, T-1, V)
-    return logits.float().log_softmax(-1)
+    return logits.float().log_softmax(-1), None
+
+
+def _aligned_log_probs(model, own, idx: torch.Tensor, T: int, torch_device: torch.device):
+    """A teacher with its own tokenizer on blocks idx: (B, T-1, V) log-probs in the global vocabulary at the
+    positions that end an aligned span, and that mask (B, T-1); elsewhere log 0 clamped (the mask says so)."""
+    from deepfusion.alignment import project_probs
+
+    model.eval()
+    views, ids, attention = own.batch(idx)
+    with autocast(torch_device):
+        logits = model(input_ids=ids.to(torch_device), attention_mask=attention.to(torch_device)).logits.float()
+    probs = logits.new_zeros(len(views), T, own.global_size)
+    on = torch.zeros(len(views), T, dtype=torch.bool, device=logits.device)
+    for b, v in enumerate(views):
+        a, g = v.alignment.a, v.alignment.b
+        probs[b, g.last] = project_probs(logits[b, a.last].softmax(-1), own.vocab_map, probs.shape[-1])
+        on[b, g.last] = True
+    return probs[:, :-1].clamp_min(1e-30).log(), on[:, :-1]
+
+
+def _spoken_mixture(logp: torch.Tensor, truth: torch.Tensor, spoken: list, blocks: torch.Tensor):
+    """Scores and mixture when some teachers speak only at some positions (their own tokenizer)."""
+    on = torch.stack([torch.ones_like(truth[0], dtype=torch.bool) if s is None else s for s in spoken]).float()
+    score = (truth * on).sum(-1) / on.sum(-1).clamp_min(1)  # (M, B): mean over the positions it speaks at
+    weight = score.softmax(dim=0)[..., None] * on  # (M, B, T-1)
+    total = weight.sum(0)  # (B, T-1)
+    mixture = (weight[..., None] * logp.exp()).sum(0) / total.clamp_min(1e-30)[..., None]  # (B, T-1, V)
+    silent = total == 0  # no teacher speaks: the real next token
+    mixture[silent] = F.one_hot(blocks[:, 1:][silent], mixture.shape[-1]).to(mixture.dtype)
+    return score, mixture
 
 
 def _domain_scores(score: torch.Tensor, domain_of: list[int], num_domains: int) -> torch.Tensor:

@@ -75,6 +75,13 @@ def pool_patches(h: torch.Tensor, patches: int) -> torch.Tensor:
     return F.layer_norm(pooled, (d,))
 
 
+def pool_spans(h: torch.Tensor, pool: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Teacher side, own tokenizer: the pool-weighted mean of its tokens per patch, standardised per patch.
+    (B, L, d_T), (B, n, L), (B, n) -> (B, n, d_T); an empty patch comes out 0 (the loss leaves it out)."""
+    pooled = (pool.to(h.dtype) @ h).float() / weight.clamp_min(1e-9)[..., None]
+    return F.layer_norm(pooled, (h.shape[-1],))
+
+
 # ---- the parts of VAA ---------------------------------------------------------------------------
 
 class PatchEmbed(nn.Module):
@@ -141,8 +148,15 @@ class ViewAlignedAttention(nn.Module):
         x = self.ln_out(x).view(x.shape[0], self.stages, self.per_stage, -1)  # (B, J, n, d)
         return [w(x[:, j]) for j, w in enumerate(self.out)]  # J x (B, n, d_T)
 
-    def loss(self, student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor]) -> torch.Tensor:
-        """Eq. 9: sum over stages of the MSE between pooled teacher features and the aligned student's."""
+    def loss(self, student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor],
+             pool: torch.Tensor | None = None) -> torch.Tensor:
+        """Eq. 9: sum over stages of the MSE between pooled teacher features and the aligned student's.
+        pool (B, n, L): a teacher with its own tokenizer, pooled over character spans (crosskd.patch_pool)."""
         aligned = self(student_feats)
-        targets = [pool_patches(t.detach(), self.per_stage) for t in teacher_feats]  # J x (B, n, d_T)
-        return sum(F.mse_loss(s.float(), t) for s, t in zip(aligned, targets))
+        if pool is None:
+            targets = [pool_patches(t.detach(), self.per_stage) for t in teacher_feats]  # J x (B, n, d_T)
+            return sum(F.mse_loss(s.float(), t) for s, t in zip(aligned, targets))
+        weight = pool.sum(-1)  # (B, n): characters behind each patch's target; 0 = no span ends there
+        on = weight > 0
+        targets = [pool_spans(t.detach(), pool, weight) for t in teacher_feats]  # J x (B, n, d_T)
+        return sum(F.mse_loss(s.float()[on], t[on]) for s, t in zip(aligned, targets))

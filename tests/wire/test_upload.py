@@ -92,3 +92,40 @@ def test_a_device_outside_the_federation_is_refused():
 def test_the_architecture_description_is_the_models_config():
     up = upload("bloom")
     assert json.loads(json.dumps(up.config))["n_layer"] == 1
+
+
+# ---- a device's own tokenizer travels with its model ----------------------------------------------------
+
+def own_tokenizer(dirs):
+    from deepfusion.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(dirs["unigram"])
+
+
+def test_an_upload_with_its_own_tokenizer_round_trips_and_the_server_reads_it(byo_tokenizers):
+    from deepfusion.wire.upload import read_tokenizer, wire_tokenizer
+
+    tok = own_tokenizer(byo_tokenizers)
+    torch.manual_seed(0)
+    model = build_device_model("llama", "tiny", len(tok) + 4)  # padded past its tokenizer, as models are
+    dc = DeviceConfig(id="a", source="medquad:cdc", family="llama", size="tiny")
+    blob = make_upload(dc, model, bytes(range(EMB)), {}, tok).to_bytes()
+    got, config = receive(blob)  # the federation's vocabulary (V) is not the device's: accepted with its own
+    back = read_tokenizer(got.tokenizer)
+    text = "Stratification of 1,452 naïve cases"
+    assert back(text)["input_ids"] == tok(text)["input_ids"] and back.eos_token == tok.eos_token
+    assert got.arch.startswith("llama/tiny+tok:") and len(got.tokenizer) == len(wire_tokenizer(tok))
+    assert len(blob) > len(make_upload(dc, model, bytes(range(EMB)), {}).to_bytes())  # counted in its bytes
+
+
+def test_a_bad_own_tokenizer_is_one_reason(byo_tokenizers):
+    tok = own_tokenizer(byo_tokenizers)
+    torch.manual_seed(0)
+    dc = DeviceConfig(id="a", source="medquad:cdc", family="llama", size="tiny")
+    small = make_upload(dc, build_device_model("llama", "tiny", len(tok) - 1), bytes(range(EMB)), {}, tok)
+    with pytest.raises(UploadError, match="smaller than its own tokenizer"):
+        receive(small.to_bytes())
+    broken = make_upload(dc, build_device_model("llama", "tiny", len(tok)), bytes(range(EMB)), {}, tok)
+    broken.tokenizer = b"not a tokenizer"
+    with pytest.raises(UploadError, match="its tokenizer does not load"):
+        receive(broken.to_bytes())

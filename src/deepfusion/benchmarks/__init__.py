@@ -18,7 +18,7 @@ from pathlib import Path
 
 from deepfusion.errors import ConfigError
 
-PROFILES = ("quick", "full", "scale", "pipeline", "paper", "paper-quick")
+PROFILES = ("quick", "full", "scale", "pipeline", "paper", "paper-quick", "byo")
 MICRO = ("experts", "distill", "poison", "dp", "vaa")
 
 
@@ -31,6 +31,12 @@ def run_profile(profile: str, out: Path, config: Path | None = None, seeds: list
             raise ConfigError(f"bench --profile {profile}: --config does not apply; its federations are written from "
                               "configs/paper-medical.toml and configs/paper-finance.toml for every N and seed")
         return f"{len(paper.run_bench(out, profile, seeds)['runs'])} runs -> {out / 'RESULTS.md'}"
+    if profile == "byo":
+        from deepfusion.benchmarks import byo
+
+        if config:
+            raise ConfigError("bench --profile byo: --config does not apply; it runs configs/default.toml three ways")
+        return f"{len(byo.run_bench(out, seeds)['runs'])} runs -> {out / 'RESULTS.md'}"
     if profile == "pipeline":
         from deepfusion.benchmarks.pipeline import run_bench
 

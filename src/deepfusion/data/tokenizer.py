@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from deepfusion.errors import DataError
@@ -75,6 +75,8 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot load a tokenizer from it ({e}); "
                         "it must hold tokenizer.json from save_pretrained; retrain or fix the path") from None
+    if tok.eos_token is None and tok.sep_token is not None:
+        tok.eos_token = tok.sep_token  # WordPiece (BERT): [SEP] is what ends a text there
     if tok.eos_token is None:
         if EOS not in tok.get_vocab():
             raise DataError(f"{path}: tokenizer has no eos token and no {EOS}; documents are "
@@ -83,3 +85,63 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+# ---- other algorithms, as devices bring them (GPT-2's byte-level BPE, SentencePiece's Unigram, BERT's WordPiece) --
+# Bring-your-own-tokenizer fixtures and the byo benchmark train these: real tokenizers of the three families
+# the alignment layer must handle (alignment.py), made here because nothing may come from a hub.
+
+def _bpe(texts, size: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|pad|>")
+
+
+def _unigram(texts, size: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    # A small seed and fast shrinking: 4 s instead of 10 s on these documents, the same kind of pieces.
+    trainer = trainers.UnigramTrainer(vocab_size=size, special_tokens=specials, unk_token="<unk>",
+                                      seed_size=5000, max_piece_length=8, shrinking_factor=0.5,
+                                      show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> $B </s>",
+        special_tokens=[(s, tok.token_to_id(s)) for s in ("<s>", "</s>")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def _wordpiece(texts, size: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)  # strips accents too
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    specials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+    trainer = trainers.WordPieceTrainer(vocab_size=size, special_tokens=specials,
+                                        show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[(s, tok.token_to_id(s)) for s in ("[CLS]", "[SEP]")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                                   pad_token="[PAD]", mask_token="[MASK]")
+
+
+
+KINDS = {"bpe": _bpe, "unigram": _unigram, "wordpiece": _wordpiece}
+
+
+def train_kind(texts: list[str], kind: str, size: int) -> PreTrainedTokenizerFast:
+    """A tokenizer of one of KINDS with `size` ids, trained on texts (seconds for a few hundred documents)."""
+    if kind not in KINDS:
+        raise DataError(f"tokenizer kind {kind!r}: choose one of {', '.join(KINDS)}")
+    return KINDS[kind](texts, size)

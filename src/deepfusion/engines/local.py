@@ -28,7 +28,7 @@ from deepfusion.baselines.centralized import EarlyStopping, pooled_blocks
 from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ONESHOT_METHODS, FederationConfig
 from deepfusion.device import (Device, build_device, describe, device_state, evaluate_device, load_device_state,
                                local_train, measure_train_peak, run_round, train_peak_bytes)
-from deepfusion.federation import FederationData, device_documents, device_seed, prepare_data
+from deepfusion.federation import FederationData, device_documents, device_seed, own_tokenizer, prepare_data
 from deepfusion.ledger import Ledger
 from deepfusion.models import n_params, resolve_device
 from deepfusion.outputs import code_version, load_checkpoint, rewrite_metrics
@@ -215,8 +215,8 @@ def oneshot_send(cfg: FederationConfig, data: FederationData, torch_device: torc
     def device(device_id: str, task: bytes) -> bytes:
         dc = next(d for d in cfg.devices if d.id == device_id)
         texts = [doc.text for doc in device_documents(cfg, device_id, data.data_dir)]
-        private = ondevice.PrivateData(texts, data.private[device_id])
-        model = ondevice.public_model(cfg, dc, data.proxy, len(data.tokenizer), torch_device)
+        private = ondevice.PrivateData(texts, data.private[device_id], own_tokenizer(cfg, device_id, data.tokenizer))
+        model = ondevice.public_model(cfg, dc, data.proxy, data.tokenizer, torch_device)
         return ondevice.run_task(cfg, device_id, task, private, model, device_seed(cfg, device_id), torch_device)
 
     def send(tasks: dict[str, bytes]) -> tuple[dict[str, bytes], dict[str, str]]:

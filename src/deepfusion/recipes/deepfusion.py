@@ -36,12 +36,12 @@ from deepfusion.checkpoints import dense_base_model, device_model
 from deepfusion.config import FederationConfig, to_dict
 from deepfusion.errors import DataError
 from deepfusion.evaluation import evaluate, lm_metrics
-from deepfusion.federation import FederationData
+from deepfusion.federation import FederationData, public_blocks
 from deepfusion.models import export_model, n_params, server_moe_config
 from deepfusion.outputs import rewrite_metrics, summary, write_json_atomic
 from deepfusion.progress import RunProgress
 from deepfusion.tuning import teacher_targets, tune
-from deepfusion.wire.upload import Task, UploadError, receive_upload
+from deepfusion.wire.upload import Task, UploadError, read_tokenizer, receive_upload
 
 log = logging.getLogger("deepfusion")
 
@@ -109,6 +109,7 @@ def run(cfg: FederationConfig, out_dir: Path, data: FederationData, send: Send, 
              phase1["ari"], {k: [ids[i] for i in range(len(ids)) if labels[i] == k] for k in range(K)})
     shown.update(1)
     teachers = proxy_models(clustering.proxy_groups(labels, [uploads[d].arch for d in ids]), ids, uploads, configs)
+    tokens = teacher_tokens(teachers, data, moe_config.get_text_config().vocab_size)  # own tokenizers, aligned once
 
     # ---- Phase II: per domain, the dense base distils its proxy models --------------------------------
     base = dense_base(cfg, data, moe_config, torch_device)
@@ -119,12 +120,13 @@ def run(cfg: FederationConfig, out_dir: Path, data: FederationData, send: Send, 
             t = time.perf_counter()
             student = base_copy(base)
             torch.manual_seed(cfg.seed * 7919 + i)  # VAA's init: each domain's own seed, so resume is exact
-            curve = crosskd.distill_domain(student, [m for _, m in teachers[i]], data.proxy, cfg.distill,
-                                           torch.Generator().manual_seed(cfg.seed * 7919 + i), torch_device)
-            state.save_student(i, student, {"curve": curve, "teachers": [n for n, _ in teachers[i]],
+            curve = crosskd.distill_domain(student, [m for _, m, _ in teachers[i]], data.proxy, cfg.distill,
+                                           torch.Generator().manual_seed(cfg.seed * 7919 + i), torch_device,
+                                           [tokens[n] for n, _, _ in teachers[i]])
+            state.save_student(i, student, {"curve": curve, "teachers": [n for n, _, _ in teachers[i]],
                                             "seconds": round(time.perf_counter() - t, 2)})
             state.mark(f"Phase II, domain {i + 1} of {K} distilled")
-            log.info("[PHASE II] domain %d/%d distilled from %s", i + 1, K, [n for n, _ in teachers[i]])
+            log.info("[PHASE II] domain %d/%d distilled from %s", i + 1, K, [n for n, _, _ in teachers[i]])
         students.append(state.student(i))
         records.append({"phase": "II", "domain": i, **state.read(f"student{i}")})
         rewrite_metrics(out_dir, records)
@@ -133,8 +135,9 @@ def run(cfg: FederationConfig, out_dir: Path, data: FederationData, send: Send, 
     # ---- Phase III: fuse the students into the MoE's experts, set the router, tune ----------------------
     t = time.perf_counter()
     moe = upcycling.fuse(moe_config, students, cfg.tune.shared).to(torch_device)
-    flat = [(i, m.to(torch_device)) for i in range(K) for _, m in teachers[i]]
-    targets = teacher_targets(flat, data.proxy, K, cfg.tune.topk, torch_device)
+    flat = [(i, m.to(torch_device)) for i in range(K) for _, m, _ in teachers[i]]
+    targets = teacher_targets(flat, data.proxy, K, cfg.tune.topk, torch_device,
+                              tokens=[tokens[n] for i in range(K) for n, _, _ in teachers[i]])
     if cfg.tune.router_init == "domains":
         routing = upcycling.init_router(moe, data.proxy, targets.block_domain)
     else:
@@ -216,7 +219,8 @@ def with_base(cfg: FederationConfig, data: FederationData, upload, bases: dict, 
 
 def proxy_models(groups: dict[int, dict[str, list[int]]], ids: list[str], uploads: dict, configs: dict) -> dict:
     """Fig. 4: per domain, one local-knowledge proxy model per device type, the mean of its devices' weights.
-    Returns domain -> [(name, model)]: a domain with several types distils from each of them."""
+    Returns domain -> [(name, model, its own tokenizer or None)]: a domain with several types distils from each
+    of them. Devices of one type share a tokenizer (the type's label includes it: ondevice.device_arch)."""
     from transformers import AutoModelForCausalLM
 
     out = {}
@@ -227,8 +231,16 @@ def proxy_models(groups: dict[int, dict[str, list[int]]], ids: list[str], upload
             model = AutoModelForCausalLM.from_config(configs[ids[members[0]]])
             model.load_state_dict(clustering.average_state_dicts(states), strict=False)  # tied weights: listed once
             model.tie_weights()
-            out[domain].append((f"{arch} x{len(members)}", model.eval()))
+            tok = uploads[ids[members[0]]].tokenizer
+            out[domain].append((f"{arch} x{len(members)}", model.eval(), read_tokenizer(tok) if tok else None))
     return out
+
+
+def teacher_tokens(teachers: dict, data: FederationData, global_size: int) -> dict:
+    """name -> crosskd.TeacherTokens for every proxy model with its own tokenizer (None for the rest): the public
+    blocks cut by its tokenizer and aligned with the global cut, once, for Phases II and III."""
+    return {n: crosskd.TeacherTokens.build(m, tok, data.tokenizer, data.proxy, global_size) if tok is not None
+            else None for group in teachers.values() for n, m, tok in group}
 
 
 # ---- the dense base and its copies -------------------------------------------------------------------
@@ -266,9 +278,13 @@ def device_reports(cfg: FederationConfig, data: FederationData, uploads: dict, c
         source = data.device_source[d]  # its own source's test text: the local-only reference, at 1/S the cost
         # a full device's upload predates the finetune keys (its bytes stay as they were): its defaults here
         full = {"finetune": "full", "lora_rank": 0, "trainable_params": upload.info.get("params"), "upload": "merged"}
+        domain, blocks = data.test_sets[source]
+        if upload.tokenizer:  # its own tokenizer: the same test text, cut its way (a perplexity per its own token)
+            blocks = public_blocks(data.tokenizer, read_tokenizer(upload.tokenizer), blocks)
         reports[d] = {"arch": upload.arch, "upload_bytes": ledger["per_device"][d]["up"], "source": source,
-                      "ppl_own_source": evaluate(model.to(torch_device), {source: data.test_sets[source]},
+                      "ppl_own_source": evaluate(model.to(torch_device), {source: (domain, blocks)},
                                                  torch_device)["ppl_by_source"][source],
+                      **({"tokenizer": "own", "tokenizer_bytes": len(upload.tokenizer)} if upload.tokenizer else {}),
                       **full, **{k: v for k, v in upload.info.items() if k != "curve"}}
     return reports
 

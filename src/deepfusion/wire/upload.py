@@ -42,6 +42,7 @@ def accepted_model_type(model_type) -> bool:
 
     return isinstance(model_type, str) and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 EMBEDDING = "__embedding__"  # the tensor holding e_n's bytes (uint8) inside an upload
+TOKENIZER = "__tokenizer__"  # a device's own tokenizer (uint8, wire_tokenizer), absent when it uses the federation's
 BASIS = "__basis__"  # the tensor holding the public basis' bytes (uint8) inside a task
 HEADER_ROOM = 64 << 10  # safetensors header + metadata: a few kB for a model's names and config, ample room
 TASK_FIELDS = {"version": str, "device_id": str}
@@ -80,10 +81,13 @@ class Upload:
     tensors: dict[str, torch.Tensor]  # parameter name -> weight in the upload dtype (tied weights once)
     embedding: bytes  # e_n (embedding.py)
     info: dict = field(default_factory=dict)  # numbers the server only reports: steps, val_loss, peak memory, ...
+    tokenizer: bytes = b""  # the device's own tokenizer (wire_tokenizer), b"": the federation's
 
     def to_bytes(self) -> bytes:
         tensors = {**{k: v.detach().cpu().contiguous() for k, v in self.tensors.items()},
                    EMBEDDING: torch.frombuffer(bytearray(self.embedding), dtype=torch.uint8)}
+        if self.tokenizer:
+            tensors[TOKENIZER] = torch.frombuffer(bytearray(self.tokenizer), dtype=torch.uint8)
         meta = {"version": str(VERSION), "device_id": self.device_id, "arch": self.arch,
                 "config": st.to_str(self.config, "json"), "info": st.to_str(self.info, "json")}
         return st.write(tensors, meta)
@@ -92,12 +96,15 @@ class Upload:
     def from_bytes(cls, data: bytes, max_bytes: int = 1 << 32) -> Upload:
         tensors, meta = st.read(data, "upload", version=str(VERSION), fields=UPLOAD_FIELDS, max_bytes=max_bytes,
                                 backend="torch", error=UploadError)
-        embedding = tensors.pop(EMBEDDING, None)
+        embedding, tok = tensors.pop(EMBEDDING, None), tensors.pop(TOKENIZER, None)
         if embedding is None or embedding.dtype != torch.uint8 or embedding.ndim != 1:
             raise UploadError(f"malformed upload: it must carry e_n as a 1-D uint8 tensor {EMBEDDING!r}")
+        if tok is not None and (tok.dtype != torch.uint8 or tok.ndim != 1):
+            raise UploadError(f"malformed upload: its tokenizer {TOKENIZER!r} must be a 1-D uint8 tensor")
         if not isinstance(meta["config"], dict) or not isinstance(meta["info"], dict):
             raise UploadError("malformed upload: its config and info must be JSON objects")
-        return cls(meta["device_id"], meta["arch"], meta["config"], tensors, embedding.numpy().tobytes(), meta["info"])
+        return cls(meta["device_id"], meta["arch"], meta["config"], tensors, embedding.numpy().tobytes(), meta["info"],
+                   b"" if tok is None else tok.numpy().tobytes())
 
     def dtype(self) -> torch.dtype:
         dtypes = {t.dtype for t in self.tensors.values()}
@@ -139,14 +146,20 @@ def receive_upload(data: bytes, sender: str, *, devices: set[str], vocab_size: i
     if sender not in devices:
         raise UploadError(f"device {sender!r} is not in this federation")
     config = describe(upload.config)
-    if config.vocab_size != vocab_size:
-        raise UploadError(f"vocab {config.vocab_size} != federation vocab {vocab_size}: every device must "
-                          "use the federation's tokenizer")
+    vocab = config.get_text_config().vocab_size
+    if upload.tokenizer:
+        own = len(read_tokenizer(upload.tokenizer))
+        if vocab < own:
+            raise UploadError(f"vocab {vocab} is smaller than its own tokenizer's {own} ids: the model cannot "
+                              "read every token its tokenizer makes")
+    elif vocab != vocab_size:
+        raise UploadError(f"vocab {vocab} != federation vocab {vocab_size}, and the upload carries no tokenizer of "
+                          "its own: a device uses the federation's tokenizer or sends its own with the model")
     if len(upload.embedding) != embedding_bytes:
         raise UploadError(f"data embedding is {len(upload.embedding)} bytes, expected {embedding_bytes}")
     expected = expected_adapter(upload, config) if lora.is_adapter(upload.info) else expected_parameters(config)
     _check_tensors(upload, expected)
-    cap = sum(math.prod(s) for s in expected.values()) * 2 + embedding_bytes + HEADER_ROOM
+    cap = sum(math.prod(s) for s in expected.values()) * 2 + embedding_bytes + len(upload.tokenizer) + HEADER_ROOM
     if len(data) > cap:
         raise UploadError(f"upload is {len(data)} bytes, more than its architecture's {cap} in 16-bit weights")
     return upload, config
@@ -180,3 +193,41 @@ def _check_tensors(upload: Upload, expected: dict[str, torch.Size]) -> None:
 def load_uploaded(upload: Upload, config: PreTrainedConfig) -> dict[str, torch.Tensor]:
     """The upload's weights as an fp32 state dict (the server averages and distils in fp32)."""
     return {k: v.float() for k, v in upload.tensors.items()}
+
+
+# ---- a device's own tokenizer on the wire ---------------------------------------------------------------
+
+# The roles a PreTrainedTokenizerFast keeps outside tokenizer.json: without them the server could not tell
+# which id ends a document (alignment maps specials by role).
+_ROLES = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+def wire_tokenizer(tokenizer) -> bytes:
+    """A fast tokenizer as bytes: its tokenizer.json and its special tokens' roles, zlib-compressed (a 50k-id
+    BPE is ~0.5 MB this way, a few % of the smallest model it comes with; counted in the upload's bytes)."""
+    import json
+    import zlib
+
+    roles = {r: getattr(tokenizer, r) for r in _ROLES if isinstance(getattr(tokenizer, r, None), str)}
+    body = json.dumps({"tokenizer": tokenizer.backend_tokenizer.to_str(), "roles": roles}, sort_keys=True)
+    return zlib.compress(body.encode("utf-8"), 9)
+
+
+def read_tokenizer(data: bytes):
+    """The inverse of wire_tokenizer, checked: UploadError naming what is wrong."""
+    import json
+    import zlib
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        body = json.loads(zlib.decompress(data, bufsize=1 << 20).decode("utf-8"))
+        roles = {r: v for r, v in body["roles"].items() if r in _ROLES and isinstance(v, str)}
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(body["tokenizer"]), **roles)
+    except Exception as e:  # zlib, json, KeyError, tokenizers' own exceptions: all say the same thing
+        raise UploadError(f"malformed upload: its tokenizer does not load ({type(e).__name__}: "
+                          f"{str(e)[:120]})") from None
+    if tok.eos_token is None:
+        raise UploadError("malformed upload: its tokenizer names no eos token; the server aligns documents on it")
+    return tok

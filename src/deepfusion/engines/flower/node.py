@@ -35,7 +35,7 @@ from deepfusion.config import FederationConfig
 from deepfusion.data import load_source, resolve_data_dir, split_documents
 from deepfusion.device import (Device, build_device, choose_size, device_state, evaluate_device, load_device_state,
                                train_peak_bytes)
-from deepfusion.federation import device_private, device_seed, held_out_blocks
+from deepfusion.federation import device_private, device_seed, held_out_blocks, own_tokenizer
 from deepfusion.models import resolve_device
 from deepfusion.wire.setup import Setup
 
@@ -120,9 +120,10 @@ def oneshot_upload(setup: Setup, device_id: str, task: bytes, data_dir: str | No
     tokenizer, root = setup.tokenizer(), resolve_data_dir(data_dir)  # its own data, never the server's path
     split = split_documents(load_source(dc.source, root, dc.domain), d.seed, d.proxy_frac, d.test_frac)
     texts = [doc.text for doc in device_documents(cfg, device_id, root, split)]
-    private = ondevice.PrivateData(texts, device_private(cfg, device_id, tokenizer, root, split))
+    private = ondevice.PrivateData(texts, device_private(cfg, device_id, tokenizer, root, split),
+                                   own_tokenizer(cfg, device_id, tokenizer))
     torch_device = resolve_device(cfg.device)
-    model = ondevice.public_model(cfg, dc, setup.proxy, len(tokenizer), torch_device)
+    model = ondevice.public_model(cfg, dc, setup.proxy, tokenizer, torch_device)
     return ondevice.run_task(cfg, device_id, task, private, model, device_seed(cfg, device_id), torch_device)
 
 
