@@ -174,3 +174,29 @@ def test_three_families_with_three_tokenizers_run_the_paper_pipeline(root, tok, 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model", local_files_only=True)
     assert type(model).__name__ == "Qwen3MoeForCausalLM"
     assert all(v == v and v > 0 for v in summary["ppl"].values())
+
+
+@pytest.mark.slow
+def test_three_families_with_three_tokenizers_run_the_multi_round_protocol(root, tok, tmp_path, data_dir,
+                                                                           byo_tokenizers):
+    """The same kind of federation in the protocol where no weights leave a device: each checkpoint starts from
+    its own weights, answers in the global vocabulary at the global positions, and every packet is accepted."""
+    from deepfusion.engines import local
+
+    moe_dir, _ = byo.moe_dirs(root, "qwen3_moe", tok)
+    cfg = load_config(default_config_path("smoke-multiround"))
+    cfg.data.dir, cfg.data.tokenizer, cfg.device = str(data_dir), str(tok), "cpu"
+    cfg.server.pretrained = str(moe_dir)
+    own = {"cdc": ("gpt2", "bpe"), "nhlbi": ("qwen3", "unigram"), "finance": ("olmo", "wordpiece")}
+    for d in cfg.devices:
+        family, kind = own[d.id]
+        d.checkpoint = str(byo.device_dir(root / f"mr-{d.id}", family, byo_tokenizers[kind]))
+    summary = local.run(cfg.validate(), tmp_path / "out", progress=False)
+    rounds = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rounds) == cfg.rounds
+    assert all(sorted(r["accepted"]) == sorted(own) and not r["rejected"] for r in rounds)
+    devices = summary["devices"]
+    assert {d: r["arch"] for d, r in devices.items()} == {d: f"{f}:{f}" for d, (f, _) in own.items()}
+    assert all(r["tokenizer"] == "own" and r["ppl_own_source"] > 1 for r in devices.values())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model", local_files_only=True)
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"

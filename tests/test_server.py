@@ -153,3 +153,91 @@ def test_views_final_average_puts_plain_fkds_teacher_on_the_final_head():
     assert torch.allclose(mixed, alone)
     targets.final = None  # per device again: a different loss
     assert not torch.allclose(kd_loss(df, out, idx, targets, weights), alone)
+
+
+# ---- devices with their own tokenizer: knowledge only where they align ------------------------------------
+
+def masked(packet, aligned, vocab="own-vocab"):
+    """The packet as a device with its own tokenizer sends it: aligned (N,) marks where it carries knowledge."""
+    import dataclasses
+
+    import numpy as np
+
+    return dataclasses.replace(packet, aligned=np.asarray(aligned, np.uint8), vocab=vocab)
+
+
+def test_truth_log_likelihood_averages_over_the_positions_a_device_aligns():
+    from deepfusion.server import truth_log_likelihood
+
+    proxy = torch.tensor([[1, 2, 3], [4, 5, 6]])  # next tokens (2, 3), (5, 6)
+    ids = torch.tensor([[[[2, 0], [9, 0]], [[5, 0], [6, 0]]]])  # (K=1, P=2, T-1=2, k=2): a miss at (0, 1)
+    probs = torch.tensor([[[[0.5, 0.1], [0.5, 0.1]], [[0.8, 0.1], [0.4, 0.1]]]])
+    tail = 1 - probs.sum(-1)
+    everywhere = truth_log_likelihood(ids, probs, tail, proxy, 10)
+    torch.testing.assert_close(truth_log_likelihood(ids, probs, tail, proxy, 10, torch.ones(1, 2, 2, dtype=torch.bool)),
+                               everywhere)
+    aligned = torch.tensor([[[True, False], [False, False]]])  # block 0: only its hit; block 1: nowhere
+    score = truth_log_likelihood(ids, probs, tail, proxy, 10, aligned)
+    assert score[0, 0] == pytest.approx(torch.tensor(0.5).log().item()) and score[0, 1] == -torch.inf
+
+
+def test_aggregate_mixes_the_devices_that_align_a_position_and_teaches_the_truth_where_none_does():
+    server = make_server("plain-fkd")
+    n = P * (T - 1)
+    a, b = packet_for(server, "a"), packet_for(server, "b")
+    only_a = torch.arange(n) % 3 == 0
+    both = torch.arange(n) % 3 == 1
+    packets = {"a": masked(a, only_a | both), "b": masked(b, both)}  # positions % 3 == 2: nobody
+    targets = stack_targets(server, packets)
+    assert targets.aligned.shape == (2, P, T - 1)
+    weights = reliability_weights(server, targets)
+    agg = aggregate(targets, weights, V, 4, proxy=server.proxy)
+    shared = aggregate(stack_targets(server, {"a": a, "b": b}), weights, V, 4)
+    alone = aggregate(stack_targets(server, {"a": a}), torch.ones(1, P), V, 4)
+    flat = lambda t: t.flatten(0, 2)  # noqa: E731  (1, P, T-1, ...) -> (N, ...)
+    torch.testing.assert_close(flat(agg.probs)[only_a], flat(alone.probs)[only_a], atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat(agg.probs)[both], flat(shared.probs)[both], atol=1e-5, rtol=0)
+    nobody = ~(only_a | both)
+    assert torch.equal(flat(agg.ids)[nobody][:, 0], server.proxy[:, 1:].flatten()[nobody])
+    assert (flat(agg.probs)[nobody][:, 0] == 1).all() and (flat(agg.tail)[nobody] == 0).all()
+
+
+def test_a_device_carries_no_weight_where_it_does_not_align():
+    from deepfusion.server import _batch
+
+    server = make_server("device-kd")
+    n = P * (T - 1)
+    first_half = torch.arange(n) < n // 2
+    packets = {"a": masked(packet_for(server, "a"), first_half), "b": packet_for(server, "b")}
+    targets = stack_targets(server, packets)
+    weights = reliability_weights(server, targets)
+    *_, w = _batch(targets, weights, torch.arange(P), torch.device("cpu"))  # (K, N)
+    assert (w[0][~first_half] == 0).all() and (w[1][~first_half] == 1).all()
+    torch.testing.assert_close(w.sum(0), torch.ones(n))  # each position: a mixture over who aligns it
+
+
+@pytest.mark.parametrize("method", ["multiround-views", "device-kd", "plain-fkd"])
+def test_server_round_trains_on_masked_packets(method):
+    server = make_server(method)
+    n = P * (T - 1)
+    payloads = {d: masked(packet_for(server, d, oracle_logits(server)), torch.arange(n) % (i + 2) == 0).to_bytes()
+                for i, d in enumerate(DEVICES)}
+    result = server_round(server, payloads, 1)
+    assert result["accepted"] == DEVICES and all(torch.isfinite(torch.tensor(v)) for v in result["losses"].values())
+
+
+def test_a_device_keeps_its_vocabulary_across_rounds():
+    server = make_server()
+    n = P * (T - 1)
+    mask = torch.ones(n)
+    first = {"a": masked(packet_for(server, "a"), mask, "vocab-1").to_bytes(), "b": packet_for(server, "b").to_bytes()}
+    assert set(receive(server, first, 1)[0]) == {"a", "b"}
+    again = {"a": masked(packet_for(server, "a", round=2), mask, "vocab-1").to_bytes(),
+             "b": masked(packet_for(server, "b", round=2), mask, "vocab-2").to_bytes()}
+    accepted, rejected = receive(server, again, 2)
+    assert list(accepted) == ["a"] and "earlier packets spoke None" in rejected["b"]
+    switched = {"a": masked(packet_for(server, "a", round=3), mask, "vocab-3").to_bytes()}
+    assert "vocab 'vocab-3', but its earlier packets spoke 'vocab-1'" in receive(server, switched, 3)[1]["a"]
+    restored = make_server()
+    load_server_state(restored, copy.deepcopy(server_state(server)))  # a resumed server remembers
+    assert restored.vocabs == {"a": "vocab-1", "b": None}

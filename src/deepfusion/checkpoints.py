@@ -362,6 +362,17 @@ def device_model(family: str, size: str, vocab_size: int, public: torch.Tensor, 
     return load_public(public_checkpoint(config, public, pre, cache, torch_device, f"{family}/{size}"), config)
 
 
+def _own_tokenizer(directory: Path, global_tokenizer):
+    """The tokenizer saved in a device's checkpoint directory, if it is not the federation's (else None)."""
+    from deepfusion.alignment import same_vocabulary
+    from deepfusion.data.tokenizer import load_tokenizer
+
+    if not (directory / "tokenizer.json").is_file():
+        return None
+    own = load_tokenizer(directory)
+    return None if same_vocabulary(own, global_tokenizer) else own
+
+
 def _check_device_vocab(config: PreTrainedConfig, vocab_size: int, label: str, own_tokenizer: bool) -> None:
     """A checkpoint read with the federation's tokenizer has exactly its vocabulary; one with its own tokenizer
     (saved beside it, or [[devices]] tokenizer) at least that tokenizer's ids (models pad their embeddings)."""
@@ -452,9 +463,10 @@ def federation_checkpoints(cfg, data, cache: Path | None = None,
 def _obtain(name: str, config: PreTrainedConfig, given: str | None, where: str, data, pre: PretrainConfig,
             cache: Path | None, torch_device: torch.device) -> dict:
     start = time.perf_counter()
-    if given and config is None:  # a device's own checkpoint
+    if given and config is None:  # a device's own checkpoint, with its own tokenizer if saved beside it
         model = load_public(Path(given), None, where)
-        _check_device_vocab(model.config, len(data.tokenizer), f"{where} = {str(given)!r}")
+        own = _own_tokenizer(Path(given), data.tokenizer)
+        _check_device_vocab(model.config, len(own or data.tokenizer), f"{where} = {str(given)!r}", own is not None)
         entry = {"path": given, "given": True, "cached": True, "final_loss": None}
     elif given:
         model = load_public(Path(given), config, where)

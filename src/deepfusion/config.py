@@ -293,6 +293,10 @@ class FederationConfig:
             if d.id in seen:
                 config_fail(device_at(i, d.id), "id", d.id, "device ids must be unique")
             seen.add(d.id)
+            if d.tokenizer and self.method in HOSTING_METHODS + SERVER_METHODS:
+                config_fail(device_at(i, d.id), "tokenizer", d.tokenizer, f"method {self.method!r} trains the global "
+                            "MoE, which reads the federation's tokenizer; a device's own tokenizer applies where it "
+                            "runs its own LLM (the one-shot and knowledge methods, local-only)")
             if d.finetune != "full" and self.method not in ONESHOT_METHODS:  # only Phase 0 acts on it
                 config_fail(device_at(i, d.id), "finetune", d.finetune, "applies to the one-shot methods' Phase 0 "
                             f"({', '.join(ONESHOT_METHODS)}); method {self.method!r} trains every weight")

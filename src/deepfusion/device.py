@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from deepfusion import privacy
+from deepfusion import alignment, privacy
 from deepfusion.config import DeviceConfig
 from deepfusion.errors import ConfigError
 from deepfusion.memory import train_peak_bytes
@@ -47,16 +47,47 @@ class Device:
     dp_rho: float = 0.0  # zCDP ρ spent by this device's uploads so far
     dp_uploads: int = 0
     dp_positions: int = 0  # positions per upload (ρ per upload = positions / σ²)
+    own: OwnTokenizer | None = None  # its own tokenizer's view of the proxy set; None: it reads the global ids
+
+
+@dataclass(frozen=True)
+class OwnTokenizer:
+    """What a device with its own tokenizer needs to answer in the global vocabulary, computed once."""
+
+    views: list[alignment.BlockView]  # one per proxy block: the ids its model reads, aligned with the block
+    vocab_map: torch.Tensor  # (V_device,) long: device id -> global id (MinED)
+    global_size: int  # the global vocabulary's size: the packet's vocab_size
+    vocab: str  # alignment.vocab_digest of its tokenizer, named in every packet
+
+
+def align_to_global(model: PreTrainedModel, proxy: torch.Tensor, global_tokenizer, tokenizer) -> OwnTokenizer:
+    """The proxy blocks under the device's tokenizer (cut to the model's positions) and its vocabulary map."""
+    width = model.get_output_embeddings().weight.shape[0]  # may exceed the tokenizer: padded rows
+    views = alignment.block_views(global_tokenizer, tokenizer, proxy,
+                                  max_length=getattr(model.config, "max_position_embeddings", None))
+    return OwnTokenizer(views, alignment.vocab_map(tokenizer, global_tokenizer, device_size=width),
+                        len(global_tokenizer), alignment.vocab_digest(tokenizer))
 
 
 def build_device(cfg: DeviceConfig, size: str, vocab_size: int, private: torch.Tensor, proxy: torch.Tensor,
-                 seed: int, torch_device: torch.device) -> Device:
-    """Create a device's model from its preset (seeded per device so runs are reproducible)."""
+                 seed: int, torch_device: torch.device, *, global_tokenizer=None, tokenizer=None) -> Device:
+    """Create a device's model from its preset (seeded per device so runs are reproducible). `tokenizer`: its
+    own (vocab_size is then its size, `global_tokenizer` the federation's); None: it reads the global ids."""
     torch.manual_seed(seed)
-    model = build_device_model(cfg.family, size, vocab_size).to(torch_device)
+    if cfg.checkpoint:  # the user's own model, any causal LM: it starts from its weights, not from scratch
+        from deepfusion.checkpoints import arch_label, device_model
+        from deepfusion.pipeline_config import PretrainConfig
+
+        model = device_model(cfg.family, size, vocab_size, proxy, PretrainConfig(), cfg.checkpoint,
+                             own_tokenizer=tokenizer is not None)
+        arch = arch_label(cfg.family, size, cfg.checkpoint, model.config)
+    else:
+        model, arch = build_device_model(cfg.family, size, vocab_size), f"{cfg.family}/{size}"
+    model = model.to(torch_device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
-    return Device(cfg, f"{cfg.family}/{size}", model, optimizer, private, proxy, generator, torch_device)
+    own = align_to_global(model, proxy, global_tokenizer, tokenizer) if tokenizer is not None else None
+    return Device(cfg, arch, model, optimizer, private, proxy, generator, torch_device, own=own)
 
 
 def lm_loss(model: PreTrainedModel, blocks: torch.Tensor) -> torch.Tensor:
@@ -90,32 +121,77 @@ def label_proxy(device: Device, indices: list[int], topk: int, temperature: floa
                 local_loss: float) -> KnowledgePacket:
     """Top-k next-token knowledge on the requested proxy blocks: positions 0..T-2 of each block.
 
-    Encoded batch by batch, so only LABEL_BATCH blocks of full-vocabulary logits are ever in memory.
+    Encoded batch by batch, so only LABEL_BATCH blocks of full-vocabulary logits are ever in memory. A device
+    with its own tokenizer encodes its projected log-probabilities, so the temperature (and DP's clipping and
+    noise) applies to the distribution projected onto the global vocabulary, as for any other device.
     """
     device.model.eval()
     meta = dict(device_id=device.cfg.id, round=round, arch=device.arch, tokens_trained=device.tokens_trained)
     dp = device.cfg.dp_noise > 0
     if dp and device.noise_generator is None:
         device.noise_generator = privacy.noise_generator()
-    parts = []
+    parts, masks = [], []
     for start in range(0, len(indices), LABEL_BATCH):
-        batch = device.proxy[indices[start:start + LABEL_BATCH]].to(device.torch_device)
-        with autocast(device.torch_device):
-            logits = device.model(input_ids=batch).logits[:, :-1]  # (B, T-1, V)
+        batch = indices[start:start + LABEL_BATCH]
+        if device.own is None:
+            logits = _proxy_logits(device, batch)
+        else:
+            logits, aligned = _global_log_probs(device, batch)
+            masks.append(aligned)
         if dp:  # the Gaussian mechanism: nothing computed from private data leaves un-noised (privacy.py)
-            parts.append(privacy.encode_private(logits.flatten(0, 1), topk, temperature, clip=device.cfg.dp_clip,
+            parts.append(privacy.encode_private(logits, topk, temperature, clip=device.cfg.dp_clip,
                                                 noise_multiplier=device.cfg.dp_noise,
                                                 generator=device.noise_generator, **meta))
         else:
-            parts.append(encode_knowledge(logits.flatten(0, 1), topk, temperature, local_loss=local_loss,
-                                          **meta))  # B*(T-1) positions
+            parts.append(encode_knowledge(logits, topk, temperature, local_loss=local_loss, **meta))
     packet = dataclasses.replace(parts[0], ids=np.concatenate([p.ids for p in parts]),
                                  probs=np.concatenate([p.probs for p in parts]),
                                  tail=np.concatenate([p.tail for p in parts]))
+    if device.own is not None:
+        packet = dataclasses.replace(packet, aligned=torch.cat(masks).numpy().astype(np.uint8), vocab=device.own.vocab)
     if dp:  # every upload is a release, retries included
         device.dp_rho += privacy.upload_rho(packet.n_positions, device.cfg.dp_noise)
         device.dp_uploads, device.dp_positions = device.dp_uploads + 1, packet.n_positions
     return packet
+
+
+def _proxy_logits(device: Device, batch: list[int]) -> torch.Tensor:
+    """(B*(T-1), V) the model's logits on the proxy blocks, positions 0..T-2."""
+    blocks = device.proxy[batch].to(device.torch_device)
+    with autocast(device.torch_device):
+        return device.model(input_ids=blocks).logits[:, :-1].flatten(0, 1)
+
+
+TINY = 1e-30  # the log of a global id no device token maps to: far below any real prediction, finite
+
+
+def _global_log_probs(device: Device, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """((B*(T-1), V_global) float, (B*(T-1),) bool): a device with its own tokenizer's log-probabilities over
+    the global vocabulary at positions 0..T-2 of each proxy block, and which positions end an aligned span.
+    The rest hold a uniform row (log-probabilities all 0): well-formed, and marked as carrying nothing."""
+    own, T1 = device.own, device.proxy.shape[1] - 1
+    views = [own.views[i] for i in batch]
+    rows, masks = [], []
+    for view, probs in zip(views, _view_probs(device, views)):
+        moved, mask = alignment.at_global_positions(probs, view.alignment)  # (T, V_device), (T,)
+        rows.append(alignment.project_probs(moved[:T1], own.vocab_map, own.global_size))
+        masks.append(mask[:T1].cpu())
+    logp = torch.cat(rows).clamp_min(TINY).log()
+    mask = torch.cat(masks)
+    return logp.masked_fill(~mask.to(logp.device)[:, None], 0.0), mask
+
+
+def _view_probs(device: Device, views: list[alignment.BlockView]) -> list[torch.Tensor]:
+    """Each view's (T_device, V_device) next-token probabilities. Views differ in length: right-padded into one
+    batch, which a causal model reads exactly as each view alone up to its own length."""
+    longest = max(len(v.ids) for v in views)
+    ids = torch.zeros(len(views), longest, dtype=torch.long)
+    for i, v in enumerate(views):
+        ids[i, :len(v.ids)] = v.ids
+    with autocast(device.torch_device):
+        logits = device.model(input_ids=ids.to(device.torch_device)).logits
+    probs = logits.float().softmax(-1)
+    return [probs[i, :len(v.ids)] for i, v in enumerate(views)]
 
 
 def run_round(device: Device, instruction: Instruction) -> KnowledgePacket:

@@ -34,6 +34,7 @@ class FederationData:
     data_dir: Path
     # source -> (domain, (ids (M, T), mask (M, T))): held-out QA pairs whose answers are scored (data/qa.py)
     qa_sets: dict[str, tuple[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    device_tokenizers: dict[str, object] = field(default_factory=dict)  # device id -> its own tokenizer, if any
 
 
 def prepare_data(cfg: FederationConfig, data_dir: str | None = None, private: bool = True) -> FederationData:
@@ -76,8 +77,9 @@ def prepare_data(cfg: FederationConfig, data_dir: str | None = None, private: bo
     log.info("data: %d devices, proxy %d blocks %s, test %s", len(cfg.devices), len(proxy),
              {k: proxy_domains.count(k) for k in sorted(set(proxy_domains))},
              {s: len(b) for s, (_, b) in test_sets.items()})
+    own = {dev.id: t for dev in cfg.devices if (t := own_tokenizer(cfg, dev.id, tokenizer)) is not None}
     return FederationData(tokenizer, blocks, proxy, proxy_domains, test_sets, validation,
-                          {dev.id: dev.source for dev in cfg.devices}, root, qa_sets)
+                          {dev.id: dev.source for dev in cfg.devices}, root, qa_sets, own)
 
 
 def device_documents(cfg: FederationConfig, device_id: str, root: Path, split: Split | None = None) -> list:
@@ -103,10 +105,12 @@ def device_tokenizer(cfg: FederationConfig, device_id: str, global_tokenizer):
     dir), or the federation's when it has none or its own is the same vocabulary (no alignment needed then)."""
     from deepfusion import alignment
 
+    from deepfusion.config import HOSTING_METHODS, SERVER_METHODS
+
     dc = next(d for d in cfg.devices if d.id == device_id)
     where = dc.tokenizer or (dc.checkpoint if dc.checkpoint and (Path(dc.checkpoint) / "tokenizer.json").is_file()
                              else None)
-    if where is None:
+    if where is None or cfg.method in HOSTING_METHODS + SERVER_METHODS:  # those devices train the global MoE
         return global_tokenizer
     key = str(Path(where).resolve())
     if key not in _TOKENIZERS:

@@ -14,6 +14,9 @@ and then only post-processing of v (free under DP, so the choice of ids is cover
     probs = clip(v_n[ids] - floor, 0, 1), rescaled if they sum past 1
     tail  = 1 - sum(probs)
     floor = σC · Φ⁻¹(1 - α/V), α = 1e-3: the largest of V noise draws stays below it with probability >= 1 - α
+A device with its own tokenizer passes the log of its distribution projected onto the global vocabulary as z_n
+(device.label_proxy), so the mechanism is the same on the same V; its positions that do not align hold a
+constant row, which reveals nothing, and are counted in N all the same (a conservative ρ).
 Top-k selection picks the largest noise, so raw noised values overstate the mass; where no prediction
 clears the floor a packet says "I don't know" (all mass in the tail) instead of confidently naming random
 ids, and at most a fraction α of positions carries mass that is pure noise.

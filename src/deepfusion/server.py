@@ -10,12 +10,18 @@ The distillation term depends on the method:
     device-kd         per device, KL(p_k || final head)
     plain-fkd         KL(weighted average of the p_k || final head)
     proxy-only        none (the floor: the proxy set's cross-entropy alone)
+
+A device with its own tokenizer answers only at the positions its tokenisation aligns with the global one
+(the packet's `aligned` mask, alignment.py); at the others it carries no knowledge: its reliability is its mean
+over the positions it aligns, a position's teacher is the mixture of the devices that align it, and a position
+no device aligns takes the true next token as its target (plain cross-entropy there). Without masks every
+step below is exactly what it was.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +34,7 @@ from deepfusion.models import autocast, build_global_moe, routed_experts
 from deepfusion.evaluation import evaluate  # noqa: F401  (moved; engines and the CLI import it from here)
 from deepfusion.logit_views import LogitViews, stage_layers, stage_logits
 from deepfusion.wire import PacketError
-from deepfusion.wire.knowledge import KnowledgePacket, id_dtype, to_targets, validate_packet
+from deepfusion.wire.knowledge import KnowledgePacket, aligned_mask, id_dtype, to_targets, validate_packet
 
 log = logging.getLogger("deepfusion.server")
 
@@ -50,6 +56,7 @@ class Server:
     generator: torch.Generator
     torch_device: torch.device
     step: int = 0
+    vocabs: dict[str, str | None] = field(default_factory=dict)  # device -> the vocabulary its packets speak
 
 
 @dataclass
@@ -60,6 +67,7 @@ class Targets:
     ids: torch.Tensor  # (K, P, T-1, k) long
     probs: torch.Tensor  # (K, P, T-1, k) float
     tail: torch.Tensor  # (K, P, T-1) float
+    aligned: torch.Tensor | None = None  # (K, P, T-1) bool: where each device carries knowledge; None: everywhere
     final: Targets | None = None  # multiround-views with views_final = "average": the final head's single teacher
 
 
@@ -96,26 +104,42 @@ def receive(server: Server, payloads: dict[str, bytes], round: int) -> tuple[dic
                 raise PacketError(f"packet claims device {packet.device_id!r} but came from {device_id!r}")
             validate_packet(packet, round=round, known_devices=set(server.device_ids), n_positions=n_positions,
                             vocab_size=server.model.config.vocab_size, topk=server.knowledge.topk)
+            check_vocabulary(server, packet)
         except PacketError as e:
             rejected[device_id] = str(e)
             log.warning("[ROUND %d] rejected upload of device %r: %s; the round goes on without it", round, device_id, e)
             continue
         accepted[device_id] = packet
+        server.vocabs.setdefault(device_id, packet.vocab)
     return accepted, rejected
 
 
+def check_vocabulary(server: Server, packet: KnowledgePacket) -> None:
+    """A device's knowledge is projected from one vocabulary for the whole run: the one its first accepted
+    packet named (none: the federation's). Another one means another tokenizer, whose positions and ids the
+    server's earlier rounds did not align."""
+    if packet.device_id not in server.vocabs or server.vocabs[packet.device_id] == packet.vocab:
+        return
+    before, now = server.vocabs[packet.device_id], packet.vocab
+    raise PacketError(f"packet from device {packet.device_id!r} for round {packet.round}: vocab {now!r}, but its "
+                      f"earlier packets spoke {before!r} (None: the federation's tokenizer); a device keeps its "
+                      "tokenizer for the whole run")
+
+
 def packet_byte_cap(n_positions: int, topk: int, vocab_size: int) -> int:
-    """The most bytes a valid upload can take: per position k ids, k fp16 probs and an fp16 tail, plus the header.
-    Anything bigger is rejected unread, so a device cannot make the server parse or hold more than a round needs."""
-    return n_positions * (topk * (id_dtype(vocab_size).itemsize + 2) + 2) + HEADER_ROOM
+    """The most bytes a valid upload can take: per position k ids, k fp16 probs, an fp16 tail and a uint8
+    alignment flag, plus the header. Anything bigger is rejected unread, so a device cannot make the server
+    parse or hold more than a round needs."""
+    return n_positions * (topk * (id_dtype(vocab_size).itemsize + 2) + 2 + 1) + HEADER_ROOM
 
 
 def stack_targets(server: Server, packets: dict[str, KnowledgePacket]) -> Targets:
     P, T = server.proxy.shape
     k = server.knowledge.topk
-    ids, probs, tails, views = [], [], [], []
+    ids, probs, tails, views, masks = [], [], [], [], []
     for device_id, packet in packets.items():
         i, p, t = to_targets(packet)
+        masks.append(aligned_mask(packet).view(P, T - 1))
         if i.shape[1] < k:  # a device may send fewer than k ids: pad with zero-probability entries
             pad = k - i.shape[1]
             i, p = F.pad(i, (0, pad)), F.pad(p, (0, pad))
@@ -123,7 +147,8 @@ def stack_targets(server: Server, packets: dict[str, KnowledgePacket]) -> Target
         probs.append(p.view(P, T - 1, k))
         tails.append(t.view(P, T - 1))
         views.append(server.device_ids.index(device_id))
-    return Targets(torch.tensor(views), torch.stack(ids), torch.stack(probs), torch.stack(tails))
+    aligned = torch.stack(masks) if any(p.aligned is not None for p in packets.values()) else None
+    return Targets(torch.tensor(views), torch.stack(ids), torch.stack(probs), torch.stack(tails), aligned)
 
 
 def reliability_weights(server: Server, targets: Targets, enabled: bool = True) -> torch.Tensor:
@@ -137,33 +162,58 @@ def reliability_weights(server: Server, targets: Targets, enabled: bool = True) 
     K, P = targets.ids.shape[:2]
     if not enabled:
         return torch.full((K, P), 1.0 / K)
-    score = truth_log_likelihood(targets.ids, targets.probs, targets.tail, server.proxy, server.model.config.vocab_size)
-    return score.softmax(dim=0)
+    score = truth_log_likelihood(targets.ids, targets.probs, targets.tail, server.proxy, server.model.config.vocab_size,
+                                 targets.aligned)
+    weights = score.softmax(dim=0)
+    if targets.aligned is None:
+        return weights
+    return weights.nan_to_num(1.0 / K)  # a block no device aligns (every score -inf): its positions take the truth
 
 
 def truth_log_likelihood(ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor, proxy: torch.Tensor,
-                         vocab_size: int) -> torch.Tensor:
+                         vocab_size: int, aligned: torch.Tensor | None = None) -> torch.Tensor:
     """(K, P): each device's mean log-probability of each proxy block's real next tokens, read from its top-k +
-    tail (minus a block's cross-entropy). ids, probs (K, P, T-1, k); tail (K, P, T-1); proxy (P, T)."""
+    tail (minus a block's cross-entropy). ids, probs (K, P, T-1, k); tail (K, P, T-1); proxy (P, T).
+    aligned (K, P, T-1) bool: the mean is over the positions a device aligns, -inf on a block it aligns none of."""
     truth = proxy[:, 1:].unsqueeze(0).unsqueeze(-1)  # (1, P, T-1, 1)
     hit = ids == truth  # (K, P, T-1, k)
     p_truth = (probs * hit).sum(-1)  # (K, P, T-1)
     # a miss: the tail mass spread evenly over the ids outside the top-k
     vocab_rest = vocab_size - ids.shape[-1]
     p_truth = torch.where(hit.any(-1), p_truth, tail / max(vocab_rest, 1))
-    return p_truth.clamp_min(1e-12).log().mean(-1)  # (K, P)
+    log_p = p_truth.clamp_min(1e-12).log()  # (K, P, T-1)
+    if aligned is None:
+        return log_p.mean(-1)  # (K, P)
+    n = aligned.sum(-1)  # (K, P)
+    mean = (log_p * aligned).sum(-1) / n.clamp_min(1)
+    return mean.masked_fill(n == 0, -torch.inf)
 
 
-def aggregate(targets: Targets, weights: torch.Tensor, vocab_size: int, topk: int, chunk: int = 4096) -> Targets:
+def truth_targets(truth: torch.Tensor, k: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The true next tokens (...,) as one-hot top-k targets: (ids (..., k), probs (..., k), tail (...,)). The
+    truth first with probability 1, then k-1 other distinct ids with 0: their KL is the cross-entropy."""
+    ids = (truth.unsqueeze(-1) + torch.arange(k, device=truth.device)) % vocab_size
+    probs = torch.zeros(*truth.shape, k, device=truth.device)
+    probs[..., 0] = 1.0
+    return ids, probs, torch.zeros(truth.shape, device=truth.device)
+
+
+def aggregate(targets: Targets, weights: torch.Tensor, vocab_size: int, topk: int, chunk: int = 4096,
+              proxy: torch.Tensor | None = None) -> Targets:
     """plain-fkd's single teacher: the weighted average of the devices' distributions, re-sparsified to top-k.
 
     Each device's tail mass is spread evenly over its non-top-k ids (the maximum-entropy reading of
-    "the rest"), the K dense rows are averaged, and the average is cut back to top-k + tail.
+    "the rest"), the K dense rows are averaged, and the average is cut back to top-k + tail. With alignment
+    masks (targets.aligned; then proxy (P, T) is needed) a position averages the devices that align it, and one
+    that none aligns gets its true next token, one-hot.
     """
     K, P, T1, _ = targets.ids.shape
     ids, probs = targets.ids.flatten(1, 2), targets.probs.flatten(1, 2)  # (K, N, k)
     tail = targets.tail.flatten(1, 2)  # (K, N)
     w = weights.unsqueeze(-1).expand(K, P, T1).flatten(1, 2)  # (K, N)
+    if targets.aligned is not None:
+        w = mixture_weights(w, targets.aligned.flatten(1, 2))
+        truth = proxy[:, 1:].flatten()  # (N,)
     out_ids, out_probs, out_tail = [], [], []
     for s in range(0, ids.shape[1], chunk):
         sl = slice(s, s + chunk)
@@ -171,6 +221,9 @@ def aggregate(targets: Targets, weights: torch.Tensor, vocab_size: int, topk: in
         dense = fill.unsqueeze(-1).expand(-1, -1, vocab_size).clone()  # (K, n, V)
         dense.scatter_(-1, ids[:, sl], probs[:, sl])
         avg = (w[:, sl].unsqueeze(-1) * dense).sum(0)  # (n, V)
+        if targets.aligned is not None:
+            orphan = w[:, sl].sum(0) == 0  # (n,) no device aligns it
+            avg[orphan] = F.one_hot(truth[sl][orphan], vocab_size).to(avg.dtype)
         top_p, top_i = avg.topk(topk, dim=-1)  # (n, k)
         out_ids.append(top_i)
         out_probs.append(top_p)
@@ -178,6 +231,13 @@ def aggregate(targets: Targets, weights: torch.Tensor, vocab_size: int, topk: in
     shape = (1, P, T1)
     return Targets(torch.tensor([0]), torch.cat(out_ids).view(*shape, topk), torch.cat(out_probs).view(*shape, topk),
                    torch.cat(out_tail).view(*shape))
+
+
+def mixture_weights(w: torch.Tensor, aligned: torch.Tensor) -> torch.Tensor:
+    """(K, ...) device weights renormalised per position over the devices that align it (0 where none does)."""
+    w = w * aligned
+    total = w.sum(0, keepdim=True)
+    return torch.where(total > 0, w / total.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(w))
 
 
 # ---- distilling ---------------------------------------------------------------------------------
@@ -193,8 +253,10 @@ def _batch(targets: Targets, weights: torch.Tensor, blocks_idx: torch.Tensor, de
     """The batch's rows of the round's targets: ids, probs (K, N, k), tail, weights (K, N), N = B*(T-1)."""
     T1 = targets.ids.shape[2]
     pick = lambda t: t[:, blocks_idx].flatten(1, 2).to(device)  # noqa: E731
-    w = weights[:, blocks_idx].unsqueeze(-1).expand(-1, -1, T1).flatten(1, 2).to(device)
-    return pick(targets.ids), pick(targets.probs), pick(targets.tail), w
+    w = weights[:, blocks_idx].unsqueeze(-1).expand(-1, -1, T1)
+    if targets.aligned is not None:  # a device teaches nothing where it does not align
+        w = mixture_weights(w, targets.aligned[:, blocks_idx])
+    return pick(targets.ids), pick(targets.probs), pick(targets.tail), w.flatten(1, 2).to(device)
 
 
 def kd_loss(server: Server, out, blocks_idx: torch.Tensor, targets: Targets, weights: torch.Tensor) -> torch.Tensor:
@@ -258,10 +320,12 @@ def server_round(server: Server, payloads: dict[str, bytes], round: int) -> dict
     targets = stack_targets(server, packets)
     weights = reliability_weights(server, targets, server.cfg.reliability)
     if server.method == "plain-fkd":
-        targets = aggregate(targets, weights, server.model.config.vocab_size, server.knowledge.topk)
+        targets = aggregate(targets, weights, server.model.config.vocab_size, server.knowledge.topk,
+                            proxy=server.proxy)
         weights = torch.ones(1, weights.shape[1])
     elif server.views is not None and server.cfg.views_final == "average":
-        targets.final = aggregate(targets, weights, server.model.config.vocab_size, server.knowledge.topk)
+        targets.final = aggregate(targets, weights, server.model.config.vocab_size, server.knowledge.topk,
+                                  proxy=server.proxy)
     losses = distill(server, targets, weights, server.cfg.steps)
     result = {"accepted": sorted(packets), "rejected": rejected, "losses": losses,
               "device_weight": {server.device_ids[v]: round_(float(weights[i].mean()))
@@ -282,7 +346,7 @@ def server_state(server: Server) -> dict:
     return {"step": server.step, "model": server.model.state_dict(),
             "views": server.views.state_dict() if server.views is not None else None,
             "optimizer": server.optimizer.state_dict(), "generator": server.generator.get_state(),
-            "torch_rng": torch.get_rng_state()}
+            "torch_rng": torch.get_rng_state(), "vocabs": dict(server.vocabs)}
 
 
 def load_server_state(server: Server, state: dict) -> None:
@@ -293,3 +357,4 @@ def load_server_state(server: Server, state: dict) -> None:
     server.optimizer.load_state_dict(state["optimizer"])
     server.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
+    server.vocabs = dict(state.get("vocabs", {}))  # a checkpoint from before devices had their own tokenizers

@@ -42,6 +42,56 @@ def test_a_tie_goes_to_the_first_device():
     assert min_ce(ids, probs, 1 - probs.sum(-1), proxy, 4).tolist() == [0]
 
 
+def test_min_ce_scores_only_aligned_positions_and_masked_teacher_positions_teach_the_truth():
+    from deepfusion.baselines.fedmkt import truth_where_unaligned
+
+    V = 10
+    proxy = torch.tensor([[1, 2, 3], [4, 5, 6]])  # next tokens (2, 3) and (5, 6)
+    ids = torch.tensor([[[[2, 0], [9, 0]], [[5, 0], [6, 0]]],
+                        [[[2, 0], [3, 0]], [[0, 1], [0, 1]]]])  # (M=2, P=2, T-1=2, k=2)
+    probs = torch.tensor([[[[0.9, 0.05], [0.9, 0.05]], [[0.9, 0.05], [0.9, 0.05]]],
+                          [[[0.5, 0.3], [0.5, 0.3]], [[0.5, 0.3], [0.5, 0.3]]]])
+    tail = 1 - probs.sum(-1)
+    # device 0 misses block 0's second token, so on every position device 1 wins block 0 ...
+    assert min_ce(ids, probs, tail, proxy, V).tolist() == [1, 0]
+    # ... but device 0 does not align that position: over the one it aligns it is the better teacher
+    aligned = torch.tensor([[[True, False], [True, True]], [[True, True], [False, False]]])
+    teacher = min_ce(ids, probs, tail, proxy, V, aligned)
+    assert teacher.tolist() == [0, 0]
+    chosen = truth_where_unaligned(select(ids, probs, tail, teacher), aligned, proxy, V)
+    assert chosen.ids[0, 1].tolist() == [3, 4] and chosen.probs[0, 1].tolist() == [1.0, 0.0]
+    assert chosen.tail[0, 1] == 0  # the one-hot truth where the teacher does not align
+    assert torch.equal(chosen.ids[0, 0], ids[0, 0, 0]) and torch.equal(chosen.ids[1], ids[0, 1])
+    # a block no device aligns: the first device, teaching the truth everywhere
+    none = torch.zeros_like(aligned)
+    teacher = min_ce(ids, probs, tail, proxy, V, none)
+    chosen = truth_where_unaligned(select(ids, probs, tail, teacher), none, proxy, V)
+    assert teacher.tolist() == [0, 0] and torch.equal(chosen.ids[..., 0], proxy[:, 1:])
+
+
+@pytest.mark.slow
+def test_fedmkt_runs_with_devices_that_bring_their_own_tokenizers(tmp_path, byo_tokenizers):
+    """Three devices with three different tokenizers and one with the federation's: each answers in the global
+    vocabulary where it aligns, MinCE picks among all four, and the run completes."""
+    from deepfusion.config import default_config_path, load_config
+    from deepfusion.engines.local import run
+    from tests.conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "medquad").is_dir():
+        pytest.skip("real corpora not found")
+    cfg = load_config(default_config_path("smoke"), method="fedmkt")
+    cfg.data.dir, cfg.device = str(SHARED_DATA), "cpu"
+    own = {"cdc-a": "bpe", "cdc-b": "unigram", "fin-a": "wordpiece"}  # fin-b: the federation's
+    for d in cfg.devices:
+        d.tokenizer = str(byo_tokenizers[own[d.id]]) if d.id in own else None
+    summary = run(cfg.validate(), tmp_path / "out", progress=False)
+    per_device, P, T = summary["comm_bytes"]["per_device"], cfg.data.proxy_blocks, cfg.data.seq_len
+    assert not any("rejected" in v for v in per_device.values()) and sum(summary["fedmkt"]["teachers"].values()) == P
+    for d in own:  # the same packet plus its mask, one byte a position, and the mask's header entries
+        assert 0 < per_device[d]["up"] - per_device["fin-b"]["up"] - P * (T - 1) < 160, d
+    assert all(v == v and v > 0 for v in summary["ppl"].values())
+
+
 @pytest.fixture(scope="module")
 def fedmkt_run(smoke_deepfusion, tmp_path_factory):
     """fedmkt on the smoke federation, its Phase 0 replayed from the suite's shared deepfusion run (one recording

@@ -93,6 +93,26 @@ def test_every_method_runs(smoke_config, tmp_path, method, shared_prepare_data):
         assert summary["comm_bytes"]["up"] > 0
 
 
+@pytest.mark.parametrize("method", ["plain-fkd", "multiround-views"])
+def test_devices_with_their_own_tokenizers_take_part_in_every_round(smoke_config, tmp_path, method, byo_tokenizers,
+                                                                   shared_prepare_data):
+    """cdc reads byte-level BPE ids, nhlbi WordPiece ids, finance the federation's: every packet is accepted every
+    round, the two with their own tokenizer send one mask byte a position more, and the MoE trains on them."""
+    smoke_config.method = method
+    own = {"cdc": "bpe", "nhlbi": "wordpiece"}
+    for d in smoke_config.devices:
+        d.tokenizer = str(byo_tokenizers[own[d.id]]) if d.id in own else None
+    summary = run(smoke_config, tmp_path, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["accepted"] for x in lines] == [["cdc", "finance", "nhlbi"]] * 2 and not lines[-1]["rejected"]
+    assert all(math.isfinite(v) for x in lines for v in x["losses"].values()) and lines[-1]["losses"]["kd"] > 0
+    per, n = summary["comm_bytes"]["per_device"], smoke_config.data.proxy_blocks * (smoke_config.data.seq_len - 1)
+    for d in own:
+        extra = [a["up"] - b["up"] for a, b in zip(per[d]["rounds"], per["finance"]["rounds"])]
+        assert all(0 < e - n < 160 for e in extra), extra
+    assert all(math.isfinite(v) for v in summary["ppl"].values())
+
+
 def test_a_dead_device_does_not_stop_the_federation(smoke_config, tmp_path, monkeypatch, shared_prepare_data):
     import deepfusion.engines.local as local
 

@@ -17,7 +17,7 @@ from deepfusion.recipes.multiround import checkpoint_path, retry_missing, run_ro
 def tiny_server() -> SimpleNamespace:
     model = torch.nn.Linear(2, 2)
     return SimpleNamespace(step=0, model=model, views=None, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                           generator=torch.Generator().manual_seed(0))
+                           generator=torch.Generator().manual_seed(0), vocabs={})
 
 
 def rounds(tmp_path, ppl_per_round, records=None, stopper=None, total=4):

@@ -382,3 +382,91 @@ def test_equal_packets_serialise_to_equal_bytes():
                               local_loss=0.5).to_bytes() for _ in range(20)}
     assert len(blobs) == 1
     assert KnowledgePacket.from_bytes(blobs.pop()).k == 4
+
+
+# -----------------------------------------------------------------------------
+# 5. Alignment masks: a device with its own tokenizer
+
+
+def masked_packet(N=16, aligned=None, vocab="0123abcd4567ef89"):
+    mask = np.arange(N, dtype=np.uint8) % 3 != 0 if aligned is None else aligned
+    return dataclasses.replace(make_packet(N=N), aligned=np.asarray(mask, np.uint8), vocab=vocab)
+
+
+def _masked_blob(aligned=np.array([1, 0, 1, 1], np.uint8), vocab="v1", drop=()):
+    """A masked packet's bytes (N = 4) with its mask / vocab replaced or dropped."""
+    arrays, meta = valid_parts(make_packet(N=4, V=300, k=3))
+    arrays["aligned"], meta["vocab"] = aligned, vocab
+    for key in drop:
+        arrays.pop(key, None), meta.pop(key, None)
+    return safetensors.numpy.save(arrays, metadata=meta)
+
+
+@FAST
+@given(N=st.integers(1, 40), seed=st.integers(0, 2**31))
+def test_a_mask_and_vocab_round_trip_through_bytes(N, seed):
+    mask = np.random.default_rng(seed).integers(0, 2, N).astype(np.uint8)
+    p = masked_packet(N, mask)
+    q = KnowledgePacket.from_bytes(p.to_bytes())
+    assert q == p and q.aligned.dtype == np.uint8 and q.vocab == p.vocab
+    assert p != dataclasses.replace(p, aligned=1 - mask) and p != dataclasses.replace(p, vocab="other")
+    assert p != make_packet(N=N)  # with and without a mask: different packets
+
+
+def test_a_packet_without_a_mask_is_the_bytes_it_always_was():
+    p = make_packet()
+    header = json.loads(p.to_bytes()[8:8 + int.from_bytes(p.to_bytes()[:8], "little")])
+    assert set(header) == {"__metadata__", "ids", "probs", "tail"} and "vocab" not in header["__metadata__"]
+    assert p.to_bytes() == dataclasses.replace(p, aligned=None, vocab=None).to_bytes()
+    assert len(masked_packet().to_bytes()) - len(p.to_bytes()) < 16 + 120  # one byte a position + its header
+
+
+MALFORMED_MASKS = {
+    "mask uint16": (_masked_blob(aligned=np.ones(4, np.uint16)), "'aligned' has dtype 'U16'"),
+    "mask float": (_masked_blob(aligned=np.ones(4, np.float16)), "'aligned' has dtype 'F16'"),
+    "mask too short": (_masked_blob(aligned=np.ones(3, np.uint8)), "aligned shape (3,) != (4,)"),
+    "mask 2-D": (_masked_blob(aligned=np.ones((4, 1), np.uint8)), "aligned shape (4, 1)"),
+    "mask not 0/1": (_masked_blob(aligned=np.array([1, 2, 0, 1], np.uint8)), "0 (not aligned) or 1"),
+    "mask without vocab": (_masked_blob(drop=("vocab",)), "come together"),
+    "vocab without mask": (_masked_blob(drop=("aligned",)), "come together"),
+    "vocab empty": (_masked_blob(vocab=""), "vocab must be"),
+    "vocab with spaces": (_masked_blob(vocab="a b"), "vocab must be"),
+    "vocab too long": (_masked_blob(vocab="f" * 65), "vocab must be"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_MASKS)
+def test_a_malformed_mask_or_vocab_is_one_packet_error(case):
+    blob, reason = MALFORMED_MASKS[case]
+    with pytest.raises(PacketError) as e:
+        KnowledgePacket.from_bytes(blob)
+    assert reason in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_blob_with_a_mask_must_still_fit_the_byte_cap():
+    blob = masked_packet().to_bytes()
+    assert KnowledgePacket.from_bytes(blob, max_bytes=len(blob)) == masked_packet()
+    with pytest.raises(PacketError, match="over the"):
+        KnowledgePacket.from_bytes(blob, max_bytes=len(blob) - 1)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(aligned=np.ones(16, np.int64)), "aligned must be a uint8"),
+    (dict(aligned=np.ones(15, np.uint8)), "aligned shape"),
+    (dict(vocab=None), "come together"),
+    (dict(vocab="tab\there"), "vocab must be"),
+])
+def test_to_bytes_refuses_a_malformed_mask(change, reason):
+    with pytest.raises(PacketError, match=reason):
+        dataclasses.replace(masked_packet(), **change).to_bytes()
+
+
+def test_validate_checks_the_mask():
+    validate_packet(masked_packet(), **CHECK)
+    for bad, reason in ((masked_packet(aligned=np.zeros(16)), "aligned marks no position"),
+                        (masked_packet(aligned=np.full(16, 7)), "0 (not aligned) or 1"),
+                        (dataclasses.replace(masked_packet(), vocab=None), "come together"),
+                        (_first_rows(15)(masked_packet()), "n_positions 15")):
+        with pytest.raises(PacketError) as e:
+            validate_packet(bad, **CHECK)
+        assert reason in str(e.value) and "'dev-7'" in str(e.value), str(e.value)

@@ -17,9 +17,14 @@ and its ablations distil):
                DP noise and its `attack` if configured) into the KnowledgePacket a FedMKT device would send,
                then parsed and validated back from those bytes. len(packet.to_bytes()) is that device's upload
                in comm_bytes (plus Phase 0's task down), not its model's bytes (summary `comm_note`).
+               A device with its own tokenizer (its upload carries it) reads each block as its tokenizer cuts
+               the text and answers in the global vocabulary through FedMKT's MinED map, at the positions its
+               tokenisation aligns with the global one (device.label_proxy, alignment.py); its packet marks them.
     MinCE      per proxy block, the teacher is the device whose packet gives the block's real next tokens the
-               lowest mean cross-entropy; a true token outside the top-k gets the tail mass spread evenly over
-               the V - k ids outside it (server.truth_log_likelihood, as plain-fkd's reliability weights read it).
+               lowest mean cross-entropy over the positions it aligns; a true token outside the top-k gets the
+               tail mass spread evenly over the V - k ids outside it (server.truth_log_likelihood, as plain-fkd's
+               reliability weights read it). Where the selected teacher does not align a position, its target
+               is the true next token, one-hot (plain cross-entropy there).
     the MoE    upcycled from the public dense base, every expert a copy of the base's FFN (upcycling.fuse of K
                copies of the base: the MoE computes the dense base exactly); the router drawn at random
                (upcycling.random_router, seeded): there are no domains to route by, and identical experts need
@@ -31,7 +36,7 @@ and its ablations distil):
                checks without a better one, as deepfusion's tuning does.
 
 What differs from FedMKT: one shot, not rounds, and only the SLM → LLM direction (the devices do not distil
-back); every device shares the federation's tokenizer, so MinED alignment is the identity; the knowledge is
+back); MinED maps only the devices' vocabularies onto the global one (the global model's is fixed); the knowledge is
 computed server-side from each device's Phase 0 upload, byte-identical to what the device would send (a FedMKT
 device would never upload its model: the model stands in for the device so that Phase 0 is shared and
 replayable); the server model is the global MoE, hence the router's load-balancing loss; packets are at
@@ -49,16 +54,17 @@ import torch
 
 from deepfusion import upcycling
 from deepfusion.config import FederationConfig
-from deepfusion.device import Device, label_proxy, poison
+from deepfusion.device import Device, align_to_global, label_proxy, poison
 from deepfusion.errors import DataError
 from deepfusion.evaluation import evaluate, lm_metrics
 from deepfusion.federation import FederationData, device_seed
 from deepfusion.models import export_model, n_params
 from deepfusion.outputs import rewrite_metrics, summary, write_json_atomic
-from deepfusion.server import truth_log_likelihood
+from deepfusion.server import truth_log_likelihood, truth_targets
 from deepfusion.tuning import TeacherTargets, tune
 from deepfusion.wire import PacketError
-from deepfusion.wire.knowledge import KnowledgePacket, to_targets, validate_packet
+from deepfusion.wire.knowledge import KnowledgePacket, aligned_mask, to_targets, validate_packet
+from deepfusion.wire.upload import read_tokenizer
 
 log = logging.getLogger("deepfusion")
 
@@ -146,10 +152,12 @@ def knowledge_packet(cfg: FederationConfig, data: FederationData, device_id: str
     from deepfusion.recipes.deepfusion import upload_model  # late: the recipe imports this module
 
     dc = next(d for d in cfg.devices if d.id == device_id)
-    device = Device(dc, upload.arch, upload_model(upload, config).to(torch_device), None,
-                    torch.empty(0, data.proxy.shape[1], dtype=torch.long), data.proxy,
+    model = upload_model(upload, config).to(torch_device)
+    own = align_to_global(model, data.proxy, data.tokenizer, read_tokenizer(upload.tokenizer)) if upload.tokenizer \
+        else None
+    device = Device(dc, upload.arch, model, None, torch.empty(0, data.proxy.shape[1], dtype=torch.long), data.proxy,
                     torch.Generator().manual_seed(device_seed(cfg, device_id)), torch_device,
-                    tokens_trained=int(upload.info.get("tokens_trained", 0)))
+                    tokens_trained=int(upload.info.get("tokens_trained", 0)), own=own)
     packet = label_proxy(device, list(range(len(data.proxy))), cfg.knowledge.topk, TEMPERATURE, ROUND,
                          float(upload.info.get("val_loss", 0.0)))
     if dc.attack:  # an adversarial device poisons its packet, as in the knowledge protocol's run_round
@@ -176,21 +184,37 @@ def min_ce_targets(packets: list[KnowledgePacket], proxy: torch.Tensor, vocab_si
     ids = torch.stack([i.view(P, T - 1, -1) for i, _, _ in parts])  # (M, P, T-1, k)
     probs = torch.stack([p.view(P, T - 1, -1) for _, p, _ in parts])  # (M, P, T-1, k)
     tail = torch.stack([t.view(P, T - 1) for _, _, t in parts])  # (M, P, T-1)
-    teacher = min_ce(ids, probs, tail, proxy, vocab_size)
-    return teacher, select(ids, probs, tail, teacher)
+    if all(p.aligned is None for p in packets):
+        teacher = min_ce(ids, probs, tail, proxy, vocab_size)
+        return teacher, select(ids, probs, tail, teacher)
+    aligned = torch.stack([aligned_mask(p).view(P, T - 1) for p in packets])  # (M, P, T-1)
+    teacher = min_ce(ids, probs, tail, proxy, vocab_size, aligned)
+    return teacher, truth_where_unaligned(select(ids, probs, tail, teacher), aligned, proxy, vocab_size)
 
 
 def min_ce(ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor, proxy: torch.Tensor,
-           vocab_size: int) -> torch.Tensor:
+           vocab_size: int, aligned: torch.Tensor | None = None) -> torch.Tensor:
     """(P,) FedMKT's MinCE: per proxy block, the device whose distribution gives its true next tokens the lowest
-    cross-entropy (a tie: the first device). ids, probs (M, P, T-1, k); tail (M, P, T-1); proxy (P, T)."""
-    return truth_log_likelihood(ids, probs, tail, proxy, vocab_size).argmax(0)  # max log-likelihood = min CE
+    cross-entropy (a tie: the first device). ids, probs (M, P, T-1, k); tail (M, P, T-1); proxy (P, T);
+    aligned (M, P, T-1) bool: each device's cross-entropy over the positions it aligns (a block it aligns
+    nowhere: never its teacher, unless no device aligns it)."""
+    return truth_log_likelihood(ids, probs, tail, proxy, vocab_size, aligned).argmax(0)  # max log-lik. = min CE
 
 
 def select(ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor, teacher: torch.Tensor) -> TeacherTargets:
     """Block b's targets are device teacher[b]'s (block_domain holds the teacher: fedmkt has no domains)."""
     blocks = torch.arange(len(teacher))
     return TeacherTargets(ids[teacher, blocks], probs[teacher, blocks], tail[teacher, blocks], teacher)
+
+
+def truth_where_unaligned(chosen: TeacherTargets, aligned: torch.Tensor, proxy: torch.Tensor,
+                          vocab_size: int) -> TeacherTargets:
+    """The selected teachers' targets, with the true next token (one-hot) where a teacher does not align."""
+    off = ~aligned[chosen.block_domain, torch.arange(len(chosen.block_domain))]  # (P, T-1)
+    ids, probs, tail = truth_targets(proxy[:, 1:], chosen.ids.shape[-1], vocab_size)
+    row = off[..., None]
+    return TeacherTargets(torch.where(row, ids, chosen.ids), torch.where(row, probs, chosen.probs),
+                          torch.where(off, tail, chosen.tail), chosen.block_domain)
 
 
 # ---- the global MoE and the bytes ---------------------------------------------------------------------

@@ -28,7 +28,8 @@ from deepfusion.baselines.centralized import EarlyStopping, pooled_blocks
 from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ONESHOT_METHODS, FederationConfig
 from deepfusion.device import (Device, build_device, describe, device_state, evaluate_device, load_device_state,
                                local_train, measure_train_peak, run_round, train_peak_bytes)
-from deepfusion.federation import FederationData, device_documents, device_seed, own_tokenizer, prepare_data
+from deepfusion.federation import (FederationData, device_documents, device_seed, own_tokenizer, prepare_data,
+                                   public_blocks)
 from deepfusion.ledger import Ledger
 from deepfusion.models import n_params, resolve_device
 from deepfusion.outputs import code_version, load_checkpoint, rewrite_metrics
@@ -46,11 +47,12 @@ def setup_devices(cfg: FederationConfig, data: FederationData, torch_device: tor
     from deepfusion.device import choose_size
 
     devices = {}
-    vocab = len(data.tokenizer)
     for dc in cfg.devices:
+        own = own_tokenizer(cfg, dc.id, data.tokenizer)  # its model reads its own ids, and has as many
+        vocab = len(own if own is not None else data.tokenizer)
         size = dc.size if dc.size != "auto" else choose_size(dc, vocab, cfg.data.seq_len, torch_device)
         devices[dc.id] = build_device(dc, size, vocab, data.private[dc.id], data.proxy, device_seed(cfg, dc.id),
-                                      torch_device)
+                                      torch_device, global_tokenizer=data.tokenizer, tokenizer=own)
     return devices
 
 
@@ -316,16 +318,18 @@ def _local_only_round(cfg: FederationConfig, devices: dict[str, Device], r: int,
 
 # ---- evaluation and reports ---------------------------------------------------------------------------
 
-def domain_tests(data: FederationData, source: str) -> dict[str, tuple[str, torch.Tensor]]:
-    """The held-out sets of every source in `source`'s domain."""
+def domain_tests(data: FederationData, source: str, tokenizer=None) -> dict[str, tuple[str, torch.Tensor]]:
+    """The held-out sets of every source in `source`'s domain; with a device's own tokenizer, the same text cut
+    its way (its perplexity is then per its own token)."""
     domain = data.test_sets[source][0]
-    return {s: t for s, t in data.test_sets.items() if t[0] == domain}
+    return {s: (d, b if tokenizer is None else public_blocks(data.tokenizer, tokenizer, b))
+            for s, (d, b) in data.test_sets.items() if d == domain}
 
 
 def local_only_eval(devices: dict[str, Device], data: FederationData) -> dict:
     """local-only's perplexities: each device's own model on its own domain's held-out text; a domain's
     figure is the mean over its devices (a device drawn at random), its best device alongside."""
-    by_device = {d: evaluate(dev.model, domain_tests(data, dev.cfg.source), dev.torch_device)
+    by_device = {d: evaluate(dev.model, domain_tests(data, dev.cfg.source, _own(dev, data)), dev.torch_device)
                  for d, dev in devices.items()}
     ppl, by_source = {}, {}
     for result in by_device.values():
@@ -339,11 +343,18 @@ def local_only_eval(devices: dict[str, Device], data: FederationData) -> dict:
             "ppl_by_device": {d: r["ppl"] for d, r in by_device.items()}}
 
 
+def _own(device: Device, data: FederationData):
+    """The device's own tokenizer (None: the federation's): its model reads only its own ids."""
+    return data.device_tokenizers.get(device.cfg.id)
+
+
 def _device_report(device: Device, data: FederationData) -> dict:
     """A device's description and its own model's perplexity on its source and on its whole domain."""
-    (domain, ppl), = evaluate(device.model, domain_tests(data, device.cfg.source), device.torch_device)["ppl"].items()
-    return {**describe(device), "ppl_own_source": round(evaluate_device(device, data.test_sets[device.cfg.source][1]), 2),
-            "domain": domain, "ppl_own_domain": ppl}
+    tests = domain_tests(data, device.cfg.source, _own(device, data))
+    (domain, ppl), = evaluate(device.model, tests, device.torch_device)["ppl"].items()
+    return {**describe(device), "ppl_own_source": round(evaluate_device(device, tests[device.cfg.source][1]), 2),
+            "domain": domain, "ppl_own_domain": ppl,
+            **({"tokenizer": "own"} if _own(device, data) is not None else {})}
 
 
 # ---- checkpoint ---------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@ probabilities at temperature T, and the leftover "tail" mass. The server sees a 
 over k + 1 outcomes (the k ids plus one bucket for "everything else") and distils it into the global MoE
 with the exact KL between that and the student's distribution coarsened the same way (losses.topk_kl).
 
+A device with its own tokenizer (alignment.py) labels the same positions of the global tokenisation, in the
+global vocabulary, and says which of them its own tokenisation aligns (`aligned`) and which vocabulary it
+projected from (`vocab`); the server takes no knowledge from it at the other positions. Packets of devices
+that share the federation's tokenizer carry neither and are byte for byte what they were before.
+
 Read top to bottom:
   1. the packet and its wire format (safetensors via wire/safetensors.py; bytes in docs/WIRE_FORMAT.md)
   2. encode_knowledge : device side, logits -> packet
@@ -15,7 +20,9 @@ Read top to bottom:
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +62,10 @@ _META_FIELDS = {
     "vocab_size": int,
 }
 _TENSOR_DTYPES = {"ids": ("U8", "U16", "U32"), "probs": ("F16",), "tail": ("F16",)}
+# A device with its own tokenizer adds both; a packet without them aligns every position.
+_ALIGNED_DTYPES = {"aligned": ("U8",)}
+_VOCAB_FIELD = {"vocab": str}
+_VOCAB_RE = re.compile(r"[0-9A-Za-z._:+-]{1,64}")
 _PY_TYPES = {str: (str,), int: (int, np.integer), float: (int, float, np.integer, np.floating)}
 
 
@@ -94,6 +105,25 @@ def _layout_problem(ids, probs, tail, vocab_size) -> str | None:
     return None
 
 
+def _alignment_problem(aligned, vocab, n_positions: int) -> str | None:
+    """Why the optional alignment parts are malformed, or None: both absent, or a 0/1 uint8 mask of one
+    entry per position together with the name of the vocabulary the knowledge was projected from."""
+    if (aligned is None) != (vocab is None):
+        return ("'aligned' and 'vocab' come together: a device with its own tokenizer sends both, "
+                "a device with the federation's sends neither")
+    if aligned is None:
+        return None
+    if not isinstance(vocab, str) or not _VOCAB_RE.fullmatch(vocab):
+        return f"vocab must be 1-64 characters of [0-9A-Za-z._:+-] (alignment.vocab_digest), got {vocab!r:.80}"
+    if not isinstance(aligned, np.ndarray) or aligned.dtype != np.uint8:
+        return f"aligned must be a uint8 numpy array, got {getattr(aligned, 'dtype', type(aligned).__name__)}"
+    if aligned.shape != (n_positions,):
+        return f"aligned shape {aligned.shape} != ({n_positions},); it must hold one entry per position"
+    if aligned.size and aligned.max() > 1:
+        return f"aligned holds {int(aligned.max())}; it must be 0 (not aligned) or 1 (aligned)"
+    return None
+
+
 @dataclass(eq=False)  # eq below: arrays compare bit for bit, not element-wise
 class KnowledgePacket:
     device_id: str
@@ -107,6 +137,8 @@ class KnowledgePacket:
     probs: np.ndarray  # (N, k) float16, each row descending
     tail: np.ndarray  # (N,)   float16, 1 - sum(probs) clipped at 0
     version: int = WIRE_VERSION
+    aligned: np.ndarray | None = None  # (N,) uint8 0/1, own tokenizer only: positions that carry knowledge
+    vocab: str | None = None  # own tokenizer only: alignment.vocab_digest of the vocabulary projected from
 
     @property
     def n_positions(self) -> int:
@@ -126,30 +158,53 @@ class KnowledgePacket:
             a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
             for a, b in ((self.ids, other.ids), (self.probs, other.probs), (self.tail, other.tail))
         )
-        return same_scalars and same_arrays
+        a, b = self.aligned, other.aligned
+        same_mask = (a is None and b is None) or (a is not None and b is not None and a.dtype == b.dtype
+                                                   and a.shape == b.shape and a.tobytes() == b.tobytes())
+        return same_scalars and same_arrays and same_mask and self.vocab == other.vocab
 
     __hash__ = None  # mutable, holds arrays
 
     def to_bytes(self) -> bytes:
-        """Serialise as a safetensors blob: three arrays + string metadata."""
-        problem = _field_problem(self) or _layout_problem(self.ids, self.probs, self.tail, self.vocab_size)
+        """Serialise as a safetensors blob: three arrays (four with a mask) + string metadata."""
+        problem = (_field_problem(self) or _layout_problem(self.ids, self.probs, self.tail, self.vocab_size)
+                   or _alignment_problem(self.aligned, self.vocab, self.n_positions))
         if problem:
             raise PacketError(f"refusing to serialise a malformed packet: {problem}")
         arrays = {name: getattr(self, name) for name in ("ids", "probs", "tail")}
-        return st.write(arrays, {key: st.to_str(getattr(self, key), typ) for key, typ in _META_FIELDS.items()})
+        meta = {key: st.to_str(getattr(self, key), typ) for key, typ in _META_FIELDS.items()}
+        if self.aligned is not None:
+            arrays["aligned"], meta["vocab"] = self.aligned, self.vocab
+        return st.write(arrays, meta)
 
     @classmethod
     def from_bytes(cls, data: bytes, max_bytes: int = 64 << 20) -> "KnowledgePacket":
         """Parse an upload. Every failure is a PacketError, whatever the bytes are."""
-        arrays, meta = st.read(data, "packet", version=str(WIRE_VERSION), fields=_META_FIELDS, max_bytes=max_bytes,
-                               tensors=_TENSOR_DTYPES,
+        tensors, fields = _declared(data, max_bytes)
+        arrays, meta = st.read(data, "packet", version=str(WIRE_VERSION), fields={**_META_FIELDS, **fields},
+                               max_bytes=max_bytes, tensors={**_TENSOR_DTYPES, **tensors},
                                mismatch="wire version is {got!r}, this reader understands {want}; "
                                         "upgrade the reader or downgrade the sender")
-        p = cls(**meta, ids=arrays["ids"], probs=arrays["probs"], tail=arrays["tail"])
-        problem = _layout_problem(p.ids, p.probs, p.tail, p.vocab_size)
+        p = cls(**meta, ids=arrays["ids"], probs=arrays["probs"], tail=arrays["tail"], aligned=arrays.get("aligned"))
+        problem = (_layout_problem(p.ids, p.probs, p.tail, p.vocab_size)
+                   or _alignment_problem(p.aligned, p.vocab, p.n_positions))
         if problem:
             raise PacketError(f"malformed packet: {problem}")
         return p
+
+
+def _declared(data, max_bytes: int) -> tuple[dict, dict]:
+    """The optional tensor and field a blob's header declares, so that st.read expects exactly its parts and
+    names any defect itself; a blob it would refuse unread, or cannot parse, declares none."""
+    try:
+        n = int.from_bytes(data[:8], "little")
+        if len(data) > max_bytes or not 8 + n <= len(data) or n > st.MAX_HEADER:
+            return {}, {}
+        header = json.loads(bytes(data[8:8 + n]))
+        return (_ALIGNED_DTYPES if "aligned" in header else {},
+                _VOCAB_FIELD if "vocab" in header.get("__metadata__", {}) else {})
+    except Exception:  # not bytes, not JSON, not an object: st.read says which
+        return {}, {}
 
 
 def _same_scalar(a, b) -> bool:
@@ -247,6 +302,11 @@ def validate_packet(p: KnowledgePacket, *, round: int, known_devices: set[str] |
     if err.size and err.max() > tol:
         n = int(err.argmax())
         reject(f"probs + tail sum to {probs[n].sum() + tail[n]:.4f} at position {n}, not 1 (tol {tol})")
+    problem = _alignment_problem(p.aligned, p.vocab, p.n_positions)
+    if problem:
+        reject(problem)
+    if p.aligned is not None and not p.aligned.any():
+        reject("aligned marks no position: a packet must carry knowledge at one position at least")
     if p.ids.size and int(p.ids.max()) >= vocab_size:
         reject(f"ids out of range: max id {int(p.ids.max())} >= vocab_size {vocab_size}; wrong tokenizer?")
     ids = np.sort(p.ids, axis=1)  # (N, k); duplicates become neighbours
@@ -271,3 +331,10 @@ def to_targets(p: KnowledgePacket, device: torch.device | str = "cpu"):
     tail = torch.from_numpy(p.tail.astype(np.float32)).to(device)  # (N,)
     total = (probs.sum(-1) + tail).clamp_min(torch.finfo(torch.float32).tiny)  # (N,)
     return ids, probs / total[:, None], tail / total
+
+
+def aligned_mask(p: KnowledgePacket, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(N,) bool: the positions the packet carries knowledge at (every one without a mask)."""
+    if p.aligned is None:
+        return torch.ones(p.n_positions, dtype=torch.bool, device=device)
+    return torch.from_numpy(p.aligned.astype(bool)).to(device)

@@ -71,13 +71,16 @@ def start_device(setup: Setup, device_id: str, data_dir: str | None,
     i = device_index(cfg, device_id)
     dc, d = cfg.devices[i], cfg.data
     tokenizer = setup.tokenizer()
+    own = own_tokenizer(cfg, device_id, tokenizer)
+    reads = own if own is not None else tokenizer  # its model reads its own ids, its held-out text too
     if blocks is None:  # the node's own data: its node config's data-dir, else found here (never the server's path)
         root = resolve_data_dir(data_dir)
         split = split_documents(load_source(dc.source, root, dc.domain), d.seed, d.proxy_frac, d.test_frac)
-        blocks = device_private(cfg, device_id, tokenizer, root, split), held_out_blocks(tokenizer, split.test, d)
+        blocks = device_private(cfg, device_id, tokenizer, root, split), held_out_blocks(reads, split.test, d)
     torch_device = resolve_device(cfg.device)
-    size = dc.size if dc.size != "auto" else choose_size(dc, len(tokenizer), d.seq_len, torch_device)
-    device = build_device(dc, size, len(tokenizer), blocks[0], setup.proxy, device_seed(cfg, dc.id), torch_device)
+    size = dc.size if dc.size != "auto" else choose_size(dc, len(reads), d.seq_len, torch_device)
+    device = build_device(dc, size, len(reads), blocks[0], setup.proxy, device_seed(cfg, dc.id), torch_device,
+                          global_tokenizer=tokenizer, tokenizer=own)
     return NodeDevice(device, blocks[1])
 
 
