@@ -17,7 +17,9 @@ type, upload bytes (with the tokenizers' share), and the share of public positio
 
     deepfusion bench --profile byo --out benchmarks/byo [--seeds 0 1 2]
 
-Runs already in OUT are reused (OUT/runs/<row>/s<seed>/summary.json). No replay: each row's devices differ.
+Runs already in OUT are reused: a finished run (OUT/runs/<row>/s<seed>/summary.json), or a row already measured in
+OUT/results.json (runs/ is local, results.json is committed: a fresh clone adds rows without redoing two hours of
+earlier ones; each row keeps the commit it ran at). No replay: each row's devices differ.
 """
 
 from __future__ import annotations
@@ -95,7 +97,17 @@ def measures(summary: dict) -> dict:
     return {**figures(summary), "phase_seconds": summary["phase_seconds"],
             "peak_mem_mb": {t: round(statistics.mean(v) / 2**20, 1) for t, v in sorted(by_type.items())},
             "upload_mb_per_device": round(statistics.mean(r["upload_bytes"] for r in devices) / 2**20, 3),
-            "tokenizer_kb_per_device": round(statistics.mean(r.get("tokenizer_bytes", 0) for r in devices) / 1024, 1)}
+            "tokenizer_kb_per_device": round(statistics.mean(r.get("tokenizer_bytes", 0) for r in devices) / 1024, 1),
+            "commit": summary.get("provenance", {}).get("commit")}
+
+
+def measured(out: Path) -> dict[tuple[str, int], dict]:
+    """(row, seed) -> its measures, from an earlier results.json in OUT (empty when there is none)."""
+    path = out / "results.json"
+    if not path.is_file():
+        return {}
+    return {(r["row"], r["seed"]): {k: v for k, v in r.items() if k not in ("row", "seed")}
+            for r in json.loads(path.read_text())["runs"]}
 
 
 def aligned_share(out: Path, seed: int) -> dict[str, float]:
@@ -116,10 +128,12 @@ def aligned_share(out: Path, seed: int) -> dict[str, float]:
 
 def run_bench(out: Path, seeds: list[int] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    seeds, start, runs = seeds or [0], time.perf_counter(), {}
+    seeds, start, runs, earlier = seeds or [0], time.perf_counter(), {}, measured(out)
     for s in seeds:
         for row in ROWS:
-            runs[row, s] = measures(run_one(out, row, s))
+            summary = out / "runs" / _slug(row) / f"s{s}" / "summary.json"
+            reuse = (row, s) in earlier and not summary.is_file()
+            runs[row, s] = earlier[row, s] if reuse else measures(run_one(out, row, s))
             results = {"seeds": seeds, "runs": [{"row": r, "seed": x, **m} for (r, x), m in runs.items()],
                        "aligned_share": aligned_share(out, seeds[0]) if ("own tokenizers", s) in runs else {},
                        "bench_seconds": round(time.perf_counter() - start, 1)}
@@ -133,8 +147,10 @@ def report(results: dict, runs: dict) -> str:
     from deepfusion.outputs import provenance
 
     seeds, p = results["seeds"], provenance()
+    commits = sorted({m.get("commit") or "?" for m in runs.values()})
     lines = [f"# Bring your own tokenizer or memory budget: the default federation three ways (seeds {seeds})", "",
-             f"Command: `deepfusion bench --profile byo --out OUT`; commit {p['commit']}, torch {p['torch']}, "
+             f"Command: `deepfusion bench --profile byo --out OUT`; rows run at commit {', '.join(commits)} "
+             f"(column `commit`), report written at {p['commit'][:7]}, torch {p['torch']}, "
              f"{thread_setting({f'{r} s{s}': m['threads'] for (r, s), m in runs.items()})}; bench wall time "
              f"{results['bench_seconds']:.0f} s (reused runs count 0).", "",
              "Own tokenizers: " + ", ".join(f"{f} types {k} {n}" for f, (k, n) in OWN.items())
@@ -142,8 +158,8 @@ def report(results: dict, runs: dict) -> str:
              "per global token of the test text (lower is better), accuracy in %; QA: answer tokens only. Peak: "
              "each type's Phase 0 training peak, measured on the device.", "",
              "| row | n | log-ppl medical | log-ppl finance | QA log-ppl medical | QA log-ppl finance | accuracy "
-             "medical | accuracy finance | Phase II s | Phase III s | upload MB / device | of which tokenizer kB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "medical | accuracy finance | Phase II s | Phase III s | upload MB / device | of which tokenizer kB | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in ROWS:
         done = [s for s in seeds if (row, s) in runs]
         if not done:
@@ -155,7 +171,8 @@ def report(results: dict, runs: dict) -> str:
                      + f" | {statistics.mean(x['phase_seconds']['phase2'] for x in m):.0f}"
                      f" | {statistics.mean(x['phase_seconds']['phase3'] for x in m):.0f}"
                      f" | {statistics.mean(x['upload_mb_per_device'] for x in m):.2f}"
-                     f" | {statistics.mean(x['tokenizer_kb_per_device'] for x in m):.0f} |")
+                     f" | {statistics.mean(x['tokenizer_kb_per_device'] for x in m):.0f}"
+                     f" | {', '.join(sorted({(x.get('commit') or '?')[:7] for x in m}))} |")
     types = sorted({t for m in runs.values() for t in m["peak_mem_mb"]})
     lines += ["", "Phase 0 peak training memory per device type, MB (first seed):", "",
               "| row | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
