@@ -270,6 +270,25 @@ def teacher_kl(student: PreTrainedModel, teachers: list[PreTrainedModel], blocks
 
 # ---- cost ---------------------------------------------------------------------------------------
 
+def interleaved(steps: dict, repeats: int, device: torch.device) -> dict[str, tuple[float, float]]:
+    """name -> (median wall seconds, median process CPU seconds) of steps[name](), the names taken in turn each
+    repeat so that a noisy shared machine slows all of them alike; one round first to warm up allocator,
+    kernels and optimiser state."""
+    wall, cpu = {k: [] for k in steps}, {k: [] for k in steps}
+    for r in range(repeats + 1):
+        for k, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r:
+                wall[k].append(time.perf_counter() - start)
+                cpu[k].append(time.process_time() - start_cpu)  # this process's CPU seconds: steadier on a shared box
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in steps}
+
+
 def time_steps(features: tuple[str, ...] = ("none", "vaa", "ofa"), repeats: int = 7, vocab: int = 8192,
                batch: int = 8, seq: int = 128, teacher: tuple[str, str] = ("gpt2", "small"),
                torch_device: str = "cpu", cfg: DistillConfig | None = None) -> list[dict]:
@@ -294,20 +313,13 @@ def time_steps(features: tuple[str, ...] = ("none", "vaa", "ofa"), repeats: int 
         aligners = make_aligners(student, teachers, seq, c, gen).to(device)
         opt = torch.optim.AdamW([*student.parameters(), *aligners.parameters()], lr=c.lr)
         runs[f] = (student, aligners, c, opt)
-    wall, cpu = {f: [] for f in features}, {f: [] for f in features}
-    for r in range(repeats + 1):  # round 0 warms up allocator, kernels and AdamW state
-        for f, (student, aligners, c, opt) in runs.items():
-            x = public[torch.randint(len(public), (batch,), generator=gen)].to(device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start, start_cpu = time.perf_counter(), time.process_time()
-            train_step(student, teachers, aligners, x, c, opt, device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if r:
-                wall[f].append(time.perf_counter() - start)
-                cpu[f].append(time.process_time() - start_cpu)  # this process's CPU seconds: steadier on a shared box
-    med = {f: (statistics.median(wall[f]), statistics.median(cpu[f])) for f in features}
+
+    def step(f):
+        student, aligners, c, opt = runs[f]
+        x = public[torch.randint(len(public), (batch,), generator=gen)].to(device)
+        return lambda: train_step(student, teachers, aligners, x, c, opt, device)
+
+    med = interleaved({f: step(f) for f in features}, repeats, device)
     ref = med[features[0]]
     return [{"features": f, "seconds_per_step": round(med[f][0], 4),
              "ratio_to_" + features[0]: round(med[f][0] / ref[0], 3),

@@ -6,7 +6,7 @@ model sizes, and their reports. The federation itself lives one level up; no run
     deepfusion bench --profile pipeline --out DIR       pipeline.py: the paper pipeline beside its ablations
     deepfusion bench --profile paper|paper-quick --out DIR   paper.py: the paper's evaluation (§V), its baselines,
                                                         N = 16-128, Tables I-II, Figs. 7-9, the claims (paper_report.py)
-    deepfusion bench experts|distill|poison|dp|vaa      micro.py: one micro-benchmark, one JSON row per line
+    deepfusion bench experts|distill|poison|dp|vaa|align micro.py: one micro-benchmark, one JSON row per line
     deepfusion bench --recheck DIR [--threads N]        recheck.py: re-run a published table, report what moved
 
 `python -m deepfusion.benchmarks ARGS` is `deepfusion bench ARGS`: the same arguments, the same code.
@@ -19,7 +19,7 @@ from pathlib import Path
 from deepfusion.errors import ConfigError
 
 PROFILES = ("quick", "full", "scale", "pipeline", "paper", "paper-quick", "byo")
-MICRO = ("experts", "distill", "poison", "dp", "vaa")
+MICRO = ("experts", "distill", "poison", "dp", "vaa", "align")
 
 
 def run_profile(profile: str, out: Path, config: Path | None = None, seeds: list[int] | None = None) -> str:

@@ -5,6 +5,7 @@
     python -m deepfusion.benchmarks poison      # one adversarial device of six: damage with / without reliability
     python -m deepfusion.benchmarks dp          # differential privacy on uploads: perplexity and (ε, δ) per noise level
     python -m deepfusion.benchmarks vaa         # one Phase II step: VAA vs no feature term vs OFA-KD (crosskd.time_steps)
+    python -m deepfusion.benchmarks align       # one Phase II step: a teacher with the global vs its own tokenizer
 
 (`deepfusion bench experts` and so on is the same command.) Each prints one JSON object per row.
 Timings are ratios within one run on one machine: compare rows, not machines.
@@ -118,6 +119,56 @@ def bench_dp(out: Path, noise: tuple[float, ...] = (0.01, 0.05, 0.2, 100.0), con
         row["cost_pct"] = {d: round(100 * (row["ppl"][d] / no_dp[d] - 1), 1) for d in row["ppl"]}
     return rows
 
+def bench_align(out: Path, repeats: int = 7, blocks: int = 64, teacher: tuple[str, str] = ("gpt2", "small"),
+                config: Path | None = None) -> list[dict]:
+    """What a teacher with its own tokenizer costs the server (issue 11), on the default federation's public blocks:
+    the one-off alignment of the blocks (crosskd.TeacherTokens.build: decode, re-cut, align, vocabulary map), and
+    one Phase II step (VAA + KL, [distill] as configured) with the teacher reading the global tokenizer vs the same
+    teacher type with each tokenizer of the byo bench (benchmarks/byo.py), steps interleaved (crosskd.interleaved).
+    Read cpu_ratio on a loaded machine. `out` keeps the trained tokenizers."""
+    import dataclasses
+
+    from deepfusion.benchmarks.byo import tokenizers
+    from deepfusion.config import default_config_path, load_config
+    from deepfusion.crosskd import TeacherTokens, interleaved, make_aligners, train_step
+    from deepfusion.data import load_tokenizer
+    from deepfusion.federation import prepare_data
+    from deepfusion.models import build_dense_base, build_device_model, global_moe_config
+
+    cfg = load_config(config or default_config_path("default"))
+    data = prepare_data(cfg, private=False)
+    public, device = data.proxy[:blocks], torch.device("cpu")
+    torch.manual_seed(0)
+    moe = global_moe_config(cfg.server.family, cfg.server.size, len(data.tokenizer))
+    student = build_dense_base(moe).train()
+    dcfg = dataclasses.replace(cfg.distill, batch_size=min(cfg.distill.batch_size, blocks))
+    gen = torch.Generator().manual_seed(0)
+    x_idx = torch.randint(blocks, (dcfg.batch_size,), generator=gen)
+    variants, rows = {"global tokenizer": None}, []
+    for path in sorted(set(tokenizers(out, cfg).values())):  # the byo bench's, trained on the public documents
+        variants[path.name] = load_tokenizer(path)
+    steps = {}
+    for name, tok in variants.items():
+        model = build_device_model(*teacher, len(tok) if tok is not None else len(data.tokenizer)).eval()
+        start = time.perf_counter()
+        tokens = None if tok is None else TeacherTokens.build(model, tok, data.tokenizer, public,
+                                                              moe.get_text_config().vocab_size)
+        build_s = time.perf_counter() - start
+        s = build_dense_base(moe).train()
+        s.load_state_dict(student.state_dict())
+        aligners = make_aligners(s, [model], public.shape[1], dcfg, gen)
+        opt = torch.optim.AdamW([*s.parameters(), *aligners.parameters()], lr=dcfg.lr)
+        steps[name] = (lambda s=s, m=model, a=aligners, o=opt, t=tokens:
+                       train_step(s, [m], a, public[x_idx], dcfg, o, device, [t], x_idx))
+        aligned = 1.0 if tokens is None else sum(len(v.alignment) for v in tokens.views) / public.numel()
+        rows.append({"teacher": f"{'/'.join(teacher)} {name}", "align_seconds_per_64_blocks":
+                     round(build_s * 64 / blocks, 3), "aligned_share": round(aligned, 3)})
+    med = interleaved(steps, repeats, device)
+    ref = med["global tokenizer"]
+    for row, name in zip(rows, variants):
+        row.update(seconds_per_step=round(med[name][0], 4), ratio=round(med[name][0] / ref[0], 3),
+                   cpu_seconds_per_step=round(med[name][1], 4), cpu_ratio=round(med[name][1] / ref[1], 3))
+    return rows
 
 
 def run(what: str, out: Path, config: Path | None = None, seed: int | None = None) -> list[dict]:
@@ -126,6 +177,8 @@ def run(what: str, out: Path, config: Path | None = None, seed: int | None = Non
         return bench_poison(out, config=config)
     if what == "dp":
         return bench_dp(out, config=config, seed=seed)
+    if what == "align":
+        return bench_align(out, config=config)
     if what == "vaa":
         from deepfusion.crosskd import time_steps
 
