@@ -30,7 +30,7 @@ import statistics
 import time
 from pathlib import Path
 
-from deepfusion.benchmarks.pipeline import DOMAINS, _slug, cell, figures
+from deepfusion.benchmarks.pipeline import DOMAINS, _slug, cell, figures, publish
 from deepfusion.config import default_config_path, load_config
 
 log = logging.getLogger("deepfusion.bench")
@@ -128,17 +128,15 @@ def aligned_share(out: Path, seed: int) -> dict[str, float]:
 
 def run_bench(out: Path, seeds: list[int] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    seeds, start, runs, earlier = seeds or [0], time.perf_counter(), {}, measured(out)
+    seeds, start, runs, earlier, share = seeds or [0], time.perf_counter(), {}, measured(out), {}
     for s in seeds:
         for row in ROWS:
             summary = out / "runs" / _slug(row) / f"s{s}" / "summary.json"
             reuse = (row, s) in earlier and not summary.is_file()
             runs[row, s] = earlier[row, s] if reuse else measures(run_one(out, row, s))
-            results = {"seeds": seeds, "runs": [{"row": r, "seed": x, **m} for (r, x), m in runs.items()],
-                       "aligned_share": aligned_share(out, seeds[0]) if ("own tokenizers", s) in runs else {},
-                       "bench_seconds": round(time.perf_counter() - start, 1)}
-            (out / "results.json").write_text(json.dumps(results, indent=1))
-            (out / "RESULTS.md").write_text(report(results, runs))
+            if not share and ("own tokenizers", seeds[0]) in runs:
+                share = aligned_share(out, seeds[0])
+            results = publish(out, {"seeds": seeds, "aligned_share": share}, runs, start, report)
     return results
 
 

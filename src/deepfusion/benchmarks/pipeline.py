@@ -96,11 +96,18 @@ def run_bench(out: Path, config: Path | None = None, seeds: list[int] | None = N
     runs: dict[tuple[str, int], dict] = {}
     for row, method, sets, s in plan(seeds):
         runs[row, s] = figures(run_one(out, config, row, method, sets, s))
-        results = {"config": str(config), "seeds": seeds, "rows": [r for r, *_ in ROWS + DESIGN_ROWS],
-                   "runs": [{"row": r, "seed": s, **f} for (r, s), f in runs.items()],
-                   "bench_seconds": round(time.perf_counter() - start, 1)}
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-        (out / "RESULTS.md").write_text(report(results, runs))
+        results = publish(out, {"config": str(config), "seeds": seeds, "rows": [r for r, *_ in ROWS + DESIGN_ROWS]},
+                          runs, start, report)
+    return results
+
+
+def publish(out: Path, head: dict, runs: dict, start: float, report) -> dict:
+    """OUT/results.json (head, every (row, seed) run's figures, the bench's seconds) and OUT/RESULTS.md
+    (report(results, runs)), rewritten after every run so that a stopped bench still reports."""
+    results = {**head, "runs": [{"row": r, "seed": s, **f} for (r, s), f in runs.items()],
+               "bench_seconds": round(time.perf_counter() - start, 1)}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "RESULTS.md").write_text(report(results, runs))
     return results
 
 

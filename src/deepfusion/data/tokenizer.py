@@ -113,9 +113,7 @@ def _unigram(texts, size: int) -> PreTrainedTokenizerFast:
                                       seed_size=5000, max_piece_length=8, shrinking_factor=0.5,
                                       show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> $B </s>",
-        special_tokens=[(s, tok.token_to_id(s)) for s in ("<s>", "</s>")])
+    tok.post_processor = _wrapped(tok, "<s>", "</s>")
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>")
 
@@ -129,12 +127,15 @@ def _wordpiece(texts, size: int) -> PreTrainedTokenizerFast:
     trainer = trainers.WordPieceTrainer(vocab_size=size, special_tokens=specials,
                                         show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[(s, tok.token_to_id(s)) for s in ("[CLS]", "[SEP]")])
+    tok.post_processor = _wrapped(tok, "[CLS]", "[SEP]")
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
                                    pad_token="[PAD]", mask_token="[MASK]")
 
+
+def _wrapped(tok: Tokenizer, begin: str, end: str) -> processors.TemplateProcessing:
+    """Wrap each sequence in begin ... end, as SentencePiece (Llama) and BERT tokenizers do when asked to."""
+    return processors.TemplateProcessing(single=f"{begin} $A {end}", pair=f"{begin} $A {end} $B {end}",
+                                         special_tokens=[(t, tok.token_to_id(t)) for t in (begin, end)])
 
 
 KINDS = {"bpe": _bpe, "unigram": _unigram, "wordpiece": _wordpiece}

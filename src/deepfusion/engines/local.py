@@ -28,7 +28,7 @@ from deepfusion.baselines.centralized import EarlyStopping, pooled_blocks
 from deepfusion.config import HOSTING_METHODS, KNOWLEDGE_METHODS, ONESHOT_METHODS, FederationConfig
 from deepfusion.device import (Device, build_device, describe, device_state, evaluate_device, load_device_state,
                                local_train, measure_train_peak, run_round, train_peak_bytes)
-from deepfusion.federation import (FederationData, device_documents, device_seed, own_tokenizer, prepare_data,
+from deepfusion.federation import (FederationData, device_documents, device_seed, prepare_data,
                                    public_blocks)
 from deepfusion.ledger import Ledger
 from deepfusion.models import n_params, resolve_device
@@ -48,7 +48,7 @@ def setup_devices(cfg: FederationConfig, data: FederationData, torch_device: tor
 
     devices = {}
     for dc in cfg.devices:
-        own = own_tokenizer(cfg, dc.id, data.tokenizer)  # its model reads its own ids, and has as many
+        own = data.device_tokenizers.get(dc.id)  # its model reads its own ids, and has as many
         vocab = len(own if own is not None else data.tokenizer)
         size = dc.size if dc.size != "auto" else choose_size(dc, vocab, cfg.data.seq_len, torch_device)
         devices[dc.id] = build_device(dc, size, vocab, data.private[dc.id], data.proxy, device_seed(cfg, dc.id),
@@ -217,7 +217,7 @@ def oneshot_send(cfg: FederationConfig, data: FederationData, torch_device: torc
     def device(device_id: str, task: bytes) -> bytes:
         dc = next(d for d in cfg.devices if d.id == device_id)
         texts = [doc.text for doc in device_documents(cfg, device_id, data.data_dir)]
-        private = ondevice.PrivateData(texts, data.private[device_id], own_tokenizer(cfg, device_id, data.tokenizer))
+        private = ondevice.PrivateData(texts, data.private[device_id], data.device_tokenizers.get(device_id))
         model = ondevice.public_model(cfg, dc, data.proxy, data.tokenizer, torch_device)
         return ondevice.run_task(cfg, device_id, task, private, model, device_seed(cfg, device_id), torch_device)
 

@@ -20,6 +20,8 @@ byte cap is the adapter's; the recipe merges it onto its own copy of the type's 
 
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass, field
 
@@ -213,8 +215,11 @@ def wire_tokenizer(tokenizer) -> bytes:
     return zlib.compress(body.encode("utf-8"), 9)
 
 
+@functools.lru_cache(maxsize=64)
 def read_tokenizer(data: bytes):
-    """The inverse of wire_tokenizer, checked: UploadError naming what is wrong."""
+    """The inverse of wire_tokenizer, checked: UploadError naming what is wrong. Cached on the bytes: the server
+    reads each upload's tokenizer when it checks it, groups it and reports on it, and the devices of one type
+    send the same one (errors are not cached: a bad one fails every time). Callers only read the tokenizer."""
     import json
     import zlib
 
