@@ -158,3 +158,24 @@ def test_the_claims_quote_the_projection_at_the_papers_sizes():
     ours = {c["claim"].split(" (")[0]: c["ours"] for c in paper_report.claims(res)}
     assert ours["Less communication than FedJETS"].endswith("at the paper's sizes (FedJETS 10 rounds): medical -99%")
     assert ours["FedJETS needs 3.3-9.3× the device memory"].endswith("at the paper's sizes: 2.4-15.2×")
+
+
+def test_runs_in_a_committed_results_json_are_reused_on_a_fresh_clone(tmp_path, monkeypatch):
+    def fake_run(out, case, n, row, seed):
+        method, lp, acc, up, peak = MADE.get(row.label, (row.method, 5.0, 20.0, 1, 1))
+        return summary(method, case.name, lp, acc, up, peak)
+
+    monkeypatch.setattr(paper, "run_one", fake_run)
+    monkeypatch.setattr(paper, "paper_scale_projection", lambda out: {})
+    monkeypatch.setattr(paper_report, "plot", lambda out, res: None)
+    first = paper.run_bench(tmp_path, "paper-quick")
+    kept = [r for r in first["runs"] if r["n"] == 16]  # a bench stopped after its N = 16 cells
+    old = {**first, "runs": [{**r, "commit": "0ld0ld0"} for r in kept]}
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    calls = []
+    monkeypatch.setattr(paper, "run_one", lambda out, case, n, row, seed: calls.append((case.name, n)) or
+                        fake_run(out, case, n, row, seed))
+    again = paper.run_bench(tmp_path, "paper-quick")
+    assert set(calls) == {("medical", 32), ("finance", 32)}  # only what the earlier bench had not measured
+    assert [r["commit"] for r in again["runs"] if r["n"] == 16] == ["0ld0ld0"] * len(kept)  # each keeps its commit
+    assert len(again["runs"]) == len(first["runs"])

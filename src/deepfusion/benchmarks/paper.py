@@ -14,6 +14,9 @@ Dirichlet(1) shares), then runs every row on it. Phase 0 is trained once per cel
 row (replay.UploadReplay), so their differences are the server's alone; the other rows train their own devices
 (FedJETS, the multi-round protocol) or none (centralized, public data only). Runs already in OUT are reused: an
 interrupted bench continues where it stopped, and the tables are rewritten after every run (paper_report.py).
+runs/ and recordings/ stay on the machine that made them; a run measured in OUT/results.json (committed) is
+reused too, with the commit it ran at, so the full profile can be continued from a fresh clone. A one-shot row
+run there after its cell's DeepFusion row was reused records Phase 0 anew: the same devices, seeds and data.
 """
 
 from __future__ import annotations
@@ -151,15 +154,20 @@ def run_bench(out: Path, profile_name: str = "paper", seeds: list[int] | None = 
     if seeds:
         profile = Profile(tuple(seeds), profile.counts, profile.quick)
     out.mkdir(parents=True, exist_ok=True)
-    start, runs = time.perf_counter(), []
+    start, runs, earlier = time.perf_counter(), [], measured(out)
     projection = paper_scale_projection(out)
     failed: dict[str, str] = {}
     planned = plan(profile)
     for i, (seed, case, n, row) in enumerate(planned):
         t = time.perf_counter()
+        key = (case.name, n, row.label, seed)
         try:
-            summary = run_one(out, case, n, row, seed)
-            runs.append(paper_report.figures(summary, case.name, n, row.label, seed, round(time.perf_counter() - t, 1)))
+            if key in earlier and not (run_dir(out, case, n, row, seed) / "summary.json").is_file():
+                runs.append(earlier[key])
+            else:
+                summary = run_one(out, case, n, row, seed)
+                runs.append(paper_report.figures(summary, case.name, n, row.label, seed,
+                                                 round(time.perf_counter() - t, 1)))
         except Exception as e:  # one broken run (a method's bug, too few documents at large N) costs its row only
             failed[f"{case.name} N={n} {row.label} s{seed}"] = f"{type(e).__name__}: {e}"
             log.error("bench paper: %s N=%d %s seed %d failed: %s", case.name, n, row.label, seed, e)
@@ -170,6 +178,14 @@ def run_bench(out: Path, profile_name: str = "paper", seeds: list[int] | None = 
         cell_done = i + 1 == len(planned) or planned[i + 1][:3] != (seed, case, n)
         paper_report.write(out, results, plots=cell_done)  # the figures once per cell: they take seconds
     return results
+
+
+def measured(out: Path) -> dict[tuple[str, int, str, int], dict]:
+    """(case, N, row, seed) -> a run's figures from an earlier OUT/results.json (empty when there is none)."""
+    path = out / "results.json"
+    if not path.is_file():
+        return {}
+    return {(r["case"], r["n"], r["row"], r["seed"]): r for r in json.loads(path.read_text())["runs"]}
 
 
 def paper_scale_projection(out: Path) -> dict:
