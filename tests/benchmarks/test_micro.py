@@ -68,9 +68,13 @@ def test_align_bench_times_a_teacher_with_each_byo_tokenizer_against_the_global_
     cfg = tmp_path / "smoke.toml"
     cfg.write_text(default_config_path("smoke").read_text().replace("[data]\n", f'[data]\ndir = "{data_dir}"\n', 1))
     rows = bench_align(tmp_path, repeats=1, blocks=4, teacher=("gpt2", "tiny"), config=cfg)
+    rows, labels = rows[:4], rows[4:]
     assert [r["teacher"] for r in rows] == ["gpt2/tiny global tokenizer", "gpt2/tiny bpe-6000", "gpt2/tiny unigram-4000",
                                             "gpt2/tiny wordpiece-3000"]
     assert rows[0]["aligned_share"] == 1.0 and rows[0]["ratio"] == 1.0
     assert all(0 < r["aligned_share"] < 1.0 and r["align_seconds_per_64_blocks"] > 0 for r in rows[1:])
     assert all(r["seconds_per_step"] > 0 and r["cpu_ratio"] > 0 for r in rows)
     assert (tmp_path / "tokenizers" / "unigram-4000" / "tokenizer.json").is_file()  # kept for the byo bench's reuse
+    assert [r["device"] for r in labels] == [r["teacher"] for r in rows]  # the multi-round side, same tokenizers
+    assert labels[0]["packet_ratio"] == 1.0 and labels[0]["positions_spoken"] == 1.0
+    assert all(r["packet_ratio"] > 1.0 and 0 < r["positions_spoken"] < 1.0 for r in labels[1:])  # mask + digest

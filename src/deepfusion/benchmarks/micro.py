@@ -121,11 +121,11 @@ def bench_dp(out: Path, noise: tuple[float, ...] = (0.01, 0.05, 0.2, 100.0), con
 
 def bench_align(out: Path, repeats: int = 7, blocks: int = 64, teacher: tuple[str, str] = ("gpt2", "small"),
                 config: Path | None = None) -> list[dict]:
-    """What a teacher with its own tokenizer costs the server (issue 11), on the default federation's public blocks:
+    """What a device with its own tokenizer costs (issue 11), on the default federation's public blocks. Paper pipeline:
     the one-off alignment of the blocks (crosskd.TeacherTokens.build: decode, re-cut, align, vocabulary map), and
     one Phase II step (VAA + KL, [distill] as configured) with the teacher reading the global tokenizer vs the same
     teacher type with each tokenizer of the byo bench (benchmarks/byo.py), steps interleaved (crosskd.interleaved).
-    Read cpu_ratio on a loaded machine. `out` keeps the trained tokenizers."""
+    Multi-round protocol: label_rows. Read cpu_ratio on a loaded machine. `out` keeps the trained tokenizers."""
     import dataclasses
 
     from deepfusion.benchmarks.byo import tokenizers
@@ -168,6 +168,35 @@ def bench_align(out: Path, repeats: int = 7, blocks: int = 64, teacher: tuple[st
     for row, name in zip(rows, variants):
         row.update(seconds_per_step=round(med[name][0], 4), ratio=round(med[name][0] / ref[0], 3),
                    cpu_seconds_per_step=round(med[name][1], 4), cpu_ratio=round(med[name][1] / ref[1], 3))
+    return rows + label_rows(cfg, data.tokenizer, public, variants, teacher, repeats)
+
+
+def label_rows(cfg, global_tokenizer, public: torch.Tensor, variants: dict, teacher: tuple[str, str],
+               repeats: int) -> list[dict]:
+    """The multi-round protocol's side: a device of the teacher's type labelling the public blocks (device.label_proxy,
+    the [knowledge] top-k) with each tokenizer, interleaved; its packet's bytes (an own tokenizer adds the aligned
+    mask and vocabulary digest) and the share of positions it speaks at."""
+    from deepfusion.config import DeviceConfig
+    from deepfusion.crosskd import interleaved
+    from deepfusion.device import build_device, label_proxy
+
+    k, devices = cfg.knowledge, {}
+    for name, tok in variants.items():
+        dc = DeviceConfig(id="d0", source=cfg.devices[0].source, family=teacher[0], size=teacher[1])
+        devices[name] = build_device(dc, teacher[1], len(tok if tok is not None else global_tokenizer), public[:2],
+                                     public, 0, torch.device("cpu"), global_tokenizer=global_tokenizer, tokenizer=tok)
+    every = list(range(len(public)))
+    packets = {n: label_proxy(d, every, k.topk, k.temperature, 1, 0.0) for n, d in devices.items()}
+    med = interleaved({n: (lambda d=d: label_proxy(d, every, k.topk, k.temperature, 1, 0.0))
+                       for n, d in devices.items()}, repeats, torch.device("cpu"))
+    ref_s, ref_b = med["global tokenizer"][1], len(packets["global tokenizer"].to_bytes())
+    rows = []
+    for n, packet in packets.items():
+        size = len(packet.to_bytes())
+        spoken = 1.0 if packet.aligned is None else float(packet.aligned.mean())
+        rows.append({"device": f"{'/'.join(teacher)} {n}", "label_cpu_seconds_per_64_blocks":
+                     round(med[n][1] * 64 / len(public), 3), "label_cpu_ratio": round(med[n][1] / ref_s, 3),
+                     "packet_bytes": size, "packet_ratio": round(size / ref_b, 3), "positions_spoken": round(spoken, 3)})
     return rows
 
 
