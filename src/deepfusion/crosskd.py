@@ -82,17 +82,17 @@ class TeacherTokens:
 def span_kl(log_p_student: torch.Tensor, t_logits: torch.Tensor, views: list[BlockView], tokens: TeacherTokens,
             temperature: float) -> torch.Tensor:
     """KL(P^T || P^S) once per aligned span, the teacher projected onto the global vocabulary; mean over spans.
-    log_p_student (B, T, V) at temperature, t_logits (B, L, V_teacher) raw."""
-    total, count = log_p_student.new_zeros(()), 0
-    for b, v in enumerate(views):
-        a, g = v.alignment.a, v.alignment.b
-        if not len(v.alignment):
-            continue
-        p_t = F.softmax(t_logits[b, a.last] / temperature, dim=-1)  # (S, V_teacher)
-        p_t = project_probs(p_t, tokens.vocab_map, log_p_student.shape[-1])  # (S, V)
-        total = total + F.kl_div(log_p_student[b, g.last], p_t, reduction="sum")  # 0 log 0 = 0 for unmapped ids
-        count += len(v.alignment)
-    return total / max(count, 1) * temperature ** 2
+    log_p_student (B, T, V) at temperature, t_logits (B, L, V_teacher) raw. All the batch's spans at once."""
+    rows = [torch.full((len(v.alignment),), b, dtype=torch.long) for b, v in enumerate(views)]
+    if not sum(len(r) for r in rows):
+        return log_p_student.new_zeros(())
+    b = torch.cat(rows).to(t_logits.device)
+    t_last = torch.cat([v.alignment.a.last for v in views]).to(t_logits.device)
+    s_last = torch.cat([v.alignment.b.last for v in views]).to(t_logits.device)
+    p_t = F.softmax(t_logits[b, t_last] / temperature, dim=-1)  # (S, V_teacher)
+    p_t = project_probs(p_t, tokens.vocab_map, log_p_student.shape[-1])  # (S, V)
+    kl = F.kl_div(log_p_student[b, s_last], p_t, reduction="sum")  # 0 log 0 = 0 for unmapped ids
+    return kl / len(b) * temperature ** 2
 
 
 def patch_pool(views: list[BlockView], patches: int, seq_len: int, teacher_len: int) -> torch.Tensor:

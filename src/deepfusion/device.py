@@ -174,9 +174,9 @@ def _global_log_probs(device: Device, batch: list[int]) -> tuple[torch.Tensor, t
     rows, masks = [], []
     for view, probs in zip(views, _view_probs(device, views)):
         moved, mask = alignment.at_global_positions(probs, view.alignment)  # (T, V_device), (T,)
-        rows.append(alignment.project_probs(moved[:T1], own.vocab_map, own.global_size))
+        rows.append(moved[:T1])
         masks.append(mask[:T1].cpu())
-    logp = torch.cat(rows).clamp_min(TINY).log()
+    logp = alignment.project_probs(torch.cat(rows), own.vocab_map, own.global_size).clamp_min(TINY).log()
     mask = torch.cat(masks)
     return logp.masked_fill(~mask.to(logp.device)[:, None], 0.0), mask
 
