@@ -34,6 +34,7 @@ def test_rows_in_an_earlier_results_json_are_reused_and_keep_their_commit(tmp_pa
     table = (tmp_path / "RESULTS.md").read_text()
     assert "| global tokenizer | 1 | 6.000 |" in table and table.count("| aaaaaaa |") == 2
     assert "| LoRA devices | 1 | 6.300 |" in table and "| bbbbbbb |" in table
+    assert "| +0.300 / +0.300 |" in table and "| +0.100 / +0.100 |" in table  # paired with the global row
     assert "96.8%" in table
 
 

@@ -153,11 +153,14 @@ def report(results: dict, runs: dict) -> str:
              f"{results['bench_seconds']:.0f} s (reused runs count 0).", "",
              "Own tokenizers: " + ", ".join(f"{f} types {k} {n}" for f, (k, n) in OWN.items())
              + f", every other type {OTHER[0]} {OTHER[1]} (trained on the public documents). log-ppl = mean NLL "
-             "per global token of the test text (lower is better), accuracy in %; QA: answer tokens only. Peak: "
-             "each type's Phase 0 training peak, measured on the device.", "",
+             "per global token of the test text (lower is better), accuracy in %, mean ± std over the row's seeds; QA: "
+             "answer tokens only. Paired: the row minus the global-tokenizer row on the same seeds (mean ± std). "
+             "Phase II / III s are wall seconds under whatever else ran (compare with `deepfusion bench align`, "
+             "not across rows). Peak: each type's Phase 0 training peak, measured on the device.", "",
              "| row | n | log-ppl medical | log-ppl finance | QA log-ppl medical | QA log-ppl finance | accuracy "
-             "medical | accuracy finance | Phase II s | Phase III s | upload MB / device | of which tokenizer kB | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "medical | accuracy finance | paired log-ppl medical / finance | Phase II s | Phase III s | upload MB / device | "
+             "of which tokenizer kB | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in ROWS:
         done = [s for s in seeds if (row, s) in runs]
         if not done:
@@ -165,7 +168,10 @@ def report(results: dict, runs: dict) -> str:
         m = [runs[row, s] for s in done]
         cells = [cell([x[metric].get(d) for x in m]) for metric in ("log_ppl", "qa_log_ppl", "accuracy")
                  for d in DOMAINS]
-        lines.append(f"| {row} | {len(done)} | " + " | ".join(cells)
+        base = [s for s in done if (ROWS[0], s) in runs]
+        paired = " / ".join(cell([runs[row, s]["log_ppl"][d] - runs[ROWS[0], s]["log_ppl"][d] for s in base],
+                                 signed=True) for d in DOMAINS) if row != ROWS[0] and base else ""
+        lines.append(f"| {row} | {len(done)} | " + " | ".join(cells) + f" | {paired}"
                      + f" | {statistics.mean(x['phase_seconds']['phase2'] for x in m):.0f}"
                      f" | {statistics.mean(x['phase_seconds']['phase3'] for x in m):.0f}"
                      f" | {statistics.mean(x['upload_mb_per_device'] for x in m):.2f}"
