@@ -150,7 +150,8 @@ def report(results: dict, runs: dict) -> str:
              f"Command: `deepfusion bench --profile byo --out OUT`; rows run at commit {', '.join(commits)} "
              f"(column `commit`), report written at {p['commit'][:7]}, torch {p['torch']}, "
              f"{thread_setting({f'{r} s{s}': m['threads'] for (r, s), m in runs.items()})}; bench wall time "
-             f"{results['bench_seconds']:.0f} s (reused runs count 0).", "",
+             f"{results['bench_seconds']:.0f} s (reused runs count 0); the runs' own wall time "
+             f"{sum(m['wall_seconds'] for m in runs.values()) / 3600:.1f} h.", "",
              "Own tokenizers: " + ", ".join(f"{f} types {k} {n}" for f, (k, n) in OWN.items())
              + f", every other type {OTHER[0]} {OTHER[1]} (trained on the public documents). log-ppl = mean NLL "
              "per global token of the test text (lower is better), accuracy in %, mean ± std over the row's seeds; QA: "
