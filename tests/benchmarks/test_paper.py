@@ -43,7 +43,9 @@ def test_quick_plans_the_main_rows_on_one_seed_and_records_phase0_first():
     assert {s for s, *_ in runs} == {0} and {n for _, _, n, _ in runs} == {16, 32}
     assert runs[0][3].method == "deepfusion"
     assert "multiround-views" not in {r.method for *_, r in runs}
-    assert len(paper.plan(paper.PROFILES["paper"])) == 3 * 2 * 4 * len(paper.ROWS)
+    full = paper.plan(paper.PROFILES["paper"])
+    assert len(full) == 3 * 2 * 4 * len(paper.ROWS)
+    assert [n for _, _, n, _ in full] == sorted(n for _, _, n, _ in full)  # N by N: every seed of N = 16 first
 
 
 # ---- the report, from summaries made up so that each verdict is known ---------------------------------
@@ -179,3 +181,15 @@ def test_runs_in_a_committed_results_json_are_reused_on_a_fresh_clone(tmp_path, 
     assert set(calls) == {("medical", 32), ("finance", 32)}  # only what the earlier bench had not measured
     assert [r["commit"] for r in again["runs"] if r["n"] == 16] == ["0ld0ld0"] * len(kept)  # each keeps its commit
     assert len(again["runs"]) == len(first["runs"])
+
+
+def test_a_bench_on_other_seeds_keeps_the_runs_it_did_not_plan(tmp_path, monkeypatch):
+    monkeypatch.setattr(paper, "run_one", lambda out, case, n, row, seed: summary(row.method, case.name, 5.0 + seed,
+                                                                                   20.0, 1, 1))
+    monkeypatch.setattr(paper, "paper_scale_projection", lambda out: {})
+    monkeypatch.setattr(paper_report, "plot", lambda out, res: None)
+    first = paper.run_bench(tmp_path, "paper-quick")
+    again = paper.run_bench(tmp_path, "paper-quick", seeds=[1])
+    assert {r["seed"] for r in again["runs"]} == {0, 1} and again["seeds"] == [0, 1]
+    assert len(again["runs"]) == 2 * len(first["runs"])
+    assert json.loads((tmp_path / "results.json").read_text())["runs"] == again["runs"]

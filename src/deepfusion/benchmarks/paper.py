@@ -122,10 +122,11 @@ def write_case_config(out: Path, case: Case, n: int, seed: int) -> Path:
 # ---- the runs ------------------------------------------------------------------------------------------
 
 def plan(profile: Profile) -> list[tuple[int, Case, int, Row]]:
-    """Seed by seed (a stopped bench has whole seeds), case by case, N by N, row by row; DeepFusion first in
-    each cell: it records the cell's Phase 0."""
+    """N by N, then seed by seed, case by case, row by row: a stopped bench has its smaller device counts on
+    every seed (rows with a std) rather than one seed of everything. DeepFusion first in each cell: it records
+    the cell's Phase 0."""
     rows = [r for r in ROWS if r.quick or not profile.quick]
-    return [(s, c, n, r) for s in profile.seeds for c in CASES.values() for n in profile.counts for r in rows]
+    return [(s, c, n, r) for n in profile.counts for s in profile.seeds for c in CASES.values() for r in rows]
 
 
 def run_dir(out: Path, case: Case, n: int, row: Row, seed: int) -> Path:
@@ -158,6 +159,8 @@ def run_bench(out: Path, profile_name: str = "paper", seeds: list[int] | None = 
     projection = paper_scale_projection(out)
     failed: dict[str, str] = {}
     planned = plan(profile)
+    # runs an earlier bench measured outside this plan (other seeds, say) stay in the results
+    others = [r for k, r in earlier.items() if k not in {(c.name, n, r.label, s) for s, c, n, r in planned}]
     for i, (seed, case, n, row) in enumerate(planned):
         t = time.perf_counter()
         key = (case.name, n, row.label, seed)
@@ -171,9 +174,10 @@ def run_bench(out: Path, profile_name: str = "paper", seeds: list[int] | None = 
         except Exception as e:  # one broken run (a method's bug, too few documents at large N) costs its row only
             failed[f"{case.name} N={n} {row.label} s{seed}"] = f"{type(e).__name__}: {e}"
             log.error("bench paper: %s N=%d %s seed %d failed: %s", case.name, n, row.label, seed, e)
-        results = {"profile": profile_name, "seeds": list(profile.seeds), "counts": list(profile.counts),
+        results = {"profile": profile_name, "seeds": sorted({*profile.seeds, *(r["seed"] for r in others)}),
+                   "counts": sorted({*profile.counts, *(r["n"] for r in others)}),
                    "cases": list(CASES), "rows": [r.label for r in ROWS if r.quick or not profile.quick],
-                   "runs": runs, "failed": failed, "projection": projection,
+                   "runs": others + runs, "failed": failed, "projection": projection,
                    "bench_seconds": round(time.perf_counter() - start, 1)}
         cell_done = i + 1 == len(planned) or planned[i + 1][:3] != (seed, case, n)
         paper_report.write(out, results, plots=cell_done)  # the figures once per cell: they take seconds
