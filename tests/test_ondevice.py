@@ -56,3 +56,17 @@ def test_an_upload_carries_the_weights_once_in_the_upload_dtype():
     up = make_upload(dc, model, b"e" * 34, {})
     assert set(up.tensors) == {n for n, _ in model.named_parameters()} and "lm_head.weight" not in up.tensors
     assert {t.dtype for t in up.tensors.values()} == {torch.bfloat16} and up.arch == "llama/tiny"
+
+
+def test_an_upload_does_not_carry_the_directory_the_model_was_loaded_from(tmp_path):
+    from deepfusion.wire.upload import describe
+
+    build_device_model("gpt2", "tiny", V).save_pretrained(tmp_path / "ckpt")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert str(tmp_path) in model.config._name_or_path  # what would leak
+    dc = DeviceConfig(id="a", source="x", family="gpt2", size="tiny")
+    up = make_upload(dc, model, b"e" * 34, {})
+    assert str(tmp_path) not in up.to_bytes().decode("latin-1") and "_name_or_path" not in up.config
+    assert describe(up.config).to_dict()["n_embd"] == model.config.n_embd  # still describes the architecture

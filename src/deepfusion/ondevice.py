@@ -101,13 +101,19 @@ def device_arch(dc: DeviceConfig, config, tokenizer: bytes = b"") -> str:
     return label + (f"+tok:{hashlib.sha256(tokenizer).hexdigest()[:8]}" if tokenizer else "")
 
 
+def wire_config(config) -> dict:
+    """The architecture descriptor an upload carries: the config without `_name_or_path`, the directory the
+    model was loaded from on the device (a local path says nothing the server needs and should not leave)."""
+    return {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+
+
 def make_upload(dc: DeviceConfig, model, embedding: bytes, info: dict, tokenizer=None) -> Upload:
     """The device's weights in its upload dtype (tied weights once), its architecture, e_n, and its own
     tokenizer if it has one (the server needs it to align: alignment.py)."""
     dtype = DTYPES[dc.upload_dtype]
     tensors = {name: p.detach().to("cpu", dtype) for name, p in model.named_parameters()}
     tok = wire_tokenizer(tokenizer) if tokenizer is not None else b""
-    return Upload(dc.id, device_arch(dc, model.config, tok), model.config.to_dict(), tensors, embedding, info, tok)
+    return Upload(dc.id, device_arch(dc, model.config, tok), wire_config(model.config), tensors, embedding, info, tok)
 
 
 def make_adapter_upload(dc: DeviceConfig, peft_model, embedding: bytes, info: dict) -> Upload:
@@ -115,7 +121,7 @@ def make_adapter_upload(dc: DeviceConfig, peft_model, embedding: bytes, info: di
     adds them to its own copy of the type's public checkpoint (lora.merge_upload)."""
     base = peft_model.get_base_model()
     tensors = lora.adapter_tensors(peft_model, DTYPES[dc.upload_dtype])
-    return Upload(dc.id, device_arch(dc, base.config), base.config.to_dict(), tensors, embedding,
+    return Upload(dc.id, device_arch(dc, base.config), wire_config(base.config), tensors, embedding,
                   {**info, "params": n_params(base) - lora.trainable_params(peft_model)})
 
 
