@@ -63,8 +63,10 @@ class SmokeRun:
 def smoke_deepfusion(tmp_path_factory) -> SmokeRun:
     """The paper pipeline on configs/smoke.toml (data.dir = the real corpora), its Phase 0 recorded: out is
     root/runs/deepfusion/s0 (the pipeline bench's layout), root/recordings the recording. Shared by
-    tests/recipes/test_deepfusion.py, tests/baselines/test_fedmkt.py and tests/benchmarks/test_recheck.py:
-    read it, replay its recording (`smoke_deepfusion_flags` for the CLI), copy it before changing anything."""
+    tests/recipes/test_deepfusion.py, tests/baselines/test_fedmkt.py, tests/benchmarks/test_recheck.py and
+    tests/engines/test_flower_oneshot.py (the local engine's reference, on this process's threads as Flower's
+    simulation): read it, replay its recording (`smoke_deepfusion_flags` for the CLI), copy it before changing
+    anything."""
     from deepfusion.config import default_config_path, load_config
     from deepfusion.engines.local import run
 
@@ -76,6 +78,62 @@ def smoke_deepfusion(tmp_path_factory) -> SmokeRun:
     out = root / "runs" / "deepfusion" / "s0"
     run(cfg, out, progress=False, replay=root / "recordings")
     return SmokeRun(root, out, root / "recordings")
+
+
+@dataclass(frozen=True)
+class MultiroundRun:
+    """One finished `deepfusion run` of configs/smoke-multiround.toml: out is its run directory, digests each
+    device's packet sha256 per round as the server step received them."""
+
+    out: Path
+    digests: dict[str, list[str]]
+
+    def summary(self) -> dict:
+        return json.loads((self.out / "summary.json").read_text())
+
+
+def smoke_multiround_args(out: Path) -> list[str]:
+    """The command line of `smoke_multiround`'s run (tests/test_cli_runs.py's run_args(out) with 2 rounds)."""
+    from deepfusion.config import default_config_path
+
+    return ["run", "--config", str(default_config_path("smoke-multiround")), "--data-dir", str(SHARED_DATA),
+            "--rounds", "2", "--no-progress", "--out", str(out)]
+
+
+@pytest.fixture(scope="session")
+def smoke_multiround(tmp_path_factory) -> MultiroundRun:
+    """The multi-round federation on configs/smoke-multiround.toml through the command line (2 rounds, the real
+    corpora), run once: shared by tests/engines/test_local.py, tests/test_cli_runs.py and the Flower tests that
+    compare with the local engine (test_flower_simulation, test_flower_deployment). Read it; copy it before
+    changing anything: at the session's end every file in it (but the lock file a refused run opens) must be
+    as the run left it."""
+    import hashlib
+
+    import deepfusion.engines.local as local
+    from deepfusion.cli import main
+
+    if not (SHARED_DATA / "medquad").is_dir():
+        pytest.skip(f"real corpora not found at {SHARED_DATA} (see shared/data/DATA.md)")
+    out = tmp_path_factory.mktemp("smoke-multiround") / "run"
+    digests: dict[str, list[str]] = {}
+    server_round = local.server_round
+
+    def recording(server, payloads, r):
+        for device, packet in payloads.items():
+            digests.setdefault(device, []).append(hashlib.sha256(packet).hexdigest())
+        return server_round(server, payloads, r)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(local, "server_round", recording)
+        assert main(smoke_multiround_args(out)) == 0
+    files = _files_of(out)
+    yield MultiroundRun(out, digests)
+    assert _files_of(out) == files, f"a test changed the shared smoke-multiround run in {out}: work on a copy"
+
+
+def _files_of(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def smoke_deepfusion_flags(smoke: SmokeRun) -> list[str]:

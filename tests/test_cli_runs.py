@@ -28,7 +28,7 @@ import torch
 
 from deepfusion.cli import main
 from deepfusion.config import default_config_path
-from tests.conftest import ROOT, SHARED_DATA
+from tests.conftest import ROOT, SHARED_DATA, smoke_multiround_args
 
 pytestmark = pytest.mark.slow
 SMOKE = str(default_config_path("smoke-multiround"))
@@ -56,14 +56,12 @@ def rounds_in(out: Path) -> list[int]:
     return [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished 2-round smoke run; tests that change it work on a copy."""
-    if not (SHARED_DATA / "medquad").is_dir():
-        pytest.skip("real corpora not found")
-    out = tmp_path_factory.mktemp("finished") / "run"
-    assert main([str(a) for a in run_args(out)]) == 0
-    return out
+@pytest.fixture
+def finished(smoke_multiround):
+    """A finished 2-round smoke run (run_args(out), the suite's shared one: tests/conftest.py); tests that change
+    it work on a copy."""
+    assert smoke_multiround_args(smoke_multiround.out) == [str(a) for a in run_args(smoke_multiround.out)]
+    return smoke_multiround.out
 
 
 def copy_of(run: Path, tmp_path: Path) -> Path:
@@ -185,7 +183,9 @@ def test_a_real_full_disk_then_resume_after_freeing_space(finished, tmpfs, capsy
 # ---- 4, 5: Ctrl-C, and what a resume may change --------------------------------------------------------------
 
 def test_ctrl_c_says_what_was_saved_and_the_exact_resume_command(tmp_path, data_dir):
-    out, rounds = tmp_path / "run", 20  # a smoke round takes ~0.1 s: enough rounds that Ctrl-C lands mid-run
+    # Ctrl-C is sent within 0.05 s of round 1's checkpoint; rounds 2-5, the evaluation and the export after them
+    # take ~3 s here (a smoke round ~0.15 s), so it lands mid-run
+    out, rounds = tmp_path / "run", 5
     # SIGINT as a terminal delivers it: an ignored SIGINT is inherited across exec, and a library in this pytest
     # process (Ray or Flower, after the Flower tests) may leave it ignored, which a user's shell never does
     proc = subprocess.Popen([str(EXE), *map(str, run_args(out, rounds))], stdout=subprocess.PIPE,

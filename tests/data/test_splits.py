@@ -122,3 +122,91 @@ def test_devices_sharing_a_source_get_even_or_uneven_shares():
     assert uneven != share_documents(docs, 4, uneven=True, alpha=1.0, seed=1)
     with pytest.raises(DataError, match="each device needs at least one"):
         share_documents(docs[:3], 4, uneven=True, alpha=1.0, seed=0)
+
+
+# ---- the packed-block cache ---------------------------------------------------------------------------------
+
+CACHE_DOCS = [Document("s", "d", str(i), f"hello world {i}, the heart pumps blood") for i in range(30)]
+
+
+@pytest.fixture
+def block_cache(tmp_path, monkeypatch):
+    """An empty cache under a private XDG_CACHE_HOME, the cache on, and a small real tokenizer."""
+    from deepfusion.data import train_tokenizer
+    from deepfusion.data.splits import blocks_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("DEEPFUSION_NO_BLOCK_CACHE", raising=False)
+    assert blocks_cache_dir() == tmp_path / "xdg" / "deepfusion" / "blocks"
+    return train_tokenizer([d.text for d in CACHE_DOCS] * 5, 300, tmp_path / "tok"), blocks_cache_dir()
+
+
+def no_tokenising(monkeypatch, tok):
+    """Any tokenizer call from here on fails the test: the blocks must come from the cache."""
+    monkeypatch.setattr(type(tok), "__call__", lambda *a, **k: pytest.fail("tokenised again instead of reading"))
+
+
+def test_cached_blocks_equal_uncached_and_skip_the_tokenizer(block_cache, monkeypatch):
+    tok, where = block_cache
+    monkeypatch.setenv("DEEPFUSION_NO_BLOCK_CACHE", "1")
+    uncached = pack_blocks(tok, CACHE_DOCS, 8)
+    assert not where.exists()  # disabled: nothing written
+    monkeypatch.delenv("DEEPFUSION_NO_BLOCK_CACHE")
+    first = pack_blocks(tok, CACHE_DOCS, 8)
+    [file] = where.iterdir()  # written atomically: no temp file left beside it
+    assert file.suffix == ".pt" and len(file.stem) == 64
+    no_tokenising(monkeypatch, tok)
+    second = pack_blocks(tok, CACHE_DOCS, 8)
+    for blocks in (first, second):
+        assert blocks.dtype == torch.long and torch.equal(blocks, uncached)
+    assert len(uncached) > 10
+
+
+def test_a_corrupt_cache_file_is_packed_again_and_rewritten(block_cache, monkeypatch):
+    tok, where = block_cache
+    want = pack_blocks(tok, CACHE_DOCS, 8)
+    [file] = where.iterdir()
+    good = file.read_bytes()
+    for bad in (b"", b"not a torch file", good[: len(good) // 2]):
+        file.write_bytes(bad)
+        assert torch.equal(pack_blocks(tok, CACHE_DOCS, 8), want)
+        assert file.read_bytes() != bad and [p.name for p in where.iterdir()] == [file.name]
+    # a readable file whose blocks are not the ones its key names (another file copied over it)
+    other = pack_blocks(tok, CACHE_DOCS[::-1], 8)
+    assert other.shape == want.shape and not torch.equal(other, want)
+    [other_file] = [p for p in where.iterdir() if p != file]
+    file.write_bytes(other_file.read_bytes())
+    assert torch.equal(pack_blocks(tok, CACHE_DOCS, 8), want)
+    no_tokenising(monkeypatch, tok)
+    assert torch.equal(pack_blocks(tok, CACHE_DOCS, 8), want)  # rewritten: read back now
+
+
+def test_the_cache_key_changes_with_seq_len_tokenizer_and_texts(block_cache, tmp_path):
+    from deepfusion.data import train_tokenizer
+    from deepfusion.data.splits import _blocks_key
+
+    tok, where = block_cache
+    other_tok = train_tokenizer([d.text for d in CACHE_DOCS] * 5, 260, tmp_path / "tok")  # fewer merges
+    texts = [d.text for d in CACHE_DOCS]
+    keys = {_blocks_key(tok, texts, 8), _blocks_key(tok, texts, 9), _blocks_key(other_tok, texts, 8),
+            _blocks_key(tok, texts[:-1], 8), _blocks_key(tok, ["ab", "c"], 8), _blocks_key(tok, ["a", "bc"], 8)}
+    assert len(keys) == 6 and _blocks_key(tok, texts, 8) == _blocks_key(tok, list(texts), 8)
+    for t, seq_len in ((tok, 8), (tok, 9), (other_tok, 8)):
+        blocks = pack_blocks(t, CACHE_DOCS, seq_len)
+        assert blocks.shape[1] == seq_len
+    assert len(list(where.iterdir())) == 3
+    assert len(pack_blocks(other_tok, CACHE_DOCS, 8)) > len(pack_blocks(tok, CACHE_DOCS, 8))  # each its own blocks
+
+
+def test_an_unwritable_cache_does_not_stop_packing(block_cache, tmp_path, monkeypatch):
+    tok, _ = block_cache
+    want = pack_blocks(tok, CACHE_DOCS, 8)
+    (tmp_path / "file").write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    assert torch.equal(pack_blocks(tok, CACHE_DOCS, 8), want)
+
+
+def test_a_tokenizer_without_a_serialisable_backend_is_not_cached(block_cache):
+    _, where = block_cache
+    assert pack_blocks(CharTokenizer(), [Document("s", "d", "0", "abcdefgh")], 4).shape == (2, 4)
+    assert not where.exists()

@@ -12,12 +12,11 @@ from deepfusion.config import default_config_path
 pytestmark = pytest.mark.slow
 
 
-def test_flower_and_local_export_identical_weights(tmp_path, data_dir):
-    outs = {}
-    for engine in ("local", "flower"):
-        outs[engine] = tmp_path / engine
-        assert main(["run", "--engine", engine, "--config", str(default_config_path("smoke")), "--data-dir",
-                     str(data_dir), "--out", str(outs[engine]), "--no-progress"]) == 0
+def test_flower_and_local_export_identical_weights(tmp_path, data_dir, smoke_deepfusion):
+    """The local engine's run is the suite's shared one of configs/smoke.toml (tests/conftest.py)."""
+    outs = {"local": smoke_deepfusion.out, "flower": tmp_path / "flower"}
+    assert main(["run", "--engine", "flower", "--config", str(default_config_path("smoke")), "--data-dir",
+                 str(data_dir), "--out", str(outs["flower"]), "--no-progress"]) == 0
     digest = {e: hashlib.sha256((o / "model" / "model.safetensors").read_bytes()).hexdigest() for e, o in outs.items()}
     assert digest["local"] == digest["flower"]
     for upload in (outs["local"] / "checkpoint" / "uploads").iterdir():  # every device sent the same bytes

@@ -6,11 +6,7 @@ round (compared by SHA-256) and the held-out perplexities agree. Measured on thi
 every printed digit; the test allows 0.1 % (REL_PPL) for thread scheduling on other hardware.
 """
 
-import functools
-import hashlib
 import json
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -41,29 +37,12 @@ def smoke(**overrides):
     return cfg
 
 
-@functools.cache
-def local_reference() -> tuple[dict, dict[str, list[str]]]:
-    """The local engine's smoke run: its summary and each device's packet digest per round, read off the
-    payloads its server step receives. Cached: the deployment test compares against the same run."""
-    import deepfusion.engines.local as local
-
-    digests: dict[str, list[str]] = {}
-    server_round = local.server_round
-
-    def recording(server, payloads, r):
-        for device, packet in payloads.items():
-            digests.setdefault(device, []).append(hashlib.sha256(packet).hexdigest())
-        return server_round(server, payloads, r)
-
-    with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory(prefix="deepfusion-local-") as out:
-        mp.setattr(local, "server_round", recording)
-        summary = local.run(smoke(), Path(out), progress=False)
-    return summary, digests
-
-
-@pytest.fixture(scope="module")
-def local_run():
-    return local_reference()
+@pytest.fixture
+def local_run(smoke_multiround) -> tuple[dict, dict[str, list[str]]]:
+    """The local engine's smoke run (the suite's shared one, tests/conftest.py): its summary and each device's
+    packet digest per round, read off the payloads its server step received. The deployment test compares
+    against the same run."""
+    return smoke_multiround.summary(), smoke_multiround.digests
 
 
 @pytest.fixture(scope="module")

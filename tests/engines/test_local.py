@@ -13,18 +13,10 @@ from deepfusion.engines.local import run
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    from deepfusion.config import default_config_path, load_config
-    from tests.conftest import SHARED_DATA
-
-    if not (SHARED_DATA / "medquad").is_dir():
-        pytest.skip("real corpora not found")
-    out = tmp_path_factory.mktemp("smoke")
-    rc = main(["run", "--config", str(default_config_path("smoke-multiround")), "--data-dir", str(SHARED_DATA),
-               "--out", str(out), "--no-progress"])
-    assert rc == 0
-    return out
+@pytest.fixture
+def smoke_run(smoke_multiround):
+    """The suite's one `deepfusion run` of configs/smoke-multiround.toml (tests/conftest.py): read it, never change it."""
+    return smoke_multiround.out
 
 
 def test_outputs_follow_the_contract(smoke_run):

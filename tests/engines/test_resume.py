@@ -29,34 +29,42 @@ def test_sigkill_then_resume_matches_an_unbroken_run(tmp_path, data_dir):
                       .replace("steps = 4", "steps = 30"))  # long enough rounds to be killed inside one
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count: bit-identical arithmetic
     common = ["--config", str(config), "--data-dir", str(data_dir), "--no-progress"]
-    subprocess.run(cli("run", *common, "--out", str(tmp_path / "whole")), check=True, env=env,
-                   capture_output=True, timeout=300)
-
-    broken = tmp_path / "broken"
-    metrics, ckpt = broken / "metrics.jsonl", broken / "checkpoint" / "state.pt"
-    proc = subprocess.Popen(cli("run", *common, "--out", str(broken)), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    # the unbroken run goes alongside the broken one (one thread each, two cores); it only slows the broken
+    # run's rounds, which widens the window for the kill inside round 3
+    with open(tmp_path / "whole.log", "w") as log:
+        whole = subprocess.Popen(cli("run", *common, "--out", str(tmp_path / "whole")), env=env, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:  # round 2 logged, then its checkpoint renamed into place: kill in round 3
-            if (metrics.exists() and len(metrics.read_text().splitlines()) >= 2 and ckpt.exists()
-                    and ckpt.stat().st_mtime >= metrics.stat().st_mtime):
-                break
-            time.sleep(0.02)
-        else:
-            pytest.fail("the run never completed round 2")
-        time.sleep(0.3)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
+        broken = tmp_path / "broken"
+        metrics, ckpt = broken / "metrics.jsonl", broken / "checkpoint" / "state.pt"
+        proc = subprocess.Popen(cli("run", *common, "--out", str(broken)), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.time() + 240
+            while time.time() < deadline:  # round 2 logged, then its checkpoint renamed into place: kill in round 3
+                if (metrics.exists() and len(metrics.read_text().splitlines()) >= 2 and ckpt.exists()
+                        and ckpt.stat().st_mtime >= metrics.stat().st_mtime):
+                    break
+                time.sleep(0.02)
+            else:
+                pytest.fail("the run never completed round 2")
+            time.sleep(0.3)
             os.killpg(proc.pid, signal.SIGKILL)
-    before = [json.loads(x) for x in metrics.read_text().splitlines()]
-    assert [r["round"] for r in before] == [1, 2] and not (broken / "summary.json").exists()  # killed mid-round 3
-    assert torch.load(ckpt, weights_only=False)["round"] == 2
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        before = [json.loads(x) for x in metrics.read_text().splitlines()]
+        assert [r["round"] for r in before] == [1, 2] and not (broken / "summary.json").exists()  # killed mid-round 3
+        assert torch.load(ckpt, weights_only=False)["round"] == 2
 
-    subprocess.run(cli("run", "--resume", str(broken), "--data-dir", str(data_dir), "--no-progress"),
-                   check=True, env=env, capture_output=True, timeout=300)
+        subprocess.run(cli("run", "--resume", str(broken), "--data-dir", str(data_dir), "--no-progress"),
+                       check=True, env=env, capture_output=True, timeout=300)
+        assert whole.wait(timeout=300) == 0, (tmp_path / "whole.log").read_text()[-3000:]
+    finally:
+        if whole.poll() is None:
+            os.killpg(whole.pid, signal.SIGKILL)
+            whole.wait()
     whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
     resumed = json.loads((broken / "summary.json").read_text())
     rounds = [json.loads(x) for x in metrics.read_text().splitlines()]

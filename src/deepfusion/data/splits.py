@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from deepfusion.data.corpora import Document
 from deepfusion.errors import DataError
+
+log = logging.getLogger("deepfusion")
 
 
 @dataclass(frozen=True)
@@ -77,11 +83,97 @@ def pack_blocks(tokenizer, docs: list[Document], seq_len: int) -> torch.Tensor:
                         "load it with deepfusion.data.load_tokenizer, which sets one")
     if not docs:
         return torch.empty(0, seq_len, dtype=torch.long)
+    texts = [d.text for d in docs]
+    key = _blocks_key(tokenizer, texts, seq_len)
+    path = blocks_cache_dir() / f"{key}.pt" if key else None
+    if path is not None and (blocks := _load_blocks(path, key, seq_len)) is not None:
+        return blocks
     # One batched call: the Rust tokenizer encodes the documents in parallel.
-    ids = tokenizer([d.text for d in docs], add_special_tokens=False, verbose=False)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     flat = np.concatenate([np.asarray(x + [eos], dtype=np.int64) for x in ids])
     n = len(flat) // seq_len
-    return torch.from_numpy(flat[: n * seq_len].reshape(n, seq_len).copy())
+    blocks = torch.from_numpy(flat[: n * seq_len].reshape(n, seq_len).copy())
+    if path is not None:
+        _save_blocks(path, key, blocks)
+    return blocks
+
+
+# ---- the packed-block cache: a run packs the same documents as the last run on this machine ------------------
+# Tokenising the corpora is about half of a smoke run's time, and every run, engine and SuperNode packs the same
+# documents with the same tokenizer again. The blocks are cached on disk by a hash of everything that decides
+# them; a cache file that cannot be read or does not match its key is packed again and rewritten.
+
+_BLOCKS_FORMAT = "blocks-v1"  # bump when packing changes, so old cache files are not reused
+
+
+def blocks_cache_dir() -> Path:
+    """~/.cache/deepfusion/blocks, or under $XDG_CACHE_HOME when set."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deepfusion" / "blocks"
+
+
+def _blocks_key(tokenizer, texts: list[str], seq_len: int) -> str | None:
+    """sha256 of the tokenizer (its serialised JSON and what transformers adds around it), the texts and seq_len;
+    None (no caching) for a tokenizer without a serialisable backend, or when DEEPFUSION_NO_BLOCK_CACHE=1."""
+    if os.environ.get("DEEPFUSION_NO_BLOCK_CACHE", "") not in ("", "0"):
+        return None
+    try:
+        serialised = tokenizer.backend_tokenizer.to_str()
+    except Exception:  # a stand-in, or a custom (Python) component that does not serialise: never cached
+        return None
+    backend = tokenizer.backend_tokenizer
+    import tokenizers
+    import transformers
+
+    h = hashlib.sha256()
+
+    def add(b: bytes) -> None:
+        h.update(len(b).to_bytes(8, "big") + b)  # length prefix: ["ab", "c"] != ["a", "bc"]
+
+    add(repr((_BLOCKS_FORMAT, seq_len, tokenizer.eos_token_id, type(tokenizer).__qualname__,
+              getattr(tokenizer, "split_special_tokens", None), getattr(backend, "encode_special_tokens", None),
+              tokenizers.__version__, transformers.__version__)).encode())
+    add(serialised.encode())
+    for t in texts:
+        add(t.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def _load_blocks(path: Path, key: str, seq_len: int) -> torch.Tensor | None:
+    """The cached (N, seq_len) blocks, or None when the file is missing, unreadable or not what the key says."""
+    try:
+        saved = torch.load(path, weights_only=True)
+        blocks = saved["blocks"]
+        if (saved["key"] != key or blocks.dim() != 2 or blocks.shape[1] != seq_len
+                or saved["sha256"] != hashlib.sha256(blocks.numpy().tobytes()).hexdigest()):
+            raise ValueError("does not match its key")
+        return blocks.long()
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # a torn or foreign file: it is only a cache, so pack again and rewrite it
+        log.debug("block cache: ignoring %s (%s)", path, e)
+        return None
+
+
+def _save_blocks(path: Path, key: str, blocks: torch.Tensor) -> None:
+    """Write atomically (temp file + rename): a killed run never leaves half a cache file under the final name."""
+    small = blocks.to(torch.int32)  # token ids: half the bytes of int64
+    record = {"key": key, "blocks": small, "sha256": hashlib.sha256(small.numpy().tobytes()).hexdigest()}
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(record, f)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:  # a read-only or full disk: the run goes on without the cache
+        log.debug("block cache: cannot write %s (%s)", path, e)
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def _domain_generator(seed: int, domain: str) -> torch.Generator:
