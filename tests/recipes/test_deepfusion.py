@@ -108,6 +108,13 @@ def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _read(path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
 def test_sigkill_inside_phase_ii_resumes_to_the_same_weights(tmp_path, data_dir, smoke_deepfusion):
     config = tmp_path / "c.toml"  # longer distillation, so the run can be killed between two domains
     config.write_text(default_config_path("smoke").read_text().replace("[distill]\nsteps = 6", "[distill]\nsteps = 80"))
@@ -127,8 +134,10 @@ def test_sigkill_inside_phase_ii_resumes_to_the_same_weights(tmp_path, data_dir,
         proc = subprocess.Popen([*cli, *common, "--out", str(broken)], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         try:
-            deadline = time.time() + 300
-            while time.time() < deadline and not first.exists():
+            # wait for the progress line, written just after student0.json: killing between the two would
+            # resume just as well, but the words checked below would not be there yet
+            progress_file, deadline = broken / "checkpoint" / "progress.json", time.time() + 300
+            while time.time() < deadline and not (first.exists() and "domain 1 of 2" in _read(progress_file)):
                 time.sleep(0.02)
             assert first.exists(), "the run never distilled its first domain"
             os.killpg(proc.pid, signal.SIGKILL)
