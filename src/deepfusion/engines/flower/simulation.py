@@ -28,11 +28,13 @@ def run(cfg: FederationConfig, out_dir: Path, data_dir: str | None = None, progr
     _quiet_flower()
     from flwr.simulation import run_simulation  # late: flwr and Ray load only for this engine
 
+    from deepfusion.data import resolve_data_dir
     from deepfusion.engines.flower import client_app, server_app
 
     server_app.check_method(cfg)  # before Ray starts: a wrong method fails in a second, not after a minute
     out_dir = Path(out_dir)
     data_dir = data_dir or cfg.data.dir
+    resolve_data_dir(data_dir)  # likewise a data directory without the corpora (the apps resolve it again)
     cpus = os.cpu_count() or 1
     gpus = 1.0 if cfg.device != "cpu" and torch.cuda.is_available() else 0.0
     backend = {"client_resources": {"num_cpus": cpus, "num_gpus": gpus},  # one actor: devices persist in it
