@@ -189,7 +189,23 @@ def test_a_bench_on_other_seeds_keeps_the_runs_it_did_not_plan(tmp_path, monkeyp
     monkeypatch.setattr(paper, "paper_scale_projection", lambda out: {})
     monkeypatch.setattr(paper_report, "plot", lambda out, res: None)
     first = paper.run_bench(tmp_path, "paper-quick")
+    seen = []  # what results.json holds after each run: never less than it held before
+    monkeypatch.setattr(paper_report, "write", lambda out, res, plots: seen.append(len(res["runs"])))
     again = paper.run_bench(tmp_path, "paper-quick", seeds=[1])
+    assert seen[0] == len(first["runs"]) + 1 and seen == sorted(seen)
     assert {r["seed"] for r in again["runs"]} == {0, 1} and again["seeds"] == [0, 1]
     assert len(again["runs"]) == 2 * len(first["runs"])
-    assert json.loads((tmp_path / "results.json").read_text())["runs"] == again["runs"]
+
+
+def test_runs_measured_before_but_planned_later_stay_in_the_results_until_reached(tmp_path, monkeypatch):
+    monkeypatch.setattr(paper, "run_one", lambda out, case, n, row, seed: summary(row.method, case.name, 5.0, 20.0,
+                                                                                   1, 1))
+    monkeypatch.setattr(paper, "paper_scale_projection", lambda out: {})
+    monkeypatch.setattr(paper_report, "plot", lambda out, res: None)
+    first = paper.run_bench(tmp_path, "paper-quick")
+    n32 = [r for r in first["runs"] if r["n"] == 32]  # a bench that measured N = 32 only: the plan reaches it last
+    (tmp_path / "results.json").write_text(json.dumps({**first, "runs": n32}))
+    seen = []
+    monkeypatch.setattr(paper_report, "write", lambda out, res, plots: seen.append(len(res["runs"])))
+    paper.run_bench(tmp_path, "paper-quick")
+    assert seen[0] == len(n32) + 1 and seen[-1] == len(first["runs"]) and seen == sorted(seen)
