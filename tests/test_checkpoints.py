@@ -272,3 +272,32 @@ def test_cli_pretrain_names_a_wrong_device_checkpoint_in_one_line(tmp_path, data
     assert out == "" and "Traceback" not in err and sum(x.startswith("deepfusion:") for x in lines) == 1
     assert f"[[devices]] #1 (id 'cdc-a') checkpoint = '{tmp_path / 'llama'}'" in lines[-1]
     assert "the device's model has vocab 600" in lines[-1]  # family/size are ignored: its config.json decides
+
+
+def test_cli_pretrain_builds_a_preset_with_its_own_tokenizer_as_the_run_does(tmp_path, data_dir, capsys, monkeypatch,
+                                                                             byo_tokenizers):
+    """The preset's checkpoint is made from the public text cut by its tokenizer, in its vocabulary; the run's
+    public_model then finds it in the cache instead of training it again."""
+    from deepfusion import checkpoints, ondevice
+    from deepfusion.cli import main
+    from deepfusion.config import load_config
+    from deepfusion.federation import prepare_data
+
+    config = smoke_copy(tmp_path, device0=f'tokenizer = "{byo_tokenizers["unigram"]}"\n')
+    assert main(["pretrain", "--config", config, "--data-dir", data_dir, "--cache", tmp_path / "cache"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    cfg = load_config(config)
+    dc = cfg.devices[0]
+    own = [k for k in built if "tokenizer" in k]
+    assert own == [f"{dc.family}/{dc.size} (tokenizer {byo_tokenizers['unigram']})"]
+    assert set(built[own[0]]["val_loss"]) == {"medical", "finance"} and not built[own[0]]["cached"]
+    assert json.loads((Path(built[own[0]]["path"]) / "config.json").read_text())["vocab_size"] == 800
+
+    def no_training(*a, **k):
+        raise AssertionError("the run trained a checkpoint pretrain had built")
+
+    monkeypatch.setattr(checkpoints, "pretrain", no_training)
+    monkeypatch.setattr(checkpoints, "default_cache", lambda: tmp_path / "cache")
+    data = prepare_data(cfg, data_dir, private=False)
+    model = ondevice.public_model(cfg, dc, data.proxy, data.tokenizer, torch.device("cpu"))
+    assert model.get_input_embeddings().num_embeddings == 800

@@ -441,27 +441,35 @@ def federation_checkpoints(cfg, data, cache: Path | None = None,
     """Every starting checkpoint cfg needs, built or reused: each distinct device type and the MoE's dense
     base. Returns {type: {path, params, seconds, final_loss, cached, ...}} (`deepfusion pretrain` prints it)."""
     from deepfusion.device import choose_size
+    from deepfusion.federation import device_tokenizer
     from deepfusion.models import DEVICE_PRESETS, dense_base_config, server_moe_config
 
     vocab, torch_device = len(data.tokenizer), torch.device(torch_device)
-    wanted = {}  # type -> (config, the user's directory or None, where)
+    wanted = {}  # type -> (config, the user's directory or None, where, a preset's own tokenizer or None)
     for i, dc in enumerate(cfg.devices):
         if dc.checkpoint:  # its own directory: the architecture is whatever config.json says
-            wanted.setdefault(f"checkpoint:{dc.checkpoint}", (None, dc.checkpoint, f"{device_at(i, dc.id)} checkpoint"))
+            wanted.setdefault(f"checkpoint:{dc.checkpoint}",
+                              (None, dc.checkpoint, f"{device_at(i, dc.id)} checkpoint", None))
             continue
-        size = dc.size if dc.size != "auto" else choose_size(dc, vocab, cfg.data.seq_len, torch_device)
-        wanted.setdefault(f"{dc.family}/{size}", (DEVICE_PRESETS[dc.family][size](vocab), None, ""))
+        own = device_tokenizer(cfg, dc.id, data.tokenizer)  # a preset with its own tokenizer: as the run builds it
+        size = dc.size if dc.size != "auto" else choose_size(dc, len(own), cfg.data.seq_len, torch_device)
+        name = f"{dc.family}/{size}" + (f" (tokenizer {dc.tokenizer})" if own is not data.tokenizer else "")
+        wanted.setdefault(name, (DEVICE_PRESETS[dc.family][size](len(own)), None, "",
+                                 None if own is data.tokenizer else own))
     s = cfg.server
     moe = server_moe_config(s, vocab)
     if s.dense_base:
         _check_given_dense(moe, dense_base_config(moe), s.dense_base)
-    wanted[f"dense_base({s.family}/{s.size})"] = (dense_base_config(moe), s.dense_base, "[server] dense_base")
-    return {name: _obtain(name, config, given, where, data, cfg.pretrain, cache, torch_device)
-            for name, (config, given, where) in wanted.items()}
+    wanted[f"dense_base({s.family}/{s.size})"] = (dense_base_config(moe), s.dense_base, "[server] dense_base", None)
+    return {name: _obtain(name, config, given, where, data, own, cfg.pretrain, cache, torch_device)
+            for name, (config, given, where, own) in wanted.items()}
 
 
-def _obtain(name: str, config: PreTrainedConfig, given: str | None, where: str, data, pre: PretrainConfig,
-            cache: Path | None, torch_device: torch.device) -> dict:
+def _obtain(name: str, config: PreTrainedConfig, given: str | None, where: str, data, own,
+            pre: PretrainConfig, cache: Path | None, torch_device: torch.device) -> dict:
+    """One checkpoint built, reused or checked; `own` is a preset's own tokenizer (None: the federation's)."""
+    from deepfusion.federation import public_blocks
+
     start = time.perf_counter()
     if given and config is None:  # a device's own checkpoint, with its own tokenizer if saved beside it
         model = load_public(Path(given), None, where)
@@ -472,14 +480,17 @@ def _obtain(name: str, config: PreTrainedConfig, given: str | None, where: str, 
         model = load_public(Path(given), config, where)
         entry = {"path": given, "given": True, "cached": True, "final_loss": None}
     else:
-        path, built = fetch_or_build(config, data.proxy, pre, cache, torch_device, name)
+        public = data.proxy if own is None else public_blocks(data.tokenizer, own, data.proxy)
+        path, built = fetch_or_build(config, public, pre, cache, torch_device, name)
         model, record = load_public(path, config), read_record(path)
         entry = {"path": str(path), "cached": not built, "final_loss": record["final_loss"],
                  "built_seconds": record["seconds"]}
     entry["seconds"] = round(time.perf_counter() - start, 2)
     entry["params"] = n_params(model)
     # public text never trained on: does the checkpoint generalise beyond the proxy set it saw?
-    entry["val_loss"] = {dom: round(mean_loss(model, blocks, torch_device), 4)
+    # (in the model's own tokenizer when it has one: the same text, cut its way)
+    entry["val_loss"] = {dom: round(mean_loss(model, blocks if own is None else
+                                              public_blocks(data.tokenizer, own, blocks), torch_device), 4)
                          for dom, (_, blocks) in sorted(data.validation.items())}
     log.info("pretrain: %s %s in %.1f s, validation loss %s", name,
              "given" if given else ("reused" if entry["cached"] else "built"), entry["seconds"], entry["val_loss"])
