@@ -301,3 +301,25 @@ def test_cli_pretrain_builds_a_preset_with_its_own_tokenizer_as_the_run_does(tmp
     data = prepare_data(cfg, data_dir, private=False)
     model = ondevice.public_model(cfg, dc, data.proxy, data.tokenizer, torch.device("cpu"))
     assert model.get_input_embeddings().num_embeddings == 800
+
+
+def test_cli_pretrain_scores_a_given_checkpoint_in_its_own_tokenizer(tmp_path, data_dir, capsys, byo_tokenizers):
+    import shutil
+
+    from deepfusion.cli import main
+    from deepfusion.config import load_config
+    from deepfusion.federation import prepare_data, public_blocks
+    from deepfusion.data import load_tokenizer
+
+    ckpt = tmp_path / "llama"
+    AutoModelForCausalLM.from_config(DEVICE_PRESETS["llama"]["tiny"](800)).save_pretrained(ckpt)
+    for f in byo_tokenizers["unigram"].iterdir():
+        shutil.copy(f, ckpt / f.name)
+    config = smoke_copy(tmp_path, device0=f'checkpoint = "{ckpt}"\n')
+    capsys.readouterr()
+    assert main(["pretrain", "--config", config, "--data-dir", data_dir, "--cache", tmp_path / "cache"]) == 0
+    entry = json.loads(capsys.readouterr().out)[f"checkpoint:{ckpt}"]
+    data = prepare_data(load_config(config), data_dir, private=False)
+    model, own = AutoModelForCausalLM.from_pretrained(ckpt), load_tokenizer(ckpt)
+    _, blocks = data.validation["medical"]
+    assert entry["val_loss"]["medical"] == round(mean_loss(model, public_blocks(data.tokenizer, own, blocks)), 4)
