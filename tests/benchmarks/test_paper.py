@@ -209,3 +209,8 @@ def test_runs_measured_before_but_planned_later_stay_in_the_results_until_reache
     monkeypatch.setattr(paper_report, "write", lambda out, res, plots: seen.append(len(res["runs"])))
     paper.run_bench(tmp_path, "paper-quick")
     assert seen[0] == len(n32) + 1 and seen[-1] == len(first["runs"]) and seen == sorted(seen)
+
+
+def test_a_cell_gives_mean_and_an_unsigned_std():
+    assert paper_report.cell([0.1, 0.2], "{:+.3f}") == "+0.150 ± 0.071"
+    assert paper_report.cell([-1.0], "{:+.2f}") == "-1.00" and paper_report.cell([]) == "–"

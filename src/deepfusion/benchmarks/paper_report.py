@@ -63,7 +63,7 @@ def cell(xs: list[float], fmt: str = "{:.3f}") -> str:
         return "–"
     if len(xs) == 1:
         return fmt.format(xs[0])
-    return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(statistics.stdev(xs))}"
+    return f"{fmt.format(statistics.mean(xs))} ± {fmt.replace('+', '').format(statistics.stdev(xs))}"  # std: no sign
 
 
 def paired(results: dict, case: str, n: int, row: str, key: str, against: str = "DeepFusion") -> list[float]:
