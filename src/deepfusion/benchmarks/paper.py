@@ -159,12 +159,14 @@ def run_bench(out: Path, profile_name: str = "paper", seeds: list[int] | None = 
     projection = paper_scale_projection(out)
     failed: dict[str, str] = {}
     planned = plan(profile)
-    # runs an earlier bench measured outside this plan (other seeds, say) stay in the results
-    others = [r for k, r in earlier.items() if k not in {(c.name, n, r.label, s) for s, c, n, r in planned}]
-    for i, (seed, case, n, row) in enumerate(planned):
+    keys = [(c.name, n, r.label, s) for s, c, n, r in planned]
+    # runs an earlier bench measured outside this plan (other seeds, say) stay in the results; those inside it
+    # wait in `pending` (plan order) until the loop reaches them, so a stopped bench still lists them all
+    others = [r for k, r in earlier.items() if k not in set(keys)]
+    pending = {k: earlier[k] for k in keys if k in earlier}
+    for i, ((seed, case, n, row), key) in enumerate(zip(planned, keys)):
         t = time.perf_counter()
-        key = (case.name, n, row.label, seed)
-        later = [(c.name, m, r.label, s) for s, c, m, r in planned[i + 1:]]  # measured before, not reached yet
+        pending.pop(key, None)
         try:
             if key in earlier and not (run_dir(out, case, n, row, seed) / "summary.json").is_file():
                 runs.append(earlier[key])
@@ -178,7 +180,7 @@ def run_bench(out: Path, profile_name: str = "paper", seeds: list[int] | None = 
         results = {"profile": profile_name, "seeds": sorted({*profile.seeds, *(r["seed"] for r in others)}),
                    "counts": sorted({*profile.counts, *(r["n"] for r in others)}),
                    "cases": list(CASES), "rows": [r.label for r in ROWS if r.quick or not profile.quick],
-                   "runs": others + runs + [earlier[k] for k in later if k in earlier], "failed": failed, "projection": projection,
+                   "runs": others + runs + list(pending.values()), "failed": failed, "projection": projection,
                    "bench_seconds": round(time.perf_counter() - start, 1)}
         cell_done = i + 1 == len(planned) or planned[i + 1][:3] != (seed, case, n)
         paper_report.write(out, results, plots=cell_done)  # the figures once per cell: they take seconds
