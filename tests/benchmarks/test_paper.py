@@ -42,7 +42,7 @@ def test_quick_plans_the_main_rows_on_one_seed_and_records_phase0_first():
     runs = paper.plan(paper.PROFILES["paper-quick"])
     assert {s for s, *_ in runs} == {0} and {n for _, _, n, _ in runs} == {16, 32}
     assert runs[0][3].method == "deepfusion"
-    assert "multiround-views" not in {r.method for *_, r in runs}
+    assert {r.label for *_, r in runs} == {"DeepFusion", "FedMKT", "FedJETS", "centralized", "public data only"}
     full = paper.plan(paper.PROFILES["paper"])
     assert len(full) == 3 * 2 * 4 * len(paper.ROWS)
     assert [n for _, _, n, _ in full] == sorted(n for _, _, n, _ in full)  # N by N: every seed of N = 16 first

@@ -1,6 +1,7 @@
 """`deepfusion bench --profile paper` (and `paper-quick`): the paper's evaluation (§V) at the scale of this CPU.
 
     deepfusion bench --profile paper-quick --out runs/paper-quick     one seed, N = 16 and 32, the main rows
+                                                                      (DeepFusion, FedMKT, FedJETS, centralized, floor)
     deepfusion bench --profile paper --out benchmarks/paper           3 seeds, N = 16, 32, 64, 128, every row
 
 Two case studies (§V-A), each its own federation and global MoE (configs/paper-medical.toml, paper-finance.toml):
@@ -66,7 +67,7 @@ ROWS = (
     Row("no VAA", "deepfusion-no-vaa", quick=False),
     Row("logits only", "deepfusion-logits-only", quick=False),
     Row("no clustering", "deepfusion-no-clustering", quick=False),
-    Row("OFA-KD", "ofa-kd"),
+    Row("OFA-KD", "ofa-kd", quick=False),  # the paper's VAA ablation; quick keeps the federated comparison in 25 min
     Row("FedMKT", "fedmkt"),
     Row("FedJETS", "fedjets"),
     Row("centralized", "centralized-converged"),  # the upper bound: pooled private + public data, early-stopped
