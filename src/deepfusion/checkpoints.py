@@ -480,7 +480,7 @@ def _obtain(name: str, config: PreTrainedConfig, given: str | None, where: str, 
         model = load_public(Path(given), config, where)
         entry = {"path": given, "given": True, "cached": True, "final_loss": None}
     else:
-        public = data.proxy if own is None else public_blocks(data.tokenizer, own, data.proxy)
+        public = public_blocks(data.tokenizer, own, data.proxy)
         path, built = fetch_or_build(config, public, pre, cache, torch_device, name)
         model, record = load_public(path, config), read_record(path)
         entry = {"path": str(path), "cached": not built, "final_loss": record["final_loss"],
@@ -489,8 +489,7 @@ def _obtain(name: str, config: PreTrainedConfig, given: str | None, where: str, 
     entry["params"] = n_params(model)
     # public text never trained on: does the checkpoint generalise beyond the proxy set it saw?
     # (in the model's own tokenizer when it has one: the same text, cut its way)
-    entry["val_loss"] = {dom: round(mean_loss(model, blocks if own is None else
-                                              public_blocks(data.tokenizer, own, blocks), torch_device), 4)
+    entry["val_loss"] = {dom: round(mean_loss(model, public_blocks(data.tokenizer, own, blocks), torch_device), 4)
                          for dom, (_, blocks) in sorted(data.validation.items())}
     log.info("pretrain: %s %s in %.1f s, validation loss %s", name,
              "given" if given else ("reused" if entry["cached"] else "built"), entry["seconds"], entry["val_loss"])

@@ -130,9 +130,12 @@ def own_tokenizer(cfg: FederationConfig, device_id: str, global_tokenizer):
 
 def public_blocks(global_tokenizer, own_tokenizer, public: torch.Tensor) -> torch.Tensor:
     """The public blocks' text cut by a device's own tokenizer and packed into blocks of the same length (the
-    public checkpoint of a preset with its own tokenizer is pretrained on these)."""
+    public checkpoint of a preset with its own tokenizer is pretrained on these); with no own tokenizer (None,
+    or the federation's own) the blocks as they are."""
     from deepfusion.alignment import block_views
 
+    if own_tokenizer is None or own_tokenizer is global_tokenizer:
+        return public
     flat = torch.cat([v.ids for v in block_views(global_tokenizer, own_tokenizer, public)])
     n = len(flat) // public.shape[1]
     return flat[: n * public.shape[1]].view(n, public.shape[1])

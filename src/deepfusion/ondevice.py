@@ -174,7 +174,7 @@ def public_model(cfg: FederationConfig, dc: DeviceConfig, public: torch.Tensor, 
 
     where = device_at([d.id for d in cfg.devices].index(dc.id), dc.id)
     own = device_tokenizer(cfg, dc.id, tokenizer)
-    if own is not tokenizer and not dc.checkpoint:
+    if not dc.checkpoint:  # a given checkpoint is loaded, not pretrained: its public text is never read
         public = public_blocks(tokenizer, own, public)
     return device_model(dc.family, dc.size, len(own), public, cfg.pretrain, dc.checkpoint, where,
                         torch_device=torch_device, own_tokenizer=own is not tokenizer)

@@ -322,7 +322,7 @@ def domain_tests(data: FederationData, source: str, tokenizer=None) -> dict[str,
     """The held-out sets of every source in `source`'s domain; with a device's own tokenizer, the same text cut
     its way (its perplexity is then per its own token)."""
     domain = data.test_sets[source][0]
-    return {s: (d, b if tokenizer is None else public_blocks(data.tokenizer, tokenizer, b))
+    return {s: (d, public_blocks(data.tokenizer, tokenizer, b))
             for s, (d, b) in data.test_sets.items() if d == domain}
 
 
