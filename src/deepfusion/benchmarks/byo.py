@@ -30,7 +30,7 @@ import statistics
 import time
 from pathlib import Path
 
-from deepfusion.benchmarks.pipeline import DOMAINS, _slug, cell, figures, publish
+from deepfusion.benchmarks.pipeline import _slug, figures, metric_cells, publish
 from deepfusion.config import default_config_path, load_config
 
 log = logging.getLogger("deepfusion.bench")
@@ -167,12 +167,7 @@ def report(results: dict, runs: dict) -> str:
         if not done:
             continue
         m = [runs[row, s] for s in done]
-        cells = [cell([x[metric].get(d) for x in m]) for metric in ("log_ppl", "qa_log_ppl", "accuracy")
-                 for d in DOMAINS]
-        base = [s for s in done if (ROWS[0], s) in runs]
-        paired = " / ".join(cell([runs[row, s]["log_ppl"][d] - runs[ROWS[0], s]["log_ppl"][d] for s in base],
-                                 signed=True) for d in DOMAINS) if row != ROWS[0] and base else ""
-        lines.append(f"| {row} | {len(done)} | " + " | ".join(cells) + f" | {paired}"
+        lines.append(f"| {row} | {len(done)} | " + " | ".join(metric_cells(runs, row, done, ROWS[0]))
                      + f" | {statistics.mean(x['phase_seconds']['phase2'] for x in m):.0f}"
                      f" | {statistics.mean(x['phase_seconds']['phase3'] for x in m):.0f}"
                      f" | {statistics.mean(x['upload_mb_per_device'] for x in m):.2f}"

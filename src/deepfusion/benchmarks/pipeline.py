@@ -134,14 +134,10 @@ def report(results: dict, runs: dict) -> str:
         done = [s for s in seeds if (row, s) in runs]
         if not done:
             continue
-        cells = [cell([runs[row, s][metric].get(d) for s in done]) for metric in ("log_ppl", "qa_log_ppl", "accuracy")
-                 for d in DOMAINS]
-        base = [s for s in done if ("deepfusion", s) in runs]
-        paired = " / ".join(cell([runs[row, s]["log_ppl"][d] - runs["deepfusion", s]["log_ppl"][d] for s in base],
-                                 signed=True) for d in DOMAINS) if row != "deepfusion" and base else ""
         cost = (f"{statistics.mean(runs[row, s]['bytes_up'] for s in done) / 1e6:.1f} | "
                 f"{statistics.mean(runs[row, s]['wall_seconds'] for s in done):.0f}")
-        lines.append(f"| {row} | {len(done)} | " + " | ".join(cells) + f" | {paired} | {cost} |")
+        lines.append(f"| {row} | {len(done)} | " + " | ".join(metric_cells(runs, row, done, "deepfusion"))
+                     + f" | {cost} |")
     lines += ["", "Per seed, log-ppl medical / finance:", ""]
     for row in results["rows"]:
         per = "; ".join(f"s{s} {runs[row, s]['log_ppl']['medical']:.3f} / {runs[row, s]['log_ppl']['finance']:.3f}"
@@ -149,6 +145,17 @@ def report(results: dict, runs: dict) -> str:
         if per:
             lines.append(f"- {row}: {per}")
     return "\n".join(lines) + "\n"
+
+
+def metric_cells(runs: dict, row: str, done: list[int], base: str) -> list[str]:
+    """A row's cells over its seeds `done`: log-ppl, QA log-ppl and accuracy per domain, then its log-ppl paired
+    against row `base` on the seeds both have (empty for base itself). Shared by the pipeline and byo reports."""
+    cells = [cell([runs[row, s][metric].get(d) for s in done]) for metric in ("log_ppl", "qa_log_ppl", "accuracy")
+             for d in DOMAINS]
+    both = [s for s in done if (base, s) in runs]
+    paired = " / ".join(cell([runs[row, s]["log_ppl"][d] - runs[base, s]["log_ppl"][d] for s in both], signed=True)
+                        for d in DOMAINS) if row != base and both else ""
+    return cells + [paired]
 
 
 def cell(xs: list[float | None], signed: bool = False) -> str:
