@@ -20,6 +20,7 @@ from deepfusion.errors import ConfigError
 from deepfusion.models import DEVICE_PRESETS, build_dense_base, dense_base_config, global_moe_config
 
 PRE = PretrainConfig(steps=4, batch_size=4, lr=3e-3, seed=0)
+GOLDEN_SEED = 200792353584609779  # what public-checkpoint-v1 under transformers 5.24.0 drew for the preset below
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,32 @@ def test_different_data_settings_or_model_give_different_keys(public):
     named = gpt2(vocab)
     named._name_or_path = "/somewhere/else"  # where a config was read from does not change the weights
     assert checkpoint_key(named, blocks, PRE) == key
+
+
+def test_a_library_upgrade_changes_the_key_but_not_the_draw(tmp_path, monkeypatch):
+    """transformers 5.24.0 -> 5.25.0 used to redraw every checkpoint (the seed was the key, versions in it) and
+    moved DeepFusion's medical log-ppl by 0.17 (issue 10). Now the cache entry is rebuilt under the new key, from
+    the same seed, so the weights change only by the library's own numerics."""
+    blocks = torch.arange(64).remainder(50).view(4, 16)
+    before = checkpoint_key(gpt2(64), blocks, PRE), checkpoint_key(gpt2(64), blocks, PRE, basis=checkpoints.SEED_BASIS)
+    seed = checkpoints.build_seed(gpt2(64), blocks, PRE)
+    monkeypatch.setattr(checkpoints.transformers, "__version__", "9.9.9")
+    monkeypatch.setattr(checkpoints.torch, "__version__", "9.9.9+cpu")
+    assert checkpoint_key(gpt2(64), blocks, PRE) != before[0]  # the entry is rebuilt ...
+    assert checkpoints.build_seed(gpt2(64), blocks, PRE) == seed  # ... with the same draw
+    assert checkpoint_key(gpt2(64), blocks, PRE, basis=checkpoints.SEED_BASIS) == before[1]
+    assert checkpoints.build_seed(gpt2(64), blocks, dataclasses.replace(PRE, seed=1)) != seed  # [pretrain] seed
+    assert checkpoints.build_seed(gpt2(65), blocks, PRE) != seed  # and what the checkpoint is still count
+
+
+def test_the_build_seed_is_the_one_the_committed_tables_were_drawn_with():
+    """SEED_BASIS is the format and versions the committed tables were made under (public-checkpoint-v1,
+    torch 2.13.0+cpu, transformers 5.24.0): the draw of this preset is the one those versions' key gave. A
+    change of the seed rule fails here, since it would redraw every table's checkpoints."""
+    blocks = torch.arange(64).remainder(50).view(4, 16)
+    assert checkpoints.SEED_BASIS == {"format": "public-checkpoint-v1", "torch": "2.13.0+cpu",
+                                      "transformers": "5.24.0"}
+    assert checkpoints.build_seed(gpt2(64), blocks, PRE) == GOLDEN_SEED
 
 
 def test_second_call_reuses_the_cache_without_training(tmp_path, public, monkeypatch):
@@ -176,7 +203,7 @@ def test_pretraining_lowers_the_loss_on_held_out_public_text(tmp_path, public):
     blocks, validation, vocab = public
     pre = dataclasses.replace(PRE, steps=40, batch_size=8)
     path = public_checkpoint(gpt2(vocab), blocks, pre, tmp_path)
-    torch.manual_seed(checkpoints._seed(path.name))  # the pretrained model's own starting weights
+    torch.manual_seed(read_record(path)["seed"])  # the pretrained model's own starting weights
     fresh = GPT2LMHeadModel(gpt2(vocab))
     trained = load_public(path, gpt2(vocab))
     assert read_record(path)["final_loss"] < read_record(path)["curve"][0]

@@ -9,6 +9,7 @@ whoever runs it (a Flower node builds its own):
 
     key    = hash of everything that determines the weights: the model config, the public blocks' bytes,
              [pretrain] settings and seed, the torch / transformers versions, the backend (cpu | cuda)
+    seed   = the same hash with format and versions held at SEED_BASIS: an upgrade rebuilds, same draw
     cache  = <cache root>/<key>/ {config.json, model.safetensors, record.json}; root defaults to
              $XDG_CACHE_HOME/deepfusion/checkpoints
     build  = under an exclusive file lock (<key>.lock): one builder per key, the others wait and read it;
@@ -47,7 +48,8 @@ from deepfusion.pipeline_config import PretrainConfig
 
 log = logging.getLogger("deepfusion")
 
-FORMAT = "public-checkpoint-v1"  # bump when the recipe below changes, so old cache entries are not reused
+FORMAT = "public-checkpoint-v2"  # bump when the recipe below changes, so old cache entries are not reused
+# v2: the seed no longer follows the installed versions (SEED_BASIS)
 # CPU LayerNorm backward (GPT-2, BLOOM) splits its reduction by thread count: the same build on 1, 2 or 4
 # threads gives different bits (measured). Pinning the count makes a build the same on every machine.
 THREADS = 2
@@ -60,28 +62,42 @@ RECORD = "record.json"
 
 # ---- the content key ----------------------------------------------------------------------------
 
+# The versions the build's seed is drawn under, whatever is installed. The seed used to be the key itself, so a
+# library upgrade redrew every checkpoint's initial weights and batches: transformers 5.24.0 -> 5.25.0 moved
+# DeepFusion's medical N = 16 seed-0 test log-ppl from 6.549 to 6.378, with no change in the library's own
+# numerics (issue 10). Now an upgrade still rebuilds the entry (its key changes) but with the same draw. These
+# are the format and versions the committed tables were made under, so their draws stay the same.
+SEED_BASIS = {"format": "public-checkpoint-v1", "torch": "2.13.0+cpu", "transformers": "5.24.0"}
+
+
 def checkpoint_key(config: PreTrainedConfig, public: torch.Tensor, pre: PretrainConfig,
-                   backend: str = "cpu") -> str:
-    """'<model_type>-<20 hex>': the sha256 of everything the checkpoint's weights depend on."""
+                   backend: str = "cpu", basis: dict[str, str] | None = None) -> str:
+    """'<model_type>-<20 hex>': the sha256 of everything the checkpoint's weights depend on (basis: FORMAT and
+    the installed torch and transformers unless given)."""
+    basis = basis or {"format": FORMAT, "torch": torch.__version__, "transformers": transformers.__version__}
     h = hashlib.sha256()
 
     def part(name: str, data: bytes) -> None:  # length-prefixed, so parts cannot run into each other
         h.update(name.encode() + len(data).to_bytes(8, "big") + data)
 
     described = {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}  # where it was read from
+    if "transformers_version" in described:  # to_dict stamps the installed version
+        described["transformers_version"] = basis["transformers"]
     blocks = public.detach().cpu().contiguous()
-    part("format", f"{FORMAT}:threads={THREADS}".encode())
+    part("format", f"{basis['format']}:threads={THREADS}".encode())
     part("config", json.dumps(described, sort_keys=True).encode())
     part("public", f"{tuple(blocks.shape)}:{blocks.dtype}".encode())
     part("public-bytes", blocks.numpy().tobytes())
     part("pretrain", json.dumps(asdict(pre), sort_keys=True).encode())
-    part("versions", f"torch={torch.__version__};transformers={transformers.__version__}".encode())
+    part("versions", f"torch={basis['torch']};transformers={basis['transformers']}".encode())
     part("backend", backend.encode())  # a CUDA build's bits differ from a CPU build's
     return f"{config.model_type}-{h.hexdigest()[:20]}"
 
 
-def _seed(key: str) -> int:
-    """The build's seed: pre.seed is part of the key, so this is 'seeded from pre.seed and the key'."""
+def build_seed(config: PreTrainedConfig, public: torch.Tensor, pre: PretrainConfig, backend: str = "cpu") -> int:
+    """The build's seed: the key under SEED_BASIS, so it follows pre.seed and what the checkpoint is, never
+    the installed libraries."""
+    key = checkpoint_key(config, public, pre, backend, SEED_BASIS)
     return int(key.rsplit("-", 1)[1][:15], 16)
 
 
@@ -252,10 +268,11 @@ def _build(config: PreTrainedConfig, public: torch.Tensor, pre: PretrainConfig, 
     what = name or config.model_type
     log.info("pretrain: %s (%s), %d steps x %d blocks of %d tokens on %s", what, key, pre.steps, pre.batch_size,
              public.shape[1], torch_device)
+    seed = build_seed(config, public, pre, torch_device.type)
     with _deterministic(torch_device):
-        torch.manual_seed(_seed(key))  # the initial weights
+        torch.manual_seed(seed)  # the initial weights
         model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
-        curve = pretrain(model, public, pre, torch_device, seed=_seed(key))
+        curve = pretrain(model, public, pre, torch_device, seed=seed)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
     try:
         model.to("cpu").save_pretrained(tmp)
@@ -265,7 +282,7 @@ def _build(config: PreTrainedConfig, public: torch.Tensor, pre: PretrainConfig, 
             "architecture": type(model).__name__, "params": n_params(model),
             "public": {"shape": list(public.shape), "dtype": str(public.dtype),
                        "sha256": hashlib.sha256(public.cpu().contiguous().numpy().tobytes()).hexdigest()},
-            "pretrain": asdict(pre), "backend": torch_device.type, "threads": THREADS,
+            "pretrain": asdict(pre), "seed": seed, "backend": torch_device.type, "threads": THREADS,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "final_loss": final_loss(curve), "curve": [round(x, 4) for x in curve],
             "seconds": round(seconds, 2), "weights_sha256": _sha256(tmp / WEIGHTS),
