@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepfusion.benchmarks import pipeline, recheck
+from deepfusion.benchmarks import paper, pipeline, recheck
 from deepfusion.benchmarks.report import thread_setting
 from deepfusion.cli import main
 from deepfusion.config import default_config_path
+from deepfusion.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +134,58 @@ def test_a_committed_pipeline_table_without_its_runs_is_rebuilt_from_results_jso
     assert runs["random-router/s0"]["config"]["tune"]["router_init"] == "random"
     assert runs["random-router/s0"]["log_ppl"] == figures["log_ppl"]
     assert list(dict(recheck.published_runs(tmp_path, ["router"], [], tmp_path))) == ["random-router/s0"]
+
+
+def paper_table(root: Path, *rows: dict) -> Path:
+    """A committed paper-profile table as the bench leaves it in git: results.json and the cells' configs."""
+    for r in rows:
+        paper.write_case_config(root, paper.CASES[r["case"]], r["n"], r["seed"])
+    (root / "results.json").write_text(json.dumps({"profile": "paper", "runs": list(rows)}))
+    return root
+
+
+PAPER_ROW = {"case": "medical", "n": 16, "row": "no VAA", "seed": 1, "method": "deepfusion-no-vaa", "log_ppl": 6.5,
+             "accuracy": 6.7, "qa_log_ppl": 6.8, "qa_accuracy": None, "threads": 2, "commit": "057cfd2" + "0" * 33,
+             "torch": "2.13.0+cpu"}
+
+
+def test_a_committed_paper_table_without_its_runs_is_rebuilt_from_its_cell_configs(tmp_path):
+    """The paper profile's runs are not committed either: its cell configs (DIR/configs) and paper.ROWS rebuild
+    each run as the bench ran it, with the row's figures under the case's domain and its provenance."""
+    root = paper_table(tmp_path, PAPER_ROW, PAPER_ROW | {"row": "FedMKT", "method": "fedmkt", "seed": 0})
+    runs = dict(recheck.published_runs(root, [], [], root / "recheck"))
+    assert list(runs) == ["medical/N16/deepfusion-no-vaa/s1", "medical/N16/fedmkt/s0"]
+    run = runs["medical/N16/deepfusion-no-vaa/s1"]
+    assert run["method"] == run["config"]["method"] == "deepfusion-no-vaa" and run["config"]["seed"] == 1
+    assert [d["id"] for d in run["config"]["devices"]] == [f"med-{i:03d}" for i in range(16)]
+    assert run["log_ppl"] == {"medical": 6.5} and "qa_accuracy" not in run
+    assert run["provenance"] == {"threads": 2, "commit": PAPER_ROW["commit"], "torch": "2.13.0+cpu"}
+    compared = recheck.compare("medical/N16/deepfusion-no-vaa/s1", run, run, None, 0.0)
+    assert compared["row"] == "medical/N16/deepfusion-no-vaa" and compared["commit"][0] == "057cfd2"
+    assert list(dict(recheck.published_runs(root, ["fedmkt"], [0], root))) == ["medical/N16/fedmkt/s0"]
+
+
+def test_a_paper_table_rechecks_the_runs_here_and_rebuilds_the_rest(tmp_path):
+    """A machine holding some of the runs (DIR/runs) rechecks those from their summaries, the others from
+    results.json: `--only medical/N16` works wherever the table is committed."""
+    root = paper_table(tmp_path, PAPER_ROW, PAPER_ROW | {"seed": 2})
+    (name, rebuilt), = recheck.published_runs(root, [], [2], root / "recheck")
+    here = root / "runs" / name / "summary.json"
+    here.parent.mkdir(parents=True)
+    here.write_text(json.dumps(rebuilt | {"log_ppl": {"medical": 6.25}}))
+    runs = dict(recheck.published_runs(root, [], [], root / "recheck"))
+    assert runs["medical/N16/deepfusion-no-vaa/s2"]["log_ppl"] == {"medical": 6.25}  # the run here wins
+    assert runs["medical/N16/deepfusion-no-vaa/s1"]["log_ppl"] == {"medical": 6.5}
+
+
+def test_a_paper_table_with_a_missing_config_or_an_unknown_row_says_which(tmp_path):
+    root = paper_table(tmp_path, PAPER_ROW)
+    (root / "configs" / "medical-N16-s1.toml").unlink()
+    with pytest.raises(DataError, match="medical-N16-s1.toml is missing"):
+        recheck.published_runs(root, [], [], root / "recheck")
+    paper_table(root, PAPER_ROW | {"row": "no such row"})
+    with pytest.raises(DataError, match="'no such row' is not one of the paper profile's"):
+        recheck.published_runs(root, [], [], root / "recheck")
 
 
 def test_a_table_header_states_one_thread_setting():

@@ -5,7 +5,8 @@
 
 DIR is a profile's output directory (pipeline, quick, full): every DIR/runs/**/summary.json holds the run's
 complete `config` and its `provenance` (commit, torch, threads). The runs are not committed (.gitignore): for a
-committed pipeline table without them, results.json's rows, pipeline.ROWS and the config file rebuild each run.
+committed table without them, results.json's rows rebuild each run (pipeline profile: pipeline.ROWS and the config
+file; paper profiles: paper.ROWS and the cell configs committed in DIR/configs).
 Each is re-run from its config into OUT/runs/<same path> (OUT: --recheck-out, default DIR/recheck), replaying
 DIR/recordings where the run's device side is recorded there, as the bench did (one-shot rows distil the very same
 uploads); else recording afresh into OUT/recordings. Then the paper's figures (log_ppl, accuracy, qa_log_ppl, qa_accuracy per domain, and ppl)
@@ -78,13 +79,14 @@ def check(root: Path, tolerance: float, threads: int | None) -> None:
 
 
 def published_runs(root: Path, only: list[str], seeds: list[int], skip: Path) -> list[tuple[str, dict]]:
-    """(path under DIR/runs, summary) of each run to recheck: DIR/runs/**/summary.json, else (the runs stay on
-    the machine that made them: .gitignore) what the pipeline profile's results.json says of each run."""
+    """(path under DIR/runs, summary) of each run to recheck: DIR/runs/**/summary.json, and (the runs stay on
+    the machine that made them: .gitignore) what results.json says of the runs DIR/runs lacks (from_results)."""
     found = []
     for path in sorted((root / "runs").rglob("summary.json")):
         if skip.resolve() not in path.resolve().parents:  # a recheck-out inside DIR/runs holds reruns, not the table
             found.append((path.parent.relative_to(root / "runs").as_posix(), _read(path)))
-    found = found or from_results(root)
+    here = {name for name, _ in found}
+    found += [(name, summary) for name, summary in from_results(root, fallback=not found) if name not in here]
     found = [(name, summary) for name, summary in found if (not only or any(o in name for o in only))
              and (not seeds or summary.get("seed") in seeds)]
     if not found:
@@ -102,21 +104,33 @@ def _read(path: Path) -> dict:
     return summary
 
 
-def from_results(root: Path) -> list[tuple[str, dict]]:
-    """A committed pipeline table without its runs: results.json names each run's row and seed, pipeline.ROWS its
-    method and config changes on results.json's config (today's file: say so when it changed); the published
-    figures and threads are results.json's, the commit is unknown per run."""
-    from deepfusion.benchmarks import pipeline
-    from deepfusion.config import load_config, to_dict
+def from_results(root: Path, fallback: bool) -> list[tuple[str, dict]]:
+    """A committed table's runs that DIR/runs lacks: results.json names each run, and the pipeline and paper
+    profiles say how each was configured. The published figures and threads are results.json's. A paper cell's
+    config is committed as written, so its rows always count; the pipeline's are rebuilt on today's config file,
+    so only as the fallback when DIR/runs holds nothing."""
+    from deepfusion.benchmarks import paper
 
     if not (root / "results.json").is_file():
         return []
     results = json.loads((root / "results.json").read_text())
-    known = {row: (method, sets) for row, method, sets in pipeline.ROWS + pipeline.DESIGN_ROWS}
     runs = results.get("runs") if isinstance(results.get("runs"), list) else []
+    if runs and results.get("profile") in paper.PROFILES:
+        return [_paper_run(root, r) for r in runs]
+    return _pipeline_runs(results, runs, root) if fallback else []
+
+
+def _pipeline_runs(results: dict, runs: list[dict], root: Path) -> list[tuple[str, dict]]:
+    """pipeline.ROWS gives each row's method and config changes on results.json's config (today's file); the
+    commit is unknown per run."""
+    from deepfusion.benchmarks import pipeline
+    from deepfusion.config import load_config, to_dict
+
+    known = {row: (method, sets) for row, method, sets in pipeline.ROWS + pipeline.DESIGN_ROWS}
     if not runs or any(r.get("row") not in known for r in runs):
-        raise DataError(f"--recheck {root}: no runs/ here, and results.json is not the pipeline profile's (only its "
-                        "rows can be rebuilt from results.json); recheck on the machine that holds DIR/runs")
+        raise DataError(f"--recheck {root}: no runs/ here, and results.json is neither the pipeline profile's nor "
+                        "the paper profile's (only theirs can be rebuilt from results.json); recheck on the machine "
+                        "that holds DIR/runs")
     found = []
     for r in runs:
         method, sets = known[r["row"]]
@@ -125,6 +139,29 @@ def from_results(root: Path) -> list[tuple[str, dict]]:
                       {"seed": r["seed"], "method": method, "config": to_dict(cfg),
                        **{k: r[k] for k in FIGURES if k in r}, "provenance": {"threads": r.get("threads")}}))
     return found
+
+
+def _paper_run(root: Path, r: dict) -> tuple[str, dict]:
+    """One paper-profile row: its cell's config as the bench wrote it (DIR/configs, committed beside the table),
+    the row's method and changes (paper.ROWS), and the row's one-domain figures under its case's domain."""
+    from deepfusion.benchmarks import paper
+    from deepfusion.config import load_config, to_dict
+
+    rows = {row.label: row for row in paper.ROWS}
+    if r.get("case") not in paper.CASES or r.get("row") not in rows:
+        raise DataError(f"--recheck {root}: results.json row {r.get('case')} N={r.get('n')} {r.get('row')!r} is "
+                        f"not one of the paper profile's cases {list(paper.CASES)} and rows {list(rows)}")
+    case, row = paper.CASES[r["case"]], rows[r["row"]]
+    path = root / "configs" / f"{case.name}-N{r['n']}-s{r['seed']}.toml"
+    if not path.is_file():
+        raise DataError(f"--recheck {root}: {path} is missing (the bench writes each cell's config there)")
+    if path.read_text() != paper.case_config_text(case, r["n"], r["seed"]):
+        log.warning("recheck: %s differs from what today's paper bench writes; rechecking the published one", path)
+    cfg = load_config(path, [*row.sets, f"seed={r['seed']}"], method=row.method)
+    name = paper.run_dir(Path(), case, r["n"], row, r["seed"]).relative_to("runs").as_posix()
+    return name, {"seed": r["seed"], "method": row.method, "config": to_dict(cfg),
+                  **{k: {case.name: r[k]} for k in FIGURES if r.get(k) is not None},
+                  "provenance": {k: r.get(k) for k in ("threads", "commit", "torch")}}
 
 
 def rerun(root: Path, out: Path, name: str, then: dict, now: dict, data_dir: str | None) -> tuple[dict, Path | None]:
