@@ -56,7 +56,7 @@ def summary(method: str, case: str, log_ppl: float, acc: float, up: int, peak: i
             "qa_accuracy": {case: acc - 1}, "comm_bytes": {"up": up, "down": 10}, "devices": devices,
             "device_peak_mem_bytes": {"d0": peak}, "wall_seconds": 5.0,
             "phase_seconds": {"phase0": 1, "phase2": 2, "phase3": 3} if method == "deepfusion" else None,
-            "provenance": {"threads": threads, "commit": "abc1234def", "torch": "2.13.0"}}
+            "provenance": {"threads": threads, "commit": "abc1234def", "torch": "2.13.0", "transformers": "5.25.0"}}
 
 
 # row -> (log_ppl, accuracy, bytes up, peak): DeepFusion beats FedJETS and FedMKT, loses to OFA-KD
@@ -136,6 +136,13 @@ def test_the_report_writes_every_file_and_says_when_threads_mix(tmp_path):
     assert len(rows) == 1 + len(res["runs"])
     assert json.loads((tmp_path / "results.json").read_text())["counts"] == [16, 32]
     assert "mixes thread settings" in paper_report.markdown(results(threads=(1, 2)))
+    assert "torch 2.13.0, transformers 5.25.0, 2 CPU thread(s)" in md  # the versions the runs recorded
+
+
+def test_the_header_names_each_transformers_version_and_rows_that_did_not_record_one():
+    res = results()
+    res["runs"][0]["transformers"] = None  # a row from before runs recorded it
+    assert "transformers 5.25.0 / not recorded" in paper_report.markdown(res)
 
 
 def test_local_only_is_read_from_deepfusions_device_reports():

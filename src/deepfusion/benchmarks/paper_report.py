@@ -27,6 +27,12 @@ FEDERATED = ("FedJETS", "FedMKT")  # the paper's federated baselines DeepFusion 
 PLOTS = ("fig7_device_memory.png", "fig8_communication.png", "fig9_gap_to_centralized.png")
 
 
+def _transformers(runs: list[dict]) -> str:
+    """The transformers version(s) the runs recorded (rows before the field existed: 'not recorded')."""
+    versions = sorted({r.get("transformers") or "not recorded" for r in runs})
+    return "transformers " + " / ".join(versions)
+
+
 def figures(summary: dict, case: str, n: int, row: str, seed: int, seconds: float) -> dict:
     """What the tables read from one run: the case's figures, bytes, peaks per device type, time, provenance."""
     comm, devices = summary["comm_bytes"], summary.get("devices") or {}
@@ -42,7 +48,8 @@ def figures(summary: dict, case: str, n: int, row: str, seed: int, seconds: floa
             "bytes_up": comm.get("up", 0), "bytes_down": comm.get("down", 0), "peak_by_type": by_type,
             "local_only_log_ppl": statistics.mean(local) if local and summary["method"] == "deepfusion" else None,
             "wall_seconds": summary.get("wall_seconds"), "phase_seconds": summary.get("phase_seconds"),
-            "bench_seconds": seconds, "threads": p.get("threads"), "commit": p.get("commit"), "torch": p.get("torch")}
+            "bench_seconds": seconds, "threads": p.get("threads"), "commit": p.get("commit"), "torch": p.get("torch"),
+            "transformers": p.get("transformers")}
 
 
 # ---- reading results ---------------------------------------------------------------------------------
@@ -106,6 +113,7 @@ def markdown(results: dict) -> str:
              f"Command: `deepfusion bench --profile {results['profile']} --out OUT`; bench wall time "
              f"{results['bench_seconds']:.0f} s (reused runs count only their reading). Runs made at commit(s) "
              f"{', '.join(commits)}, torch {results['runs'][0]['torch'] if results['runs'] else '?'}, "
+             f"{_transformers(results['runs'])}, "
              + thread_setting({f"{r['case']} N={r['n']} {r['row']} s{r['seed']}": r["threads"]
                                for r in results["runs"]}) + ".",
              "", "Setting: " + "; ".join(f"{c.name}: global {_family(c.name)}, device types "
