@@ -111,8 +111,12 @@ def _toml(v) -> str:
     return json.dumps(v)  # the values here are strings and integers, whose JSON is also TOML
 
 
+def case_config_path(out: Path, case: Case, n: int, seed: int) -> Path:
+    return out / "configs" / f"{case.name}-N{n}-s{seed}.toml"
+
+
 def write_case_config(out: Path, case: Case, n: int, seed: int) -> Path:
-    path = out / "configs" / f"{case.name}-N{n}-s{seed}.toml"
+    path = case_config_path(out, case, n, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = case_config_text(case, n, seed)
     if not path.is_file() or path.read_text() != text:

@@ -116,7 +116,8 @@ def from_results(root: Path, fallback: bool) -> list[tuple[str, dict]]:
     results = json.loads((root / "results.json").read_text())
     runs = results.get("runs") if isinstance(results.get("runs"), list) else []
     if runs and results.get("profile") in paper.PROFILES:
-        return [_paper_run(root, r) for r in runs]
+        checked: set[Path] = set()  # each cell's config is compared with today's once, not once per row
+        return [_paper_run(root, r, checked) for r in runs]
     return _pipeline_runs(results, runs, root) if fallback else []
 
 
@@ -141,7 +142,7 @@ def _pipeline_runs(results: dict, runs: list[dict], root: Path) -> list[tuple[st
     return found
 
 
-def _paper_run(root: Path, r: dict) -> tuple[str, dict]:
+def _paper_run(root: Path, r: dict, checked: set[Path]) -> tuple[str, dict]:
     """One paper-profile row: its cell's config as the bench wrote it (DIR/configs, committed beside the table),
     the row's method and changes (paper.ROWS), and the row's one-domain figures under its case's domain."""
     from deepfusion.benchmarks import paper
@@ -152,11 +153,12 @@ def _paper_run(root: Path, r: dict) -> tuple[str, dict]:
         raise DataError(f"--recheck {root}: results.json row {r.get('case')} N={r.get('n')} {r.get('row')!r} is "
                         f"not one of the paper profile's cases {list(paper.CASES)} and rows {list(rows)}")
     case, row = paper.CASES[r["case"]], rows[r["row"]]
-    path = root / "configs" / f"{case.name}-N{r['n']}-s{r['seed']}.toml"
+    path = paper.case_config_path(root, case, r["n"], r["seed"])
     if not path.is_file():
         raise DataError(f"--recheck {root}: {path} is missing (the bench writes each cell's config there)")
-    if path.read_text() != paper.case_config_text(case, r["n"], r["seed"]):
+    if path not in checked and path.read_text() != paper.case_config_text(case, r["n"], r["seed"]):
         log.warning("recheck: %s differs from what today's paper bench writes; rechecking the published one", path)
+    checked.add(path)
     cfg = load_config(path, [*row.sets, f"seed={r['seed']}"], method=row.method)
     name = paper.run_dir(Path(), case, r["n"], row, r["seed"]).relative_to("runs").as_posix()
     return name, {"seed": r["seed"], "method": row.method, "config": to_dict(cfg),
